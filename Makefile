@@ -1,0 +1,31 @@
+# `make setup` builds .venv from nothing; a second run does no work.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-complete
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip<26: newer pip refuses the registry copy of detectron2 (see tools/install_detectron2.py).
+	$(PY) -m pip install -q "pip<26" wheel
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import d2_taskdistill, detectron2; print('detectron2', detectron2.__version__, 'ready')"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) train_net.py --config-file configs/digits/retinanet_R18_FPN_student.yaml \
+		SOLVER.MAX_ITER 300 SOLVER.STEPS "(250,)" OUTPUT_DIR output/demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,9 @@
+"""d2_taskdistill: task-aware knowledge distillation for Detectron2 dense detectors."""
+from . import compat
+
+compat.apply()
+
+from .config import add_fcos_config, add_taskdistill_config, load_config  # noqa: E402
+from . import data, modeling  # noqa: E402  (registers datasets, meta-archs, backbones)
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""A small real detection dataset made from scikit-learn's handwritten digits.
+
+The 1,797 8x8 digit images bundled with scikit-learn (no download) are pasted
+at varied scales onto crops of scikit-learn's bundled sample photos, with
+clutter strokes that are not objects. Generation is deterministic: the same
+seed gives the same bytes. Digit instances are split disjointly between the
+train and val splits.
+"""
+import json
+import os
+
+import cv2
+import numpy as np
+
+CLASS_NAMES = [str(d) for d in range(10)]
+DEFAULT_ROOT_ENV = "D2_TASKDISTILL_DATA"
+_VAL_FRACTION = 0.2
+_SPLIT_SEED = 1234
+
+
+def default_root():
+    """Cache directory of generated datasets (``$D2_TASKDISTILL_DATA`` or ~/.cache)."""
+    return os.environ.get(
+        DEFAULT_ROOT_ENV, os.path.join(os.path.expanduser("~"), ".cache", "d2_taskdistill")
+    )
+
+
+def _digit_pool(split):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.RandomState(_SPLIT_SEED).permutation(len(digits.target))
+    num_val = int(round(len(order) * _VAL_FRACTION))
+    indices = order[:num_val] if split == "val" else order[num_val:]
+    return digits.images[indices] / 16.0, digits.target[indices]
+
+
+def _backgrounds():
+    from sklearn.datasets import load_sample_images
+
+    return [img[:, :, ::-1] for img in load_sample_images().images]  # RGB -> BGR
+
+
+def _iou(box, boxes):
+    if len(boxes) == 0:
+        return np.zeros(0)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[2], boxes[:, 2])
+    y1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter)
+
+
+def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
+    bg = backgrounds[rng.randint(len(backgrounds))]
+    crop = rng.randint(image_size // 2, min(bg.shape[:2]) + 1)
+    y, x = rng.randint(bg.shape[0] - crop + 1), rng.randint(bg.shape[1] - crop + 1)
+    canvas = cv2.resize(bg[y : y + crop, x : x + crop], (image_size, image_size))
+    canvas = canvas.astype(np.float32) * rng.uniform(0.35, 0.6)
+
+    # Clutter: strokes that look like pen marks but are not digits.
+    for _ in range(rng.randint(0, 4)):
+        p0 = tuple(int(v) for v in rng.randint(0, image_size, 2))
+        p1 = tuple(int(v) for v in rng.randint(0, image_size, 2))
+        color = tuple(float(c) for c in rng.uniform(150, 255, 3))
+        cv2.line(canvas, p0, p1, color, int(rng.randint(1, 3)))
+
+    annotations = []
+    boxes = []
+    min_side, max_side = max(8, image_size // 20), int(image_size * 0.55)
+    for _ in range(rng.randint(1, max_objects + 1)):
+        # Log-uniform sizes so that small, medium and large objects all occur.
+        side = int(round(np.exp(rng.uniform(np.log(min_side), np.log(max_side)))))
+        x0, y0 = rng.randint(0, image_size - side + 1, 2)
+        index = rng.randint(len(labels))
+        alpha = cv2.resize(digits[index].astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+        ys, xs = np.nonzero(alpha > 0.15)
+        if len(xs) == 0:
+            continue
+        box = [x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1]
+        if len(boxes) and _iou(box, boxes).max() > 0.3:  # some overlap, never hidden
+            continue
+        color = rng.uniform(170, 255, 3).astype(np.float32)
+        region = canvas[y0 : y0 + side, x0 : x0 + side]
+        region[:] = region * (1 - alpha[..., None]) + color * alpha[..., None]
+        boxes.append(box)
+        annotations.append((box, int(labels[index])))
+    return np.clip(canvas, 0, 255).astype(np.uint8), annotations
+
+
+def generate_split(root, split, num_images, image_size=256, max_objects=6, seed=0):
+    """Write ``root/<split>/*.png`` and ``root/<split>.json`` (COCO format).
+
+    Returns the json path. Existing output with the same parameters is reused.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    json_path = os.path.join(root, f"{split}.json")
+    params = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, seed=seed)
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            if json.load(f).get("info", {}).get("params") == params:
+                return json_path
+    image_dir = os.path.join(root, split)
+    os.makedirs(image_dir, exist_ok=True)
+    digits, labels = _digit_pool(split)
+    backgrounds = _backgrounds()
+    rng = np.random.RandomState(seed + (0 if split == "train" else 10_000))
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        image, objects = _render_image(rng, image_size, digits, labels, backgrounds, max_objects)
+        file_name = f"{image_id:06d}.png"
+        cv2.imwrite(os.path.join(image_dir, file_name), image)
+        images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
+        for box, label in objects:
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                dict(id=len(annotations) + 1, image_id=image_id, category_id=label + 1,
+                     bbox=[int(box[0]), int(box[1]), int(w), int(h)], area=int(w * h), iscrowd=0)
+            )
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate(CLASS_NAMES)]
+    coco = dict(info=dict(description="d2_taskdistill digits", params=params),
+                images=images, annotations=annotations, categories=categories)
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(coco, f)
+    os.replace(json_path + ".tmp", json_path)
+    return json_path

@@ -1,0 +1,68 @@
+"""RetinaNet and FCOS built from this project's yaml configs train and infer on CPU."""
+import math
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from detectron2.utils.events import EventStorage
+
+from d2_taskdistill import load_config
+from conftest import config_path
+
+# An untrained model scores below the default thresholds: keep every candidate.
+DETECTORS = {
+    "retinanet": ("retinanet_R18_FPN_student.yaml", {"loss_cls", "loss_box_reg"},
+                  ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0]),
+    "fcos": ("fcos_R18_FPN_student.yaml", {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"},
+             ["MODEL.FCOS.SCORE_THRESH_TEST", 0.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_train_step_and_inference(name, tiny_batch):
+    config_file, loss_names, opts = DETECTORS[name]
+    cfg = load_config(config_path("digits", config_file), ["MODEL.DEVICE", "cpu", *opts])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    num_classes = 10
+    assert model.num_classes == num_classes
+
+    model.train()
+    with EventStorage(0):
+        losses = model(tiny_batch)
+        assert set(losses) == loss_names
+        total = sum(losses.values())
+        assert all(math.isfinite(v.item()) for v in losses.values())
+        assert total.item() > 0
+        total.backward()
+    # Every parameter takes part in training.
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert no_grad == []
+
+    model.eval()
+    inputs = [{"image": x["image"], "height": 256, "width": 192} for x in tiny_batch[:2]]
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert len(outputs) == 2
+    for out in outputs:
+        inst = out["instances"]
+        assert isinstance(inst, Instances)
+        assert inst.image_size == (256, 192)
+        boxes = inst.pred_boxes.tensor
+        assert len(inst) > 0
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= 192).all() and (boxes[:, 3] <= 256).all()
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < num_classes)).all()
+
+
+def test_fcos_trains_on_image_without_boxes(tiny_batch):
+    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg).train()
+    empty = dict(tiny_batch[0])
+    empty["instances"] = tiny_batch[0]["instances"][:0]
+    with EventStorage(0):
+        losses = model([empty, tiny_batch[1]])
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    assert losses["loss_fcos_cls"].item() > 0

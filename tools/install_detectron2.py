@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Install detectron2 into the running Python environment.
+
+Sources, in this order:
+1. an already importable detectron2 (>= 0.6): nothing to do;
+2. ``D2_TASKDISTILL_DETECTRON2_SOURCE``: a source directory or a pip-installable
+   URL (e.g. ``git+https://github.com/facebookresearch/detectron2.git``),
+   built by pip with its C++/CUDA ops;
+3. the PyPI sdist ``pb1-detectron2==0.6`` (the official v0.6 Python code
+   without C++ sources), built pure-Python with its model-zoo configs kept.
+   ``d2_taskdistill.compat`` covers what the missing ``detectron2._C`` breaks.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+SOURCE_ENV = "D2_TASKDISTILL_DETECTRON2_SOURCE"
+REGISTRY_SDIST = "pb1-detectron2==0.6"
+MIN_VERSION = (0, 6)
+
+
+def installed_version():
+    probe = "import detectron2, sys; sys.stdout.write(detectron2.__version__)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", result.stdout)[:2])
+
+
+def pip(*args):
+    subprocess.check_call([sys.executable, "-m", "pip", *args])
+
+
+def install_from_source(source):
+    print(f"[install_detectron2] building detectron2 from {SOURCE_ENV}={source}")
+    pip("install", "--no-build-isolation", source)
+
+
+def install_from_registry_sdist():
+    with tempfile.TemporaryDirectory() as tmp:
+        # pip >= 26 refuses this sdist (a direct-URL dependency in its extras).
+        pip_version = subprocess.run(
+            [sys.executable, "-m", "pip", "--version"], capture_output=True, text=True
+        ).stdout.split()[1]
+        if int(pip_version.split(".")[0]) >= 26:
+            sys.exit(
+                f"[install_detectron2] pip {pip_version} cannot download {REGISTRY_SDIST}; "
+                "install 'pip<26' first (make setup does)."
+            )
+        pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            "-d", tmp, REGISTRY_SDIST)
+        archive = next(f for f in os.listdir(tmp) if f.endswith(".tar.gz"))
+        with tarfile.open(os.path.join(tmp, archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        src = os.path.join(tmp, archive[: -len(".tar.gz")])
+        # Its setup.py only packages model-zoo configs found in a top-level configs/.
+        zoo = os.path.join(src, "detectron2", "model_zoo", "configs")
+        shutil.move(zoo, os.path.join(src, "configs"))
+        # Its setup.py always builds detectron2._C, whose C++ sources it lacks.
+        setup_py = os.path.join(src, "setup.py")
+        with open(setup_py) as f:
+            text = f.read()
+        if "ext_modules=get_extensions()," not in text:
+            sys.exit(f"[install_detectron2] unexpected setup.py in {REGISTRY_SDIST}")
+        with open(setup_py, "w") as f:
+            f.write(text.replace("ext_modules=get_extensions(),", "ext_modules=[],"))
+        print(f"[install_detectron2] installing {REGISTRY_SDIST} pure-Python (no C++ ops)")
+        pip("install", "--no-deps", "--no-build-isolation", src)
+
+
+def main():
+    version = installed_version()
+    if version is not None and version >= MIN_VERSION:
+        print(f"[install_detectron2] detectron2 {version} already importable")
+        return
+    if version is not None:
+        sys.exit(f"[install_detectron2] detectron2 {version} is older than 0.6; uninstall it first")
+    source = os.environ.get(SOURCE_ENV)
+    if source:
+        install_from_source(source)
+    else:
+        install_from_registry_sdist()
+    version = installed_version()
+    if version is None:
+        sys.exit("[install_detectron2] detectron2 still does not import after installing")
+    print(f"[install_detectron2] detectron2 {version} installed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train or evaluate a detector, distilled or plain, in detectron2's style.
+
+    python train_net.py --config-file configs/digits/retinanet_R18_FPN_student.yaml
+    python train_net.py --config-file CFG --num-gpus 8 --resume
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+"""
+import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
+from d2_taskdistill import load_config
+from d2_taskdistill.engine import DistillTrainer, resolve_device
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+
+def setup(args):
+    cfg = resolve_device(load_config(args.config_file, args.opts))
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = DistillTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = DistillTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
