@@ -4,6 +4,6 @@ from . import compat
 compat.apply()
 
 from .config import add_fcos_config, add_taskdistill_config, load_config  # noqa: E402
-from . import data, modeling  # noqa: E402  (registers datasets, meta-archs, backbones)
+from . import data, losses, modeling  # noqa: E402  (registers datasets, losses, models)
 
 __version__ = "0.1.0"

@@ -22,10 +22,36 @@ def add_fcos_config(cfg):
     cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
 
+def add_distill_config(cfg):
+    """Keys of the teacher-student meta-architecture ``TaskDistillDetector``."""
+    cfg.DISTILL = CN()
+    # Meta-architecture of the student, built from the usual MODEL.* keys.
+    cfg.DISTILL.STUDENT_ARCHITECTURE = "RetinaNet"
+    # Names from DISTILL_LOSS_REGISTRY, e.g. ["TID"] or ["BCKD", "TID"].
+    cfg.DISTILL.LOSSES = []
+    # FCOS samples by location, not IoU: (thr_neg, thr_pos) for IoU-based scores.
+    cfg.DISTILL.FCOS_IOU_THRESHOLDS = [0.4, 0.5]
+
+    cfg.DISTILL.TEACHER = CN()
+    # A detectron2 model-zoo config name or a path to a yaml file.
+    cfg.DISTILL.TEACHER.CONFIG_FILE = ""
+    # .pth (detectron2/fvcore checkpoint) or model-zoo .pkl; every key must load.
+    cfg.DISTILL.TEACHER.WEIGHTS = ""
+    # KEY VALUE overrides merged into the teacher config, e.g. ["MODEL.RETINANET.NUM_CLASSES", 20].
+    cfg.DISTILL.TEACHER.OPTS = []
+    # Evaluate the teacher on DATASETS.TEST once before training and log its AP.
+    cfg.DISTILL.TEACHER.EVAL_AT_START = False
+
+    cfg.DISTILL.FITNET = CN()
+    cfg.DISTILL.FITNET.WEIGHT = 1.0
+
+
 def add_taskdistill_config(cfg):
     """Add every key this project reads; idempotent."""
     if not hasattr(cfg.MODEL, "FCOS"):
         add_fcos_config(cfg)
+    if not hasattr(cfg, "DISTILL"):
+        add_distill_config(cfg)
 
 
 def load_config(config_file, opts=()):

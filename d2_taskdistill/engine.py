@@ -1,14 +1,19 @@
-"""Training loop pieces: a DefaultTrainer that picks evaluators by dataset type."""
+"""Training loop pieces: a DefaultTrainer that picks evaluators by dataset type
+and evaluates the teacher before distillation starts."""
+import json
 import logging
 import os
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
 from . import compat
+from .modeling.meta_arch import TaskDistillDetector
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +42,52 @@ def resolve_device(cfg):
     return cfg
 
 
+# detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (fixed upstream
+# by DefaultTrainer.state_dict); DistillTrainer adds it where it is missing.
+_D2_SAVES_OPTIMIZER = "state_dict" in DefaultTrainer.__dict__
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 class DistillTrainer(DefaultTrainer):
     """DefaultTrainer for plain and distilled detectors of this project."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    if not _D2_SAVES_OPTIMIZER:
+
+        def state_dict(self):
+            state = super().state_dict()
+            state["_trainer"] = self._trainer.state_dict()
+            return state
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def train(self):
+        model = unwrap(self.model)
+        if (
+            isinstance(model, TaskDistillDetector)
+            and self.cfg.DISTILL.TEACHER.EVAL_AT_START
+            and self.start_iter == 0
+        ):
+            self.evaluate_teacher(model.teacher)
+        return super().train()
+
+    def evaluate_teacher(self, teacher):
+        """Evaluate the teacher on DATASETS.TEST; log and save its metrics."""
+        results = self.test(self.cfg, teacher)
+        self.teacher_results = results
+        if comm.is_main_process():
+            for dataset, metrics in results.items():
+                bbox = metrics.get("bbox", metrics)
+                logger.info("Teacher on %s: %s", dataset, ", ".join(f"{k}={v:.2f}" for k, v in bbox.items()))
+            os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+            with open(os.path.join(self.cfg.OUTPUT_DIR, "teacher_eval.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return results

@@ -36,3 +36,75 @@ def tiny_batch(tiny_digits):
     mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(128, 128)],
                            image_format="BGR")
     return [mapper(d) for d in dicts[:4]]
+
+
+TINY_TRAIN = "digits_tiny_train"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A registered 8-image, 128 px COCO-format dataset for short training runs."""
+    from detectron2.data import DatasetCatalog
+    from d2_taskdistill.data import register_digits_coco
+
+    if TINY_TRAIN not in DatasetCatalog.list():
+        root = str(tmp_path_factory.mktemp("digits_tiny"))
+        register_digits_coco(TINY_TRAIN, root, "train", 8, image_size=128, seed=5)
+    return TINY_TRAIN
+
+
+def tiny_run_opts(output_dir, max_iter=3):
+    """Overrides that make any digits config train a few 128 px iterations on the tiny set."""
+    return [
+        "MODEL.DEVICE", "cpu",
+        "DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_TRAIN}',)",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(output_dir),
+    ]
+
+
+# A teacher unlike the student (ResNet-34, 96 FPN channels, 3 head convs) and small enough for tests.
+SMALL_TEACHER_OPTS = ["MODEL.RESNETS.DEPTH", 34, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+                      "MODEL.FPN.OUT_CHANNELS", 96]
+
+
+def make_teacher_checkpoint(detector, path, batches, opts=()):
+    """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
+
+    Weights are random; BatchNorm statistics are calibrated on ``batches`` so that
+    features have the scale of a trained network's.
+    """
+    from detectron2.utils.events import EventStorage
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from d2_taskdistill import load_config
+
+    cfg = load_config(config_path("digits", f"{detector}_R50_FPN_teacher.yaml"),
+                      ["MODEL.DEVICE", "cpu", *SMALL_TEACHER_OPTS, *opts])
+    torch.manual_seed(1)
+    model = build_model(cfg).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    with torch.no_grad(), EventStorage(0):
+        for _ in range(2):
+            model(batches)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
+    return path
+
+
+def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=(), max_iter=3):
+    from d2_taskdistill import load_config
+
+    return load_config(
+        config_path("digits", config_file),
+        [*tiny_run_opts(output_dir, max_iter),
+         "DISTILL.TEACHER.WEIGHTS", teacher_weights,
+         "DISTILL.TEACHER.OPTS", [*SMALL_TEACHER_OPTS, *teacher_opts],
+         "DISTILL.TEACHER.EVAL_AT_START", False, *opts],
+    )

@@ -1,0 +1,44 @@
+"""Export a distilled student as a plain detectron2 checkpoint and config."""
+import os
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .modeling.meta_arch import student_config
+
+STUDENT_PREFIX = "student."
+
+
+def student_state_dict(model_state):
+    """The student's weights from a TaskDistillDetector state dict (adapters dropped)."""
+    state = {k[len(STUDENT_PREFIX):]: v for k, v in model_state.items() if k.startswith(STUDENT_PREFIX)}
+    if not state:
+        raise KeyError("the checkpoint has no 'student.*' weights: is it a TaskDistillDetector checkpoint?")
+    return state
+
+
+def export_student(cfg, weights, output_dir):
+    """Write ``model_final.pth`` and ``config.yaml`` of the student to ``output_dir``.
+
+    RetinaNet configs load with detectron2's plain ``get_cfg()``. FCOS configs
+    need the ``MODEL.FCOS`` keys (``d2_taskdistill.add_fcos_config``), since
+    detectron2 offers FCOS only as a LazyConfig; the weights are those of
+    detectron2's own FCOS class either way.
+    Returns (checkpoint path, config path).
+    """
+    checkpoint = DetectionCheckpointer(None)._load_file(weights)
+    state = student_state_dict(checkpoint["model"])
+    os.makedirs(output_dir, exist_ok=True)
+    weights_path = os.path.join(output_dir, "model_final.pth")
+    torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
+
+    out_cfg = student_config(cfg)
+    out_cfg.pop("DISTILL")
+    if out_cfg.MODEL.META_ARCHITECTURE != "FCOS":
+        out_cfg.MODEL.pop("FCOS")
+    out_cfg.MODEL.WEIGHTS = weights_path
+    config_path = os.path.join(output_dir, "config.yaml")
+    with open(config_path, "w") as f:
+        f.write(out_cfg.dump())
+    return weights_path, config_path

@@ -1,0 +1,18 @@
+"""Registry of distillation losses (``DISTILL.LOSSES``)."""
+from detectron2.utils.registry import Registry
+
+DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
+DISTILL_LOSS_REGISTRY.__doc__ = """
+A distillation loss is an nn.Module built as ``cls(cfg, student_shapes, teacher_shapes)``
+(FPN ShapeSpecs of the head's input features, by level) whose forward takes
+``(student, teacher)`` DenseOutputs and returns a dict of ``loss_distill_*`` terms.
+Class attribute ``needs_same_layout``: True when the loss compares predictions
+location by location, so teacher and student must share anchors, levels and strides.
+"""
+
+
+def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
+    if name not in DISTILL_LOSS_REGISTRY:
+        known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
+        raise KeyError(f"Unknown loss {name!r} in DISTILL.LOSSES; registered losses: {known}")
+    return DISTILL_LOSS_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)

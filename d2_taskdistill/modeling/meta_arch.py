@@ -1,0 +1,132 @@
+"""TaskDistillDetector: a frozen teacher and a trainable student, side by side."""
+import logging
+import math
+
+import torch
+import torch.nn as nn
+
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils.events import get_event_storage
+
+from ..losses import build_distill_loss
+from .dense_outputs import run_dense_detector
+from .teacher import DENSE_ARCHITECTURES, build_teacher
+
+logger = logging.getLogger(__name__)
+
+
+def student_config(cfg):
+    """The student's own config: ``cfg`` with the student's meta-architecture."""
+    arch = cfg.DISTILL.STUDENT_ARCHITECTURE
+    if arch not in DENSE_ARCHITECTURES:
+        raise ValueError(f"DISTILL.STUDENT_ARCHITECTURE={arch!r}; must be one of {DENSE_ARCHITECTURES}")
+    student_cfg = cfg.clone()
+    student_cfg.defrost()
+    student_cfg.MODEL.META_ARCHITECTURE = arch
+    return student_cfg
+
+
+def anchor_layout(detector):
+    """What must match for location-by-location comparison of two detectors."""
+    generator = detector.anchor_generator
+    return {
+        "head_in_features": list(detector.head_in_features),
+        "strides": list(generator.strides),
+        "anchors per location": list(generator.num_cell_anchors),
+        "cell anchors": [tuple(map(tuple, a.tolist())) for a in generator.cell_anchors],
+        "padding (size_divisibility)": detector.backbone.size_divisibility,
+    }
+
+
+def check_compatible(student, teacher, needs_same_layout, loss_names):
+    if student.num_classes != teacher.num_classes:
+        raise ValueError(
+            f"Teacher has {teacher.num_classes} classes, student {student.num_classes}: set the "
+            "teacher's NUM_CLASSES (DISTILL.TEACHER.OPTS) or the student's to the same dataset."
+        )
+    s_layout, t_layout = anchor_layout(student), anchor_layout(teacher)
+    keys = list(s_layout) if needs_same_layout else ["strides", "padding (size_divisibility)"]
+    for key in keys:
+        if s_layout[key] != t_layout[key]:
+            raise ValueError(
+                f"Teacher and student differ in {key} (student {s_layout[key]}, teacher "
+                f"{t_layout[key]}), which losses {loss_names} need equal. Align "
+                "MODEL.ANCHOR_GENERATOR / FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student."
+            )
+
+
+@META_ARCH_REGISTRY.register()
+class TaskDistillDetector(nn.Module):
+    """Student + frozen teacher + distillation losses from ``DISTILL.LOSSES``.
+
+    The teacher is held outside the module tree: it is not in ``parameters()``,
+    ``state_dict()`` (so not in checkpoints), the optimizer or DDP, and ``train()``
+    does not reach it. Inference runs the student alone.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if not cfg.DISTILL.LOSSES:
+            raise ValueError(
+                "MODEL.META_ARCHITECTURE is TaskDistillDetector but DISTILL.LOSSES is empty; name "
+                "at least one loss (e.g. ['TID']) or train the student's own architecture."
+            )
+        self.student = build_model(student_config(cfg))
+        teacher, self.teacher_cfg = build_teacher(cfg)
+        self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
+        self.fcos_thresholds = tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS)
+        self.teacher_needs_bgr_flip = cfg.INPUT.FORMAT != self.teacher_cfg.INPUT.FORMAT
+        if {cfg.INPUT.FORMAT, self.teacher_cfg.INPUT.FORMAT} - {"BGR", "RGB"}:
+            raise ValueError(
+                f"Input formats {cfg.INPUT.FORMAT} (student) / {self.teacher_cfg.INPUT.FORMAT} "
+                "(teacher INPUT.FORMAT): only BGR and RGB are supported"
+            )
+
+        s_shapes = [self.student.backbone.output_shape()[f] for f in self.student.head_in_features]
+        t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
+        self.distill_losses = nn.ModuleDict(
+            {name: build_distill_loss(name, cfg, s_shapes, t_shapes) for name in cfg.DISTILL.LOSSES}
+        )
+        needs_layout = [n for n, l in self.distill_losses.items() if l.needs_same_layout]
+        check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(cfg.DISTILL.LOSSES))
+
+    @property
+    def device(self):
+        return self.student.device
+
+    def teacher_inputs(self, batched_inputs):
+        if not self.teacher_needs_bgr_flip:
+            return batched_inputs
+        return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.student(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds)
+        teacher_out = self.run_teacher(batched_inputs, gt_instances)
+
+        losses = dict(student_out.detector_losses())
+        for loss in self.distill_losses.values():
+            losses.update(loss(student_out, teacher_out))
+        self.check_finite(losses)
+        return losses
+
+    @torch.no_grad()
+    def run_teacher(self, batched_inputs, gt_instances):
+        if self.teacher.training:  # someone called teacher.train(): the teacher stays frozen
+            self.teacher.eval()
+        return run_dense_detector(
+            self.teacher, self.teacher_inputs(batched_inputs), gt_instances, self.fcos_thresholds
+        )
+
+    def check_finite(self, losses):
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+        try:
+            where = f"at iteration {get_event_storage().iter}"
+        except AssertionError:
+            where = "outside a training loop"
+        raise FloatingPointError(f"Non-finite loss {where}: {bad}")

@@ -1,0 +1,112 @@
+"""TaskDistillDetector, DistillTrainer, resume and export, with FITNET on CPU."""
+import math
+import os
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from d2_taskdistill.engine import DistillTrainer
+from d2_taskdistill.export import export_student
+from d2_taskdistill.modeling import TaskDistillDetector
+from conftest import distill_cfg, make_teacher_checkpoint
+
+DETECTORS = ["retinanet", "fcos"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tiny_batch):
+    root = tmp_path_factory.mktemp("teachers")
+    return {d: make_teacher_checkpoint(d, str(root / f"{d}_teacher.pth"), tiny_batch) for d in DETECTORS}
+
+
+def teacher_state(model):
+    return {k: v.clone() for k, v in model.teacher.state_dict().items()}
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_path):
+    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path)
+    trainer = DistillTrainer(cfg)
+    model = trainer.model
+    assert isinstance(model, TaskDistillDetector)
+    teacher_before = teacher_state(model)
+    student_before = {k: v.clone() for k, v in model.student.state_dict().items()}
+
+    # The teacher is out of parameters(), the optimizer and the checkpoint.
+    teacher_params = {id(p) for p in model.teacher.parameters()}
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not teacher_params & optimized
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert all(k.startswith(("student.", "distill_losses.")) for k in model.state_dict())
+    assert any(k.startswith("distill_losses.FITNET.adapter") for k in model.state_dict())
+
+    trainer.train()
+    assert not model.teacher.training  # model.train() does not reach the teacher
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    floats = [k for k, v in student_before.items() if v.dtype.is_floating_point]
+    changed = [k for k in floats if not torch.equal(model.student.state_dict()[k], student_before[k])]
+    assert len(changed) >= 0.95 * len(floats)
+
+    metrics = trainer.storage.latest()
+    assert math.isfinite(metrics["loss_distill_fitnet"][0]) and metrics["loss_distill_fitnet"][0] > 0
+    saved = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)["model"]
+    assert not any(k.startswith("teacher") for k in saved)
+
+
+def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):
+    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teachers["retinanet"], tmp_path, max_iter=3)
+    DistillTrainer(cfg).train()  # checkpoints at iterations 2 (period) and 3 (final)
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = 5
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+    final = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)
+    for k, v in trainer.model.student.state_dict().items():
+        assert torch.equal(v, final["model"]["student." + k]), k
+    assert trainer.optimizer.state_dict()["state"]  # momentum buffers restored
+    teacher_ckpt = torch.load(teachers["retinanet"], weights_only=False)["model"]
+    for k, v in trainer.model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_ckpt[k]), k
+    trainer.train()
+    ran = [it for _, it in trainer.storage.history("total_loss").values()]
+    assert ran == [3, 4]
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_batch, tmp_path):
+    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path / "train",
+                      opts=["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.FCOS.SCORE_THRESH_TEST", 0.0])
+    trainer = DistillTrainer(cfg)
+    trainer.train()
+    weights, config = export_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), tmp_path / "export")
+
+    if detector == "retinanet":
+        stock_cfg = get_cfg()  # plain detectron2, no project keys
+    else:
+        from d2_taskdistill import add_fcos_config  # detectron2 has FCOS only as a LazyConfig
+
+        stock_cfg = get_cfg()
+        add_fcos_config(stock_cfg)
+    stock_cfg.merge_from_file(config)
+    stock = build_model(stock_cfg)
+    assert type(stock).__name__ == ("RetinaNet" if detector == "retinanet" else "FCOS")
+    DetectionCheckpointer(stock).load(weights)
+
+    inputs = [{"image": x["image"]} for x in tiny_batch[:2]]
+    trained = trainer.model.eval()
+    stock.eval()
+    with torch.no_grad():
+        expected, actual = trained(inputs), stock(inputs)
+    for e, a in zip(expected, actual):
+        e, a = e["instances"], a["instances"]
+        assert len(e) > 0
+        assert torch.equal(e.pred_boxes.tensor, a.pred_boxes.tensor)
+        assert torch.equal(e.scores, a.scores)
+        assert torch.equal(e.pred_classes, a.pred_classes)

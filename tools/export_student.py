@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Write a distilled student as a plain detectron2 checkpoint + config.
+
+    python tools/export_student.py --config-file configs/digits/retinanet_R50-R18_fitnet.yaml \
+        --weights output/digits/retinanet_R50-R18_fitnet/model_final.pth --output exported/
+"""
+import argparse
+
+import d2_taskdistill  # noqa: F401
+from d2_taskdistill import load_config
+from d2_taskdistill.export import export_student
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="the distillation config")
+    parser.add_argument("--weights", required=True, help="a TaskDistillDetector checkpoint")
+    parser.add_argument("--output", required=True, help="directory for model_final.pth and config.yaml")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args()
+    weights, config = export_student(load_config(args.config_file, args.opts), args.weights, args.output)
+    print(f"student weights: {weights}\nstudent config:  {config}")
+
+
+if __name__ == "__main__":
+    main()
