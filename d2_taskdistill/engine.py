@@ -82,6 +82,8 @@ class DistillTrainer(DefaultTrainer):
     def evaluate_teacher(self, teacher):
         """Evaluate the teacher on DATASETS.TEST; log and save its metrics."""
         results = self.test(self.cfg, teacher)
+        if len(self.cfg.DATASETS.TEST) == 1:  # DefaultTrainer.test unwraps a single dataset
+            results = {self.cfg.DATASETS.TEST[0]: results}
         self.teacher_results = results
         if comm.is_main_process():
             for dataset, metrics in results.items():

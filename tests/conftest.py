@@ -77,7 +77,6 @@ def make_teacher_checkpoint(detector, path, batches, opts=()):
     Weights are random; BatchNorm statistics are calibrated on ``batches`` so that
     features have the scale of a trained network's.
     """
-    from detectron2.utils.events import EventStorage
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
@@ -90,9 +89,9 @@ def make_teacher_checkpoint(detector, path, batches, opts=()):
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average
-    with torch.no_grad(), EventStorage(0):
+    with torch.no_grad():
         for _ in range(2):
-            model(batches)
+            model.backbone(model.preprocess_image(batches).tensor)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
     return path

@@ -1,4 +1,5 @@
 """TaskDistillDetector, DistillTrainer, resume and export, with FITNET on CPU."""
+import json
 import math
 import os
 
@@ -29,7 +30,8 @@ def teacher_state(model):
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_path):
-    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path)
+    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path,
+                      opts=["DISTILL.TEACHER.EVAL_AT_START", True])
     trainer = DistillTrainer(cfg)
     model = trainer.model
     assert isinstance(model, TaskDistillDetector)
@@ -57,6 +59,12 @@ def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_pat
     assert math.isfinite(metrics["loss_distill_fitnet"][0]) and metrics["loss_distill_fitnet"][0] > 0
     saved = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)["model"]
     assert not any(k.startswith("teacher") for k in saved)
+
+    # The teacher was evaluated once, before training, on DATASETS.TEST.
+    with open(os.path.join(tmp_path, "teacher_eval.json")) as f:
+        teacher_eval = json.load(f)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(teacher_eval[tiny_dataset]["bbox"])
+    assert json.dumps(trainer.teacher_results, sort_keys=True) == json.dumps(teacher_eval, sort_keys=True)
 
 
 def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):

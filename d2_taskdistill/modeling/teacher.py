@@ -70,8 +70,10 @@ def load_teacher_weights(teacher, weights):
     checkpoint = checkpointer._load_file(local)
     incompatible = checkpointer._load_model(checkpoint)
     problems = []
-    if incompatible.missing_keys:
-        problems.append(f"missing keys: {sorted(incompatible.missing_keys)}")
+    wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
+    missing = sorted(set(incompatible.missing_keys) - wrong_shape)
+    if missing:
+        problems.append(f"missing keys: {missing}")
     if incompatible.unexpected_keys:
         problems.append(f"unexpected keys: {sorted(incompatible.unexpected_keys)}")
     if incompatible.incorrect_shapes:
