@@ -45,6 +45,35 @@ def add_distill_config(cfg):
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0
 
+    add_tid_config(cfg)
+
+
+def add_tid_config(cfg):
+    """TID (Su, Jian, Yu 2024); paper constants as defaults, open choices documented."""
+    c = cfg.DISTILL.TID = CN()
+    c.WEIGHT = 1.0
+    # Dual-task importance. Paper: Score_r 2 / 1.5 / 0.4, Score_c 1.5 / 1 on the top 2.5%.
+    c.REG_SCORES = [2.0, 1.5, 0.4]
+    c.CLS_SCORES = [1.5, 1.0]
+    c.CLS_TOP_FRACTION = 0.025
+    # Ablations: "both" | "cls" | "reg" importance; "threshold" (paper) | "iou" (IoU_max as Score_r).
+    c.IMPORTANCE = "both"
+    c.REG_SCORE_MODE = "threshold"
+    # Learning dynamics. Open in the paper: the area fractions, the NMS window, Score_key outside.
+    c.AREAS = "both"  # "both" | "key" | "weak"
+    c.KEY_FRACTION = 0.05
+    # Score_key outside the key area: the lowest Score (1 x 0.4), so that being in
+    # the key area never lowers a location's value.
+    c.KEY_OUTSIDE = 0.4
+    c.WEAK_FRACTION = 0.05
+    c.WEAK_SCORE = 1.5  # paper
+    c.NMS_WINDOW = 3
+    # Selective feature decoupling. Paper: tier bounds 1 / 0.01, factors 1 / 0.7 / 0.05.
+    c.BAND_RATIO = 0.5  # band width / sqrt(GT box area); open in the paper
+    c.TIER_BOUNDS = [1.0, 0.01]
+    c.TIER_FACTORS = [1.0, 0.7, 0.05]
+    c.NORMALIZER = "mask_sum"  # "mask_sum" | "per_level"
+
 
 def add_taskdistill_config(cfg):
     """Add every key this project reads; idempotent."""

@@ -32,7 +32,7 @@ def tiny_batch(tiny_digits):
     import detectron2.data.transforms as T
 
     json_path, image_root = tiny_digits
-    dicts = load_coco_json(json_path, image_root)
+    dicts = load_coco_json(json_path, image_root, "digits_tiny_batch")  # maps ids 1..10 to 0..9
     mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(128, 128)],
                            image_format="BGR")
     return [mapper(d) for d in dicts[:4]]

@@ -6,6 +6,7 @@ location (1 for FCOS), K classes, R = sum over levels of H_l * W_l * A
 locations per image. Flattened tensors follow detectron2's order
 (level, y, x, anchor), the order of ``Boxes.cat(anchors)``.
 """
+import functools
 from functools import cached_property
 
 import torch
@@ -39,6 +40,19 @@ def sample_thresholds(detector, thresholds_fcos):
 
 def is_fcos(detector):
     return isinstance(detector, _D2FCOS)
+
+
+def _cached_with_grad(fn):
+    """A cached property computed with autograd enabled whatever the caller's mode, so
+    that a loss computing masks under no_grad cannot strip the gradient another loss needs.
+    (On the teacher nothing requires grad, so no graph is built there.)"""
+
+    @functools.wraps(fn)
+    def compute(self):
+        with torch.enable_grad():
+            return fn(self)
+
+    return cached_property(compute)
 
 
 class DenseOutputs:
@@ -79,26 +93,26 @@ class DenseOutputs:
         return self.features[0].shape[0]
 
     # --- flattened predictions (N, R, .) ---------------------------------------------------
-    @cached_property
+    @_cached_with_grad
     def logits_flat(self):
         return torch.cat([permute_to_N_HWA_K(x, self.num_classes) for x in self.cls_logits], dim=1)
 
-    @cached_property
+    @_cached_with_grad
     def box_reg_flat(self):
         return torch.cat([permute_to_N_HWA_K(x, 4) for x in self.box_reg], dim=1)
 
-    @cached_property
+    @_cached_with_grad
     def centerness_flat(self):
         if self.centerness is None:
             return None
         return torch.cat([permute_to_N_HWA_K(x, 1) for x in self.centerness], dim=1).squeeze(2)
 
-    @cached_property
+    @_cached_with_grad
     def scores_flat(self):
         """Sigmoid class scores, (N, R, K)."""
         return self.logits_flat.sigmoid()
 
-    @cached_property
+    @_cached_with_grad
     def pred_boxes(self):
         """Decoded boxes in input-image coordinates, (N, R, 4), with gradient."""
         anchors = self.anchors_flat.tensor
