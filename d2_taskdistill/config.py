@@ -46,6 +46,7 @@ def add_distill_config(cfg):
     cfg.DISTILL.FITNET.WEIGHT = 1.0
 
     add_tid_config(cfg)
+    add_bckd_config(cfg)
 
 
 def add_tid_config(cfg):
@@ -92,3 +93,12 @@ def load_config(config_file, opts=()):
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def add_bckd_config(cfg):
+    """BCKD (Yang et al., ICCV 2023); weights default to the authors' GFL configs."""
+    c = cfg.DISTILL.BCKD = CN()
+    c.CLS_WEIGHT = 1.0
+    c.LOC_WEIGHT = 4.0
+    c.BETA = 1.0  # exponent of |p_T - p_S| in the binary term
+    c.CENTERNESS_WEIGHT = 1.0  # FCOS only: binary distillation of centerness

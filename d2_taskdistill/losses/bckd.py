@@ -1,0 +1,81 @@
+"""BCKD: binary classification and IoU-based localization distillation
+(Yang et al., ICCV 2023), brought from the authors' GFL code to detectron2's
+RetinaNet and FCOS.
+
+- Classification: at every valid location and class,
+  BCE_with_logits(z_S, p_T) * |p_T - p_S|^beta, gradient also through the factor.
+- Localization: 1 - GIoU(student box, teacher box) at every valid location, both
+  decoded at the same anchors / points by the student's own box coder, weighted by
+  max_k |p_T - p_S| (detached).
+- Both are summed and divided by the number of the student's positives, averaged
+  over workers and floored at 1 (as the authors do).
+
+Our choices: a location is valid when its anchor centre lies in the image (not in
+batch padding), anchors that stick out of the image included; FCOS's centerness
+is distilled with the same binary term (FCOS ranks detections by
+sqrt(score * centerness), so the teacher's ranking depends on both), weighted by
+CENTERNESS_WEIGHT.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from fvcore.nn import giou_loss
+
+from detectron2.utils import comm
+
+from .registry import DISTILL_LOSS_REGISTRY
+
+
+def binary_distillation(student_logits, teacher_probs, beta=1.0):
+    """Elementwise BCE_with_logits(z_S, p_T) * |p_T - sigmoid(z_S)|^beta."""
+    bce = F.binary_cross_entropy_with_logits(student_logits, teacher_probs, reduction="none")
+    return bce * (teacher_probs - student_logits.sigmoid()).abs().pow(beta)
+
+
+def positive_normalizer(num_positives):
+    """Student positives averaged over workers, at least 1."""
+    count = torch.as_tensor(num_positives, dtype=torch.float32)
+    if comm.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / comm.get_world_size()
+    return torch.clamp(count, min=1.0)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class BCKD(nn.Module):
+    needs_same_layout = True
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__()
+        c = cfg.DISTILL.BCKD
+        self.cls_weight = c.CLS_WEIGHT
+        self.loc_weight = c.LOC_WEIGHT
+        self.centerness_weight = c.CENTERNESS_WEIGHT
+        self.beta = c.BETA
+
+    def weights(self, student, teacher):
+        """Per-location localization weight (N, R): max_k |p_T - p_S|, 0 where invalid."""
+        gap = (teacher.scores_flat.detach() - student.scores_flat.detach()).abs().amax(dim=2)
+        return gap * student.valid_mask
+
+    def forward(self, student, teacher):
+        valid = student.valid_mask.to(student.logits_flat.dtype)  # (N, R)
+        normalizer = positive_normalizer(student.positive_mask.sum())
+
+        cls = binary_distillation(student.logits_flat, teacher.scores_flat.detach(), self.beta)
+        loss_cls = (cls.sum(dim=2) * valid).sum() / normalizer
+
+        weights = self.weights(student, teacher)
+        giou = giou_loss(student.pred_boxes.reshape(-1, 4), teacher.pred_boxes.detach().reshape(-1, 4))
+        loss_loc = (giou.view(weights.shape) * weights).sum() / normalizer
+
+        losses = {
+            "loss_distill_bckd_cls": self.cls_weight * loss_cls,
+            "loss_distill_bckd_loc": self.loc_weight * loss_loc,
+        }
+        if student.centerness is not None and self.centerness_weight > 0:
+            ctr = binary_distillation(student.centerness_flat, teacher.centerness_flat.detach().sigmoid(), self.beta)
+            losses["loss_distill_bckd_ctr"] = self.centerness_weight * (ctr * valid).sum() / normalizer
+        return losses
