@@ -45,8 +45,13 @@ def add_distill_config(cfg):
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0
 
+    cfg.DISTILL.FGFI = CN()
+    cfg.DISTILL.FGFI.WEIGHT = 1.0
+    cfg.DISTILL.FGFI.THRESH_RATIO = 0.5  # psi of the FGFI paper
+
     add_tid_config(cfg)
     add_bckd_config(cfg)
+    add_tbd_config(cfg)
 
 
 def add_tid_config(cfg):
@@ -102,3 +107,16 @@ def add_bckd_config(cfg):
     c.LOC_WEIGHT = 4.0
     c.BETA = 1.0  # exponent of |p_T - p_S| in the binary term
     c.CENTERNESS_WEIGHT = 1.0  # FCOS only: binary distillation of centerness
+
+
+def add_tbd_config(cfg):
+    """TBD (Tang et al.): a reconstruction from the abstract; see d2_taskdistill/losses/tbd.py."""
+    c = cfg.DISTILL.TBD = CN()
+    c.COMPONENTS = "both"  # "both" | "hd" | "tfd"
+    c.HD_CLS_WEIGHT = 1.0
+    c.HD_BOX_WEIGHT = 1.0
+    c.QFL_BETA = 2.0  # exponent of |HS_T - p_S| in the quality-focal term
+    c.BOX_TARGET = "teacher"  # "teacher" | "gt"
+    c.TFD_WEIGHT = 1.0
+    c.BALANCE = "equal"  # "equal" | "learned"
+    c.HARMONY_THRESH = 0.5  # a prediction is harmonious when HS >= this (diagnostic)

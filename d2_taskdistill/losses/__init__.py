@@ -1,5 +1,7 @@
 from .registry import DISTILL_LOSS_REGISTRY, build_distill_loss
 from .adapters import FeatureAdapter
-from .fitnet import FITNET, masked_feature_loss
+from .fitnet import FITNET, masked_feature_loss, masked_sum_loss
 from .tid import TID
 from .bckd import BCKD, binary_distillation
+from .fgfi import FGFI, imitation_mask
+from .tbd import TBD, dense_harmony_score, harmonious_share, harmony_score

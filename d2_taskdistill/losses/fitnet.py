@@ -22,6 +22,16 @@ def masked_feature_loss(student_features, teacher_features, masks=None):
     return total / len(student_features)
 
 
+def masked_sum_loss(student_features, teacher_features, masks):
+    """sum(M * ||F_T - F_S||^2 / C) over levels and positions, divided by max(sum(M), 1)."""
+    total = 0.0
+    mask_sum = 0.0
+    for fs, ft, m in zip(student_features, teacher_features, masks):
+        total = total + ((fs - ft).pow(2).mean(dim=1) * m).sum()
+        mask_sum = mask_sum + m.sum()
+    return total / torch.clamp(torch.as_tensor(mask_sum), min=1.0)
+
+
 @DISTILL_LOSS_REGISTRY.register()
 class FITNET(nn.Module):
     needs_same_layout = False

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import FeatureAdapter, fpn_channels
-from .fitnet import masked_feature_loss
+from .fitnet import masked_feature_loss, masked_sum_loss
 from .maps import (
     flatten_levels,
     local_maxima,
@@ -181,12 +181,3 @@ class TID(nn.Module):
             loss = masked_sum_loss(adapted, teacher.features, level_masks)
         return {"loss_distill_tid": self.weight * loss}
 
-
-def masked_sum_loss(student_features, teacher_features, masks):
-    """sum(M * ||F_T - F_S||^2 / C) over levels and positions, divided by sum(M)."""
-    total = 0.0
-    mask_sum = 0.0
-    for fs, ft, m in zip(student_features, teacher_features, masks):
-        total = total + ((fs - ft).pow(2).mean(dim=1) * m).sum()
-        mask_sum = mask_sum + m.sum()
-    return total / torch.clamp(torch.as_tensor(mask_sum), min=1.0)

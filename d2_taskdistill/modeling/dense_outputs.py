@@ -135,9 +135,20 @@ class DenseOutputs:
         return self.detector.label_anchors(self.anchors, self.gt_instances)
 
     @cached_property
+    def assigned_labels(self):
+        """(N, R): the class the detector assigns each location (num_classes: background)."""
+        return torch.stack(self.anchor_targets[0])
+
+    @cached_property
+    def assigned_boxes(self):
+        """(N, R, 4): the GT box the detector assigns each location."""
+        # RetinaNet returns tensors, FCOS Boxes.
+        return torch.stack([b.tensor if isinstance(b, Boxes) else b for b in self.anchor_targets[1]])
+
+    @cached_property
     def positive_mask(self):
         """(N, R) bool: the detector's own positive samples."""
-        labels = torch.stack(self.anchor_targets[0])
+        labels = self.assigned_labels
         return (labels >= 0) & (labels != self.num_classes)
 
     @cached_property

@@ -1,0 +1,47 @@
+"""FGFI-style feature imitation inside GT-derived regions (Wang et al., CVPR 2019; a baseline).
+
+A position is imitated when one of its anchors has IoU with some GT box above
+THRESH_RATIO times the best IoU any anchor reaches with that box. For FCOS the
+"anchors" are detectron2's stride-sized point boxes.
+"""
+import torch
+import torch.nn as nn
+
+from detectron2.structures import pairwise_iou
+
+from .adapters import FeatureAdapter, fpn_channels
+from .fitnet import masked_sum_loss
+from .registry import DISTILL_LOSS_REGISTRY
+
+
+def imitation_mask(outputs, thresh_ratio):
+    """(N, R) bool over anchors: the FGFI imitation region of each image."""
+    anchors = outputs.anchors_flat
+    masks = []
+    for gt in outputs.gt_instances:  # loop over images
+        if len(gt) == 0:
+            masks.append(torch.zeros(len(anchors), dtype=torch.bool, device=anchors.device))
+            continue
+        iou = pairwise_iou(anchors, gt.gt_boxes)  # (R, G)
+        best = iou.amax(dim=0, keepdim=True)
+        masks.append(((iou > thresh_ratio * best) & (best > 0)).any(dim=1))
+    return torch.stack(masks)
+
+
+@DISTILL_LOSS_REGISTRY.register()
+class FGFI(nn.Module):
+    needs_same_layout = False
+
+    def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__()
+        self.weight = cfg.DISTILL.FGFI.WEIGHT
+        self.thresh_ratio = cfg.DISTILL.FGFI.THRESH_RATIO
+        self.adapter = FeatureAdapter(fpn_channels(student_shapes), fpn_channels(teacher_shapes))
+
+    def forward(self, student, teacher):
+        with torch.no_grad():
+            # The student's anchors: the feature maps share strides, so positions align.
+            mask = imitation_mask(student, self.thresh_ratio) & student.valid_mask
+            level_masks = student.to_maps(mask.float())
+        loss = masked_sum_loss(self.adapter(student.features), teacher.features, level_masks)
+        return {"loss_distill_fgfi": self.weight * loss}
