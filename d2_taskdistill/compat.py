@@ -1,6 +1,7 @@
 """Workarounds that let detectron2 v0.6 (the pure-Python registry build) run
-on a current Python stack. Each is applied only where its fault exists and is a
-no-op on an upstream detectron2 built with its C++ ops.
+on a current Python stack. Each is applied only where its fault exists: the
+C++-ops ones are no-ops on an upstream detectron2 built with its ops, the numpy
+one wherever the loader's numpy alias still exists.
 
 Call :func:`apply` before anything imports ``detectron2.layers``; importing
 ``d2_taskdistill`` does that.
@@ -50,6 +51,20 @@ def _use_official_cocoeval():
     fast_eval_api.COCOeval_opt = COCOeval
 
 
+def _numpy_str_for_voc_loader():
+    # Fault: v0.6 load_voc_instances calls np.loadtxt(dtype=np.str); numpy >= 1.24 removed np.str.
+    import numpy as np
+
+    from detectron2.data.datasets import pascal_voc
+
+    if "str" in np.__dict__ or getattr(pascal_voc.np, "str", None) is str:
+        return
+    numpy_with_str = types.ModuleType("numpy")
+    numpy_with_str.__dict__.update(np.__dict__)
+    numpy_with_str.str = str
+    pascal_voc.np = numpy_with_str
+
+
 def apply():
     """Apply every workaround this detectron2 needs; safe to call repeatedly."""
     global HAS_CPP_OPS
@@ -60,6 +75,7 @@ def apply():
         logger.info("detectron2 has no C++ ops: using Python fallbacks (official COCOeval)")
         _install_c_stub()
         _use_official_cocoeval()
+    _numpy_str_for_voc_loader()
     return HAS_CPP_OPS
 
 

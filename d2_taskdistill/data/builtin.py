@@ -1,16 +1,18 @@
-"""Register the embedded default datasets (lazily: files are generated on first use)."""
+"""Register the embedded default datasets (lazily: files are generated on first use).
+
+The same digits data is registered twice: in COCO format (COCO evaluator) and in
+Pascal VOC layout (detectron2's VOC loader and evaluator, year 2007 metric).
+"""
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.data.datasets import pascal_voc
 
-from .digits import CLASS_NAMES, default_root, generate_split
+from .digits import CLASS_NAMES, default_root, generate_split, write_voc_split
 
-# name -> (split, number of images); images are 256 x 256.
-DIGITS_SPLITS = {
-    "digits_det_train": ("train", 1000),
-    "digits_det_val": ("val", 200),
-}
+# split -> number of images; images are 256 x 256.
+DIGITS_SPLITS = {"train": 1000, "val": 200}
 
 
 def register_digits_coco(name, root, split, num_images, **generate_kwargs):
@@ -29,8 +31,27 @@ def register_digits_coco(name, root, split, num_images, **generate_kwargs):
     )
 
 
+def register_digits_voc(name, root, split, num_images, **generate_kwargs):
+    """Register a digits split in Pascal VOC layout, generated on first load."""
+    voc_dir = os.path.join(root, "voc")
+
+    def load():
+        generate_split(root, split, num_images, **generate_kwargs)
+        write_voc_split(root, split)
+        return pascal_voc.load_voc_instances(voc_dir, split, CLASS_NAMES)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        thing_classes=list(CLASS_NAMES), dirname=voc_dir, year=2007, split=split,
+        evaluator_type="pascal_voc",
+    )
+
+
 def register_all_digits(root=None):
     root = os.path.join(root or default_root(), "digits_det")
-    for name, (split, num_images) in DIGITS_SPLITS.items():
-        if name not in DatasetCatalog.list():
-            register_digits_coco(name, root, split, num_images)
+    registered = DatasetCatalog.list()
+    for split, num_images in DIGITS_SPLITS.items():
+        if f"digits_det_{split}" not in registered:
+            register_digits_coco(f"digits_det_{split}", root, split, num_images)
+        if f"digits_det_voc_{split}" not in registered:
+            register_digits_voc(f"digits_det_voc_{split}", root, split, num_images)

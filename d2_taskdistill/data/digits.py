@@ -8,6 +8,7 @@ train and val splits.
 """
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -25,13 +26,18 @@ def default_root():
     )
 
 
+def digit_indices(split, num_digits=1797):
+    """Indices into scikit-learn's digits used by ``split``; train and val are disjoint."""
+    order = np.random.RandomState(_SPLIT_SEED).permutation(num_digits)
+    num_val = int(round(num_digits * _VAL_FRACTION))
+    return order[:num_val] if split == "val" else order[num_val:]
+
+
 def _digit_pool(split):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = np.random.RandomState(_SPLIT_SEED).permutation(len(digits.target))
-    num_val = int(round(len(order) * _VAL_FRACTION))
-    indices = order[:num_val] if split == "val" else order[num_val:]
+    indices = digit_indices(split, len(digits.target))
     return digits.images[indices] / 16.0, digits.target[indices]
 
 
@@ -129,3 +135,50 @@ def generate_split(root, split, num_images, image_size=256, max_objects=6, seed=
         json.dump(coco, f)
     os.replace(json_path + ".tmp", json_path)
     return json_path
+
+
+def write_voc_split(root, split):
+    """Write the COCO split of ``root`` again in Pascal VOC layout under ``root/voc``.
+
+    Images are the same bytes (hard links where possible), named ``.jpg`` as
+    detectron2's VOC loader expects (it reads them by content). Returns the VOC
+    directory.
+    """
+    from xml.sax.saxutils import escape
+
+    json_path = os.path.join(root, f"{split}.json")
+    with open(json_path) as f:
+        coco = json.load(f)
+    voc = os.path.join(root, "voc")
+    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(voc, sub), exist_ok=True)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    objects = {}
+    for ann in coco["annotations"]:
+        objects.setdefault(ann["image_id"], []).append(ann)
+    file_ids = []
+    for image in coco["images"]:
+        file_id = f"{split}_{image['id']:06d}"
+        file_ids.append(file_id)
+        src = os.path.join(root, split, image["file_name"])
+        dst = os.path.join(voc, "JPEGImages", file_id + ".jpg")
+        if not os.path.exists(dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        xml = [f"<annotation><filename>{file_id}.jpg</filename><size><width>{image['width']}</width>"
+               f"<height>{image['height']}</height><depth>3</depth></size>"]
+        for ann in objects.get(image["id"], []):
+            x, y, w, h = ann["bbox"]
+            # VOC boxes are 1-based and inclusive; detectron2's loader subtracts 1 from xmin/ymin.
+            xml.append(f"<object><name>{escape(names[ann['category_id']])}</name><pose>Unspecified</pose>"
+                       f"<truncated>0</truncated><difficult>0</difficult>"
+                       f"<bndbox><xmin>{x + 1}</xmin><ymin>{y + 1}</ymin><xmax>{x + w}</xmax>"
+                       f"<ymax>{y + h}</ymax></bndbox></object>")
+        xml.append("</annotation>")
+        with open(os.path.join(voc, "Annotations", file_id + ".xml"), "w") as f:
+            f.write("".join(xml))
+    with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+        f.write("\n".join(file_ids) + "\n")
+    return voc
