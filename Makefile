@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo bench-accuracy clean-venv
 
 setup: $(STAMP)
 
@@ -24,8 +24,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) train_net.py --config-file configs/digits/retinanet_R18_FPN_student.yaml \
-		SOLVER.MAX_ITER 300 SOLVER.STEPS "(250,)" OUTPUT_DIR output/demo
+	$(PY) tools/demo.py
+
+bench-accuracy: setup
+	$(PY) tools/bench_accuracy.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -57,7 +57,7 @@ def _numpy_str_for_voc_loader():
 
     from detectron2.data.datasets import pascal_voc
 
-    if "str" in np.__dict__ or getattr(pascal_voc.np, "str", None) is str:
+    if "str" in np.__dict__ or pascal_voc.np is not np:  # alias exists, or already patched
         return
     numpy_with_str = types.ModuleType("numpy")
     numpy_with_str.__dict__.update(np.__dict__)

@@ -41,6 +41,8 @@ def add_distill_config(cfg):
     cfg.DISTILL.TEACHER.OPTS = []
     # Evaluate the teacher on DATASETS.TEST once before training and log its AP.
     cfg.DISTILL.TEACHER.EVAL_AT_START = False
+    # Run the teacher under autocast: float16 on CUDA, bfloat16 on CPU.
+    cfg.DISTILL.TEACHER.AMP = False
 
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0
@@ -83,6 +85,8 @@ def add_tid_config(cfg):
 
 def add_taskdistill_config(cfg):
     """Add every key this project reads; idempotent."""
+    if not hasattr(cfg.SOLVER, "OPTIMIZER"):
+        cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" (detectron2's) | "ADAMW"
     if not hasattr(cfg.MODEL, "FCOS"):
         add_fcos_config(cfg)
     if not hasattr(cfg, "DISTILL"):

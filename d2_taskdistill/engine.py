@@ -11,6 +11,7 @@ import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from . import compat
 from .modeling.meta_arch import TaskDistillDetector
@@ -58,6 +59,25 @@ class DistillTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW (SOLVER.OPTIMIZER), with the same parameter groups."""
+        name = cfg.SOLVER.OPTIMIZER.upper()
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name != "ADAMW":
+            raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}; choose 'SGD' or 'ADAMW'")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+        return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
     if not _D2_SAVES_OPTIMIZER:
 
         def state_dict(self):
@@ -68,6 +88,11 @@ class DistillTrainer(DefaultTrainer):
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict)
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @property
+    def last_eval_results(self):
+        """The evaluation DefaultTrainer's EvalHook ran at the end of training."""
+        return self._last_eval_results
 
     def train(self):
         model = unwrap(self.model)

@@ -35,7 +35,7 @@ def test_digit_instances_disjoint_between_splits():
 
 
 def test_all_coco_size_buckets_occur(tmp_path):
-    with open(generate_split(str(tmp_path), "train", 40, image_size=256, seed=0)) as f:
+    with open(generate_split(str(tmp_path), "train", 60, seed=0)) as f:
         areas = np.array([a["area"] for a in json.load(f)["annotations"]])
     assert (areas < 32 ** 2).sum() > 0
     assert ((areas >= 32 ** 2) & (areas < 96 ** 2)).sum() > 0

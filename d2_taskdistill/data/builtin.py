@@ -11,8 +11,8 @@ from detectron2.data.datasets import pascal_voc
 
 from .digits import CLASS_NAMES, default_root, generate_split, write_voc_split
 
-# split -> number of images; images are 256 x 256.
-DIGITS_SPLITS = {"train": 1000, "val": 200}
+# split -> number of images; images are 128 x 128.
+DIGITS_SPLITS = {"train": 1200, "val": 300}
 
 
 def register_digits_coco(name, root, split, num_images, **generate_kwargs):

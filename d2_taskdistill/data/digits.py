@@ -16,6 +16,9 @@ import numpy as np
 CLASS_NAMES = [str(d) for d in range(10)]
 DEFAULT_ROOT_ENV = "D2_TASKDISTILL_DATA"
 _VAL_FRACTION = 0.2
+# Digit side in pixels (the stroke box is a little smaller) and how often each range is drawn.
+_SIDE_RANGES = [(8, 36), (36, 100), (112, 124)]
+_SIDE_PROBS = [0.5, 0.38, 0.12]
 _SPLIT_SEED = 1234
 
 
@@ -77,10 +80,11 @@ def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
 
     annotations = []
     boxes = []
-    min_side, max_side = max(8, image_size // 20), int(image_size * 0.55)
     for _ in range(rng.randint(1, max_objects + 1)):
-        # Log-uniform sizes so that small, medium and large objects all occur.
-        side = int(round(np.exp(rng.uniform(np.log(min_side), np.log(max_side)))))
+        # Side ranges chosen so that COCO's small, medium and large boxes all occur.
+        low, high = _SIDE_RANGES[rng.choice(len(_SIDE_RANGES), p=_SIDE_PROBS)]
+        high = min(high, image_size)
+        side = int(round(np.exp(rng.uniform(np.log(low), np.log(max(low, high))))))
         x0, y0 = rng.randint(0, image_size - side + 1, 2)
         index = rng.randint(len(labels))
         alpha = cv2.resize(digits[index].astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
@@ -98,7 +102,7 @@ def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
     return np.clip(canvas, 0, 255).astype(np.uint8), annotations
 
 
-def generate_split(root, split, num_images, image_size=256, max_objects=6, seed=0):
+def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=0):
     """Write ``root/<split>/*.png`` and ``root/<split>.json`` (COCO format).
 
     Returns the json path. Existing output with the same parameters is reused.

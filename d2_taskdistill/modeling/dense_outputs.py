@@ -69,6 +69,15 @@ class DenseOutputs:
         self.num_classes = detector.num_classes
         self.thr_neg, self.thr_pos = sample_thresholds(detector, thresholds_fcos)
 
+    def to_float32(self):
+        """Cast the head outputs to float32 (after a mixed-precision forward); returns self."""
+        self.features = [f.float() for f in self.features]
+        self.cls_logits = [x.float() for x in self.cls_logits]
+        self.box_reg = [x.float() for x in self.box_reg]
+        if self.centerness is not None:
+            self.centerness = [x.float() for x in self.centerness]
+        return self
+
     # --- layout --------------------------------------------------------------------------
     @cached_property
     def anchors(self):

@@ -75,6 +75,7 @@ class TaskDistillDetector(nn.Module):
         teacher, self.teacher_cfg = build_teacher(cfg)
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
         self.fcos_thresholds = tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS)
+        self.teacher_amp = cfg.DISTILL.TEACHER.AMP
         self.teacher_needs_bgr_flip = cfg.INPUT.FORMAT != self.teacher_cfg.INPUT.FORMAT
         if {cfg.INPUT.FORMAT, self.teacher_cfg.INPUT.FORMAT} - {"BGR", "RGB"}:
             raise ValueError(
@@ -116,9 +117,14 @@ class TaskDistillDetector(nn.Module):
     def run_teacher(self, batched_inputs, gt_instances):
         if self.teacher.training:  # someone called teacher.train(): the teacher stays frozen
             self.teacher.eval()
-        return run_dense_detector(
-            self.teacher, self.teacher_inputs(batched_inputs), gt_instances, self.fcos_thresholds
-        )
+        inputs = self.teacher_inputs(batched_inputs)
+        if not self.teacher_amp:
+            return run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds)
+        device_type = self.device.type
+        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            outputs = run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds)
+        return outputs.to_float32()
 
     def check_finite(self, losses):
         values = torch.stack([v.detach().float() for v in losses.values()])

@@ -1,0 +1,73 @@
+"""Train-and-evaluate runs shared by the demo and the accuracy benchmark."""
+import json
+import logging
+import os
+import time
+
+from detectron2.utils.env import seed_all_rng
+
+from .config import load_config
+from .engine import DistillTrainer, resolve_device
+
+logger = logging.getLogger(__name__)
+
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+RESULT_FILE = "final_eval.json"
+
+
+def bbox_metrics(results):
+    """The box metrics of DefaultTrainer.test results (one dataset)."""
+    if "bbox" not in results:  # several datasets: take the first
+        results = next(iter(results.values()))
+    return {k: float(v) for k, v in results["bbox"].items()}
+
+
+def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
+    """Train ``config_file`` into ``output_dir`` and evaluate on DATASETS.TEST.
+
+    With ``reuse``, a run whose final model and evaluation exist is not trained again.
+    Returns a dict with the box metrics, the wall time and whether it was reused.
+    """
+    result_path = os.path.join(output_dir, RESULT_FILE)
+    if reuse and os.path.exists(result_path) and os.path.exists(os.path.join(output_dir, "model_final.pth")):
+        with open(result_path) as f:
+            result = json.load(f)
+        result["reused"] = True
+        return result
+    cfg = resolve_device(load_config(config_file, [*opts, "OUTPUT_DIR", output_dir]))
+    cfg.freeze()
+    if cfg.SEED >= 0:  # as detectron2's default_setup does; the data sampler draws from it
+        seed_all_rng(cfg.SEED)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    start = time.perf_counter()
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    result = {
+        "config_file": config_file,
+        "opts": list(opts),
+        "metrics": bbox_metrics(trainer.last_eval_results),
+        "teacher_metrics": (
+            bbox_metrics(trainer.teacher_results) if getattr(trainer, "teacher_results", None) else None
+        ),
+        "seconds": round(time.perf_counter() - start, 1),
+        "iterations": cfg.SOLVER.MAX_ITER,
+    }
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=1)
+    result["reused"] = False
+    return result
+
+
+def digits_config(root, name):
+    """A config of the embedded default (configs/digits) of the project at ``root``."""
+    return os.path.join(root, "configs", "digits", name)
+
+
+def digits_teacher_dir(root, detector):
+    """Where the digits teacher of ``detector`` is trained: its config's OUTPUT_DIR, shared by
+    train_net.py, the demo and the accuracy benchmark (so it is trained once)."""
+    cfg = load_config(digits_config(root, f"{detector}_R50_FPN_teacher.yaml"))
+    return os.path.join(root, cfg.OUTPUT_DIR)

@@ -1,0 +1,46 @@
+"""Tables and charts of evaluation results (demo report, accuracy benchmark)."""
+import math
+import os
+
+from .experiments import METRICS
+
+
+def _fmt(value, std=None):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
+
+
+def markdown_table(rows, metrics=METRICS):
+    """rows: [(name, {metric: value}, {metric: std} or None)] -> a markdown table."""
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, values, stds in rows:
+        cells = [_fmt(values.get(m), None if stds is None else stds.get(m)) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val"):
+    """Grouped bars, one group per metric, one bar per row; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, values, stds) in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))]
+        heights = [0.0 if math.isnan(values.get(m, math.nan)) else values[m] for m in metrics]
+        errors = None if stds is None else [stds.get(m, 0.0) for m in metrics]
+        ax.bar(xs, heights, width, yerr=errors, label=name, capsize=2)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics)
+    ax.set_ylabel("AP (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""The accuracy table: every method and the baseline, same schedule, several seeds, on the
+embedded digits dataset. Writes benchmarks/accuracy.md and benchmarks/accuracy.json.
+
+    python tools/bench_accuracy.py                       # the full table (make bench-accuracy)
+    python tools/bench_accuracy.py --detectors retinanet --seeds 1 --methods baseline tid
+
+Teachers are trained once into their configs' OUTPUT_DIR (shared with the demo) and reused;
+runs already finished in --work-dir are reused (delete it to start over).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import d2_taskdistill  # noqa: F401
+from detectron2.utils.logger import setup_logger
+
+from d2_taskdistill.experiments import METRICS, digits_config, digits_teacher_dir, train_and_evaluate
+from d2_taskdistill.report import bar_chart, markdown_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["baseline", "fitnet", "fgfi", "tid", "tbd", "bckd"]
+TASK_AWARE = ["tid", "tbd", "bckd"]
+SEEDS = {"retinanet": 3, "fcos": 2}
+
+
+def config(name):
+    return digits_config(ROOT, name)
+
+
+def summarize(results):
+    """[metrics dict per seed] -> (mean, sample std) per metric."""
+    mean = {m: statistics.fmean(r[m] for r in results) for m in METRICS}
+    std = {m: statistics.stdev([r[m] for r in results]) if len(results) > 1 else 0.0 for m in METRICS}
+    return mean, std
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", nargs="+", default=["retinanet", "fcos"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per detector (default 3 RetinaNet, 2 FCOS)")
+    parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "bench_accuracy"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "accuracy"))
+    args = parser.parse_args()
+    setup_logger(name="detectron2")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    start = time.perf_counter()
+    report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads", "detectors": {}}
+
+    for det in args.detectors:
+        teacher_dir = digits_teacher_dir(ROOT, det)
+        teacher = train_and_evaluate(config(f"{det}_R50_FPN_teacher.yaml"), teacher_dir)
+        print(f"[bench] {det} teacher AP {teacher['metrics']['AP']:.1f}", flush=True)
+        runs = {}
+        for method in args.methods:
+            for seed in range(args.seeds or SEEDS[det]):
+                if method == "baseline":
+                    cfg_file, opts = config(f"{det}_R18_FPN_student.yaml"), []
+                else:
+                    cfg_file = config(f"{det}_R50-R18_{method}.yaml")
+                    opts = ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
+                            "DISTILL.TEACHER.EVAL_AT_START", False]
+                run = train_and_evaluate(cfg_file, os.path.join(args.work_dir, det, f"{method}_seed{seed}"),
+                                         ["SEED", seed, *opts])
+                runs.setdefault(method, []).append(run)
+                print(f"[bench] {det} {method} seed {seed}: AP {run['metrics']['AP']:.2f} "
+                      f"({run['seconds']} s{', reused' if run['reused'] else ''}); "
+                      f"{time.perf_counter() - start:.0f} s so far", flush=True)
+        summary = {}
+        for method, method_runs in runs.items():
+            mean, std = summarize([r["metrics"] for r in method_runs])
+            summary[method] = {"mean": mean, "std": std, "seeds": len(method_runs),
+                               "runs": [r["metrics"] for r in method_runs],
+                               "config": os.path.relpath(method_runs[0]["config_file"], ROOT),
+                               "iterations": method_runs[0]["iterations"]}
+        if "baseline" in summary:
+            for method in summary:
+                summary[method]["gain_AP"] = summary[method]["mean"]["AP"] - summary["baseline"]["mean"]["AP"]
+        report["detectors"][det] = {"teacher": teacher["metrics"], "methods": summary,
+                                    "teacher_config": os.path.relpath(teacher["config_file"], ROOT),
+                                    "teacher_iterations": teacher["iterations"]}
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    write_report(report, args.output)
+    return 0
+
+
+def write_report(report, output):
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    lines = ["# Accuracy on the embedded digits dataset", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Wall time: {report['wall_seconds'] / 60:.1f} min", ""]
+    for det, d in report["detectors"].items():
+        methods = d["methods"]
+        rows = [("teacher R50", d["teacher"], None)]
+        rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seeds)",
+                  v["mean"], v["std"]) for m, v in methods.items()]
+        chart = bar_chart(rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on digits_det_val")
+        lines += [f"## {det}", "", f"Teacher: `{d['teacher_config']}`, {d['teacher_iterations']} iterations. "
+                  f"Students: {next(iter(methods.values()))['iterations']} iterations each; mean ± std over seeds.",
+                  "", markdown_table(rows), "", f"![{det}]({os.path.basename(chart)})", ""]
+        if "baseline" in methods:
+            lines += ["| method | gain over baseline (AP) | beats baseline by >= 2 AP | beats FITNET |",
+                      "|---|---|---|---|"]
+            fitnet = methods.get("fitnet", {}).get("mean", {}).get("AP")
+            for m, v in methods.items():
+                if m == "baseline":
+                    continue
+                beats_fitnet = "-" if fitnet is None or m == "fitnet" else ("yes" if v["mean"]["AP"] > fitnet else "no")
+                lines.append(f"| {m.upper()} | {v['gain_AP']:+.2f} | {'yes' if v['gain_AP'] >= 2 else 'no'} | {beats_fitnet} |")
+            lines.append("")
+    with open(output + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
