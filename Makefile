@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench-accuracy clean-venv
+.PHONY: setup test demo bench-accuracy bench-speed clean-venv
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: setup
 
 bench-accuracy: setup
 	$(PY) tools/bench_accuracy.py
+
+bench-speed: setup
+	$(PY) tools/bench_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

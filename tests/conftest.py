@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -107,3 +108,20 @@ def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=
          "DISTILL.TEACHER.OPTS", [*SMALL_TEACHER_OPTS, *teacher_opts],
          "DISTILL.TEACHER.EVAL_AT_START", False, *opts],
     )
+
+
+def train_tiny(config_file, batches, tmp_path):
+    """Train a digits distillation config 3 iterations on the tiny dataset with a fresh small
+    teacher; returns the trainer's metric histories."""
+    from d2_taskdistill.engine import DistillTrainer
+
+    detector = os.path.basename(config_file).split("_")[0]
+    teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), batches)
+    trainer = DistillTrainer(distill_cfg(config_file, teacher, tmp_path))
+    trainer.train()
+    return trainer.storage.histories()
+
+
+def finite_positive_history(histories, name, iterations=3):
+    values = [v for v, _ in histories[name].values()]
+    return len(values) == iterations and all(math.isfinite(v) for v in values) and max(values) > 0

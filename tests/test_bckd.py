@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from d2_taskdistill import load_config
-from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.losses.bckd import BCKD, binary_distillation, positive_normalizer
 from fvcore.nn import giou_loss
-from conftest import config_path, distill_cfg, make_teacher_checkpoint
+from conftest import config_path, finite_positive_history, train_tiny
 
 LOG2 = math.log(2.0)
 
@@ -97,15 +96,12 @@ def test_bckd_loss_on_toy_outputs():
 @pytest.mark.parametrize("config", ["retinanet_R50-R18_bckd.yaml", "fcos_R50-R18_bckd.yaml",
                                     "retinanet_R50-R18_bckd_tid.yaml", "fcos_R50-R18_bckd_tid.yaml"])
 def test_bckd_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
-    detector = config.split("_")[0]
-    teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), tiny_batch)
-    trainer = DistillTrainer(distill_cfg(config, teacher, tmp_path))
-    trainer.train()
+    histories = train_tiny(config, tiny_batch, tmp_path)
     names = {"loss_distill_bckd_cls", "loss_distill_bckd_loc"}
-    if detector == "fcos":
+    if config.startswith("fcos"):
         names.add("loss_distill_bckd_ctr")
     if "tid" in config:
         names.add("loss_distill_tid")
+    assert {n for n in histories if n.startswith("loss_distill")} == names
     for name in names:
-        values = [v for v, _ in trainer.storage.history(name).values()]
-        assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values), name
+        assert finite_positive_history(histories, name), name

@@ -8,10 +8,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 
 from d2_taskdistill import load_config
-from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.losses import FITNET, TBD, harmonious_share, harmony_score, imitation_mask
 from d2_taskdistill.losses.maps import unflatten_levels
-from conftest import config_path, distill_cfg, make_teacher_checkpoint
+from conftest import config_path, finite_positive_history, train_tiny
 
 
 def test_harmony_score_hand_values():
@@ -153,18 +152,12 @@ def test_fitnet_hand_value():
 @pytest.mark.parametrize("config", ["retinanet_R50-R18_tbd.yaml", "fcos_R50-R18_tbd.yaml",
                                     "retinanet_R50-R18_fgfi.yaml", "fcos_R50-R18_fgfi.yaml"])
 def test_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
-    detector = config.split("_")[0]
-    teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), tiny_batch)
-    trainer = DistillTrainer(distill_cfg(config, teacher, tmp_path))
-    trainer.train()
-    history = trainer.storage.histories()
-    names = [n for n in history if n.startswith("loss_distill_")]
+    histories = train_tiny(config, tiny_batch, tmp_path)
+    names = [n for n in histories if n.startswith("loss_distill_")]
     assert len(names) == (4 if "tbd" in config else 1)
     for name in names:
-        values = [v for v, _ in history[name].values()]
-        assert len(values) == 3 and all(math.isfinite(v) for v in values), name
-        assert max(values) > 0, name
+        assert finite_positive_history(histories, name), name
     if "tbd" in config:
         for who in ("teacher", "student"):
-            shares = [v for v, _ in history[f"tbd/harmonious_share_{who}"].values()]
-            assert all(0.0 <= v <= 1.0 for v in shares)
+            shares = [v for v, _ in histories[f"tbd/harmonious_share_{who}"].values()]
+            assert len(shares) == 3 and all(0.0 <= v <= 1.0 for v in shares)

@@ -1,6 +1,4 @@
 """TID: hand-computed masks and losses on toy tensors, and real training steps."""
-import math
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_taskdistill import load_config
-from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.losses.maps import local_maxima, top_fraction_mask, unflatten_levels
 from d2_taskdistill.losses.tid import (
     TID,
@@ -18,7 +15,7 @@ from d2_taskdistill.losses.tid import (
     regression_score,
     tier_mask,
 )
-from conftest import config_path, distill_cfg, make_teacher_checkpoint
+from conftest import config_path, distill_cfg, finite_positive_history, train_tiny
 
 
 def test_regression_score_at_and_around_thresholds():
@@ -196,9 +193,5 @@ def test_tid_zero_when_student_matches_teacher(detector, tiny_batch, tmp_path):
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_tid_training_iterations(detector, tiny_batch, tiny_dataset, tmp_path):
-    teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), tiny_batch)
-    trainer = DistillTrainer(distill_cfg(f"{detector}_R50-R18_tid.yaml", teacher, tmp_path))
-    trainer.train()
-    values = [v for v, _ in trainer.storage.history("loss_distill_tid").values()]
-    assert len(values) == 3
-    assert all(math.isfinite(v) and v > 0 for v in values)
+    histories = train_tiny(f"{detector}_R50-R18_tid.yaml", tiny_batch, tmp_path)
+    assert finite_positive_history(histories, "loss_distill_tid")

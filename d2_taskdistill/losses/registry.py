@@ -16,3 +16,13 @@ def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
         known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
         raise KeyError(f"Unknown loss {name!r} in DISTILL.LOSSES; registered losses: {known}")
     return DISTILL_LOSS_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
+
+
+def check_choices(node, node_name, choices):
+    """Raise a ValueError naming the key when a string setting of ``node`` is not allowed.
+
+    choices: {KEY: (allowed values, ...)}; node_name e.g. "DISTILL.TID".
+    """
+    for key, allowed in choices.items():
+        if node[key] not in allowed:
+            raise ValueError(f"{node_name}.{key}={node[key]!r}; choose one of {allowed}")

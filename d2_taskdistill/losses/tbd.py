@@ -31,7 +31,7 @@ from detectron2.utils.events import get_event_storage
 from .adapters import FeatureAdapter, fpn_channels
 from .bckd import positive_normalizer
 from .fitnet import masked_sum_loss
-from .registry import DISTILL_LOSS_REGISTRY
+from .registry import DISTILL_LOSS_REGISTRY, check_choices
 
 
 def harmony_score(s, u, eps=1e-12):
@@ -92,13 +92,12 @@ class TBD(nn.Module):
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__()
         c = cfg.DISTILL.TBD
+        check_choices(c, "DISTILL.TBD", {
+            "COMPONENTS": ("both", "hd", "tfd"),
+            "BALANCE": ("equal", "learned"),
+            "BOX_TARGET": ("teacher", "gt"),
+        })
         self.components = c.COMPONENTS
-        if self.components not in ("both", "hd", "tfd"):
-            raise ValueError(f"DISTILL.TBD.COMPONENTS={self.components!r}; choose 'both', 'hd' or 'tfd'")
-        if c.BALANCE not in ("equal", "learned"):
-            raise ValueError(f"DISTILL.TBD.BALANCE={c.BALANCE!r}; choose 'equal' or 'learned'")
-        if c.BOX_TARGET not in ("teacher", "gt"):
-            raise ValueError(f"DISTILL.TBD.BOX_TARGET={c.BOX_TARGET!r}; choose 'teacher' or 'gt'")
         self.hd_cls_weight = c.HD_CLS_WEIGHT
         self.hd_box_weight = c.HD_BOX_WEIGHT
         self.qfl_beta = c.QFL_BETA

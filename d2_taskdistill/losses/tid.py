@@ -34,7 +34,7 @@ from .maps import (
     top_fraction_mask,
     unflatten_levels,
 )
-from .registry import DISTILL_LOSS_REGISTRY
+from .registry import DISTILL_LOSS_REGISTRY, check_choices
 
 
 def regression_score(iou_max, thr_neg, thr_pos, values=(2.0, 1.5, 0.4)):
@@ -117,14 +117,12 @@ class TID(nn.Module):
         self.tier_bounds = tuple(c.TIER_BOUNDS)
         self.tier_factors = tuple(c.TIER_FACTORS)
         self.normalizer = c.NORMALIZER
-        for key, value, allowed in [
-            ("IMPORTANCE", self.importance, ("both", "cls", "reg")),
-            ("REG_SCORE_MODE", self.reg_score_mode, ("threshold", "iou")),
-            ("AREAS", self.areas, ("both", "key", "weak")),
-            ("NORMALIZER", self.normalizer, ("mask_sum", "per_level")),
-        ]:
-            if value not in allowed:
-                raise ValueError(f"DISTILL.TID.{key}={value!r}; choose one of {allowed}")
+        check_choices(c, "DISTILL.TID", {
+            "IMPORTANCE": ("both", "cls", "reg"),
+            "REG_SCORE_MODE": ("threshold", "iou"),
+            "AREAS": ("both", "key", "weak"),
+            "NORMALIZER": ("mask_sum", "per_level"),
+        })
         self.adapter = FeatureAdapter(fpn_channels(student_shapes), fpn_channels(teacher_shapes))
 
     # --- module 1 -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 import logging
 import os
 
-import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
