@@ -127,10 +127,12 @@ def run_child(args, kind, losses, size, batch):
 
 
 def fitted_exponent(points):
-    """Slope of log(time) against log(pixels)."""
+    """Slope of log(time) against log(pixels); None with fewer than two pixel counts."""
     import numpy as np
 
     x, y = zip(*points)
+    if len(set(x)) < 2:
+        return None
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
@@ -208,7 +210,8 @@ def main():
               "| run | points (pixels, s) | exponent |", "|---|---|---|"]
     for kind, s in scaling.items():
         pts = "; ".join(f"{px}: {t:.3f}" for px, t in s["points"])
-        lines.append(f"| {kind} | {pts} | {s['exponent']:.2f} |")
+        exponent = "-" if s["exponent"] is None else f"{s['exponent']:.2f}"
+        lines.append(f"| {kind} | {pts} | {exponent} |")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output + ".json", "w") as f:
         json.dump(report, f, indent=1)

@@ -33,7 +33,8 @@ def anchor_layout(detector):
         "head_in_features": list(detector.head_in_features),
         "strides": list(generator.strides),
         "anchors per location": list(generator.num_cell_anchors),
-        "cell anchors": [tuple(map(tuple, a.tolist())) for a in generator.cell_anchors],
+        # Rounded to 1e-3 px: configs write sizes like 32 * 2**(1/3) with varying precision.
+        "cell anchors": [tuple(tuple(round(v, 3) for v in box) for box in a.tolist()) for a in generator.cell_anchors],
         "padding (size_divisibility)": detector.backbone.size_divisibility,
     }
 

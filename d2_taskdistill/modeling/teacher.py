@@ -2,7 +2,6 @@
 import logging
 import os
 
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
