@@ -69,5 +69,5 @@ def digits_config(root, name):
 def digits_teacher_dir(root, detector):
     """Where the digits teacher of ``detector`` is trained: its config's OUTPUT_DIR, shared by
     train_net.py, the demo and the accuracy benchmark (so it is trained once)."""
-    cfg = load_config(digits_config(root, f"{detector}_R50_FPN_teacher.yaml"))
+    cfg = load_config(digits_config(root, f"{detector}_R34_FPN_teacher.yaml"))
     return os.path.join(root, cfg.OUTPUT_DIR)

@@ -83,7 +83,7 @@ def make_teacher_checkpoint(detector, path, batches, opts=()):
     from detectron2.modeling import build_model
     from d2_taskdistill import load_config
 
-    cfg = load_config(config_path("digits", f"{detector}_R50_FPN_teacher.yaml"),
+    cfg = load_config(config_path("digits", f"{detector}_R34_FPN_teacher.yaml"),
                       ["MODEL.DEVICE", "cpu", *SMALL_TEACHER_OPTS, *opts])
     torch.manual_seed(1)
     model = build_model(cfg).train()

@@ -67,7 +67,7 @@ class ToyOutputs:
 
 
 def bckd_module():
-    cfg = load_config(config_path("digits", "retinanet_R50-R18_bckd.yaml"))
+    cfg = load_config(config_path("digits", "retinanet_R34-R18_bckd.yaml"))
     return BCKD(cfg, [], [])
 
 
@@ -93,8 +93,8 @@ def test_bckd_loss_on_toy_outputs():
     assert student2.logits_flat.grad is not None and teacher.logits_flat.grad is None
 
 
-@pytest.mark.parametrize("config", ["retinanet_R50-R18_bckd.yaml", "fcos_R50-R18_bckd.yaml",
-                                    "retinanet_R50-R18_bckd_tid.yaml", "fcos_R50-R18_bckd_tid.yaml"])
+@pytest.mark.parametrize("config", ["retinanet_R34-R18_bckd.yaml", "fcos_R34-R18_bckd.yaml",
+                                    "retinanet_R34-R18_bckd_tid.yaml", "fcos_R34-R18_bckd_tid.yaml"])
 def test_bckd_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
     histories = train_tiny(config, tiny_batch, tmp_path)
     names = {"loss_distill_bckd_cls", "loss_distill_bckd_loc"}

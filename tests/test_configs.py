@@ -44,7 +44,7 @@ def teacher_checkpoints(tmp_path_factory):
 
 
 def test_config_list_covers_all_kinds():
-    assert "digits/retinanet_R50-R18_fitnet.yaml" in MODEL_CONFIGS
+    assert "digits/retinanet_R34-R18_fitnet.yaml" in MODEL_CONFIGS
     assert "COCO-Detection/retinanet_R101-R50_1x_fitnet.yaml" in MODEL_CONFIGS
     assert "PascalVOC-Detection/fcos_R101-R50_fitnet.yaml" in MODEL_CONFIGS
 

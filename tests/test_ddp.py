@@ -43,7 +43,7 @@ def _worker(rank, world_size, init_file, cfg, batches, out_dir):
 
 def test_two_process_ddp(tmp_path, tiny_batch):
     teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher, tmp_path)
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, tmp_path)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), cfg, tiny_batch, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in range(2))
     assert "loss_distill_fitnet" in r0["losses"] and "loss_distill_fitnet" in r1["losses"]

@@ -30,7 +30,7 @@ def teacher_state(model):
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_path):
-    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path,
+    cfg = distill_cfg(f"{detector}_R34-R18_fitnet.yaml", teachers[detector], tmp_path,
                       opts=["DISTILL.TEACHER.EVAL_AT_START", True])
     trainer = DistillTrainer(cfg)
     model = trainer.model
@@ -68,7 +68,7 @@ def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_pat
 
 
 def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teachers["retinanet"], tmp_path, max_iter=3)
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teachers["retinanet"], tmp_path, max_iter=3)
     DistillTrainer(cfg).train()  # checkpoints at iterations 2 (period) and 3 (final)
     cfg.defrost()
     cfg.SOLVER.MAX_ITER = 5
@@ -89,7 +89,7 @@ def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_batch, tmp_path):
-    cfg = distill_cfg(f"{detector}_R50-R18_fitnet.yaml", teachers[detector], tmp_path / "train",
+    cfg = distill_cfg(f"{detector}_R34-R18_fitnet.yaml", teachers[detector], tmp_path / "train",
                       opts=["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.FCOS.SCORE_THRESH_TEST", 0.0])
     trainer = DistillTrainer(cfg)
     trainer.train()

@@ -45,24 +45,24 @@ def build(cfg):
 
 
 def test_valid_config_builds(teacher_ckpt, tmp_path):
-    assert isinstance(build(distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path)), TaskDistillDetector)
+    assert isinstance(build(distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path)), TaskDistillDetector)
 
 
 def test_missing_teacher_weights(tmp_path):
     missing = str(tmp_path / "nowhere.pth")
     with pytest.raises(FileNotFoundError, match=r"DISTILL.TEACHER.WEIGHTS=.*nowhere.pth.*no such file"):
-        build(distill_cfg("retinanet_R50-R18_fitnet.yaml", missing, tmp_path))
+        build(distill_cfg("retinanet_R34-R18_fitnet.yaml", missing, tmp_path))
 
 
 def test_empty_teacher_weights(tmp_path):
     with pytest.raises(ValueError, match="DISTILL.TEACHER.WEIGHTS is empty"):
-        build(distill_cfg("retinanet_R50-R18_fitnet.yaml", "", tmp_path))
+        build(distill_cfg("retinanet_R34-R18_fitnet.yaml", "", tmp_path))
 
 
 def test_teacher_keys_that_do_not_load(tmp_path, tiny_batch):
     fcos_ckpt = make_teacher_checkpoint("fcos", str(tmp_path / "fcos.pth"), tiny_batch)
     with pytest.raises(KeyError) as err:
-        build(distill_cfg("retinanet_R50-R18_fitnet.yaml", fcos_ckpt, tmp_path))
+        build(distill_cfg("retinanet_R34-R18_fitnet.yaml", fcos_ckpt, tmp_path))
     message = str(err.value)
     assert "DISTILL.TEACHER.WEIGHTS=" in message and "fcos.pth" in message
     missing = message.split("missing keys: ")[1].split("]")[0]
@@ -79,13 +79,13 @@ def test_model_zoo_pkl_teacher(teacher_ckpt, tmp_path):
     pkl = tmp_path / "teacher.pkl"
     with open(pkl, "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "Detectron2 Model Zoo"}, f)
-    model = build(distill_cfg("retinanet_R50-R18_fitnet.yaml", str(pkl), tmp_path))
+    model = build(distill_cfg("retinanet_R34-R18_fitnet.yaml", str(pkl), tmp_path))
     for k, v in model.teacher.state_dict().items():
         assert torch.equal(v, state[k]), k
 
 
 def test_unknown_teacher_config(teacher_ckpt, tmp_path):
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path,
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path,
                       opts=["DISTILL.TEACHER.CONFIG_FILE", "COCO-Detection/no_such_model.yaml"])
     with pytest.raises(FileNotFoundError, match="DISTILL.TEACHER.CONFIG_FILE='COCO-Detection/no_such_model.yaml'"):
         build(cfg)
@@ -94,7 +94,7 @@ def test_unknown_teacher_config(teacher_ckpt, tmp_path):
 def test_class_count_mismatch(tmp_path, tiny_batch):
     five = make_teacher_checkpoint("retinanet", str(tmp_path / "t5.pth"), tiny_batch,
                                    opts=["MODEL.RETINANET.NUM_CLASSES", 5])
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", five, tmp_path,
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", five, tmp_path,
                       teacher_opts=["MODEL.RETINANET.NUM_CLASSES", 5])
     with pytest.raises(ValueError, match="Teacher has 5 classes, student 10"):
         build(cfg)
@@ -102,7 +102,7 @@ def test_class_count_mismatch(tmp_path, tiny_batch):
 
 def test_anchor_layout_mismatch(teacher_ckpt, tmp_path):
     sizes = "[[20, 25.2, 31.75], [40, 50.4, 63.5], [80, 100.8, 127], [160, 201.6, 254], [320, 403.2, 508]]"
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path,
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path,
                       opts=["DISTILL.LOSSES", ["FITNET", "TEST_LAYOUT"]],
                       teacher_opts=["MODEL.ANCHOR_GENERATOR.SIZES", sizes])
     with pytest.raises(ValueError, match=r"differ in cell anchors .*\['TEST_LAYOUT'\]"):
@@ -114,19 +114,19 @@ def test_anchor_layout_mismatch(teacher_ckpt, tmp_path):
 
 
 def test_unknown_loss_name(teacher_ckpt, tmp_path):
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path, opts=["DISTILL.LOSSES", ["FITNETT"]])
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path, opts=["DISTILL.LOSSES", ["FITNETT"]])
     with pytest.raises(KeyError, match=r"Unknown loss 'FITNETT' in DISTILL.LOSSES; registered losses: \[.*'FITNET'"):
         build(cfg)
 
 
 def test_no_losses(teacher_ckpt, tmp_path):
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path, opts=["DISTILL.LOSSES", []])
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path, opts=["DISTILL.LOSSES", []])
     with pytest.raises(ValueError, match="DISTILL.LOSSES is empty"):
         build(cfg)
 
 
 def test_non_finite_loss_names_term_and_iteration(teacher_ckpt, tmp_path, tiny_batch):
-    cfg = distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher_ckpt, tmp_path,
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path,
                       opts=["DISTILL.LOSSES", ["FITNET", "TEST_NAN"]])
     model = build(cfg).train()
     with EventStorage(7), pytest.raises(FloatingPointError, match=r"at iteration 7: \{'loss_distill_nan': nan\}"):

@@ -31,7 +31,7 @@ def test_harmonious_share_as_defined():
 
 
 def tbd_module(**overrides):
-    cfg = load_config(config_path("digits", "retinanet_R50-R18_tbd.yaml"))
+    cfg = load_config(config_path("digits", "retinanet_R34-R18_tbd.yaml"))
     for k, v in overrides.items():
         setattr(cfg.DISTILL.TBD, k, v)
     return TBD(cfg, [ShapeSpec(channels=2)] * 2, [ShapeSpec(channels=2)] * 2)
@@ -133,7 +133,7 @@ def test_fgfi_imitation_mask():
 
 
 def test_fitnet_hand_value():
-    cfg = load_config(config_path("digits", "retinanet_R50-R18_fitnet.yaml"))
+    cfg = load_config(config_path("digits", "retinanet_R34-R18_fitnet.yaml"))
     fitnet = FITNET(cfg, [ShapeSpec(channels=2)] * 2, [ShapeSpec(channels=2)] * 2)
     with torch.no_grad():
         fitnet.adapter.conv.weight.copy_(torch.eye(2)[:, :, None, None])
@@ -149,8 +149,8 @@ def test_fitnet_hand_value():
     assert fitnet(student, teacher)["loss_distill_fitnet"].item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("config", ["retinanet_R50-R18_tbd.yaml", "fcos_R50-R18_tbd.yaml",
-                                    "retinanet_R50-R18_fgfi.yaml", "fcos_R50-R18_fgfi.yaml"])
+@pytest.mark.parametrize("config", ["retinanet_R34-R18_tbd.yaml", "fcos_R34-R18_tbd.yaml",
+                                    "retinanet_R34-R18_fgfi.yaml", "fcos_R34-R18_fgfi.yaml"])
 def test_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
     histories = train_tiny(config, tiny_batch, tmp_path)
     names = [n for n in histories if n.startswith("loss_distill_")]

@@ -8,7 +8,7 @@ from conftest import distill_cfg, make_teacher_checkpoint
 
 def teacher_outputs(tiny_batch, tmp_path, amp):
     teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
-    model = build_model(distill_cfg("retinanet_R50-R18_tid.yaml", teacher, tmp_path,
+    model = build_model(distill_cfg("retinanet_R34-R18_tid.yaml", teacher, tmp_path,
                                     opts=["DISTILL.TEACHER.AMP", amp])).train()
     gt = [x["instances"] for x in tiny_batch[:2]]
     return model.run_teacher(tiny_batch[:2], gt)

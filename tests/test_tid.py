@@ -101,7 +101,7 @@ class ToyOutputs:
 
 
 def toy_tid(**overrides):
-    cfg = load_config(config_path("digits", "retinanet_R50-R18_tid.yaml"))
+    cfg = load_config(config_path("digits", "retinanet_R34-R18_tid.yaml"))
     cfg.DISTILL.TID.CLS_TOP_FRACTION = 0.2
     cfg.DISTILL.TID.KEY_FRACTION = 0.2
     cfg.DISTILL.TID.WEAK_FRACTION = 0.2
@@ -174,7 +174,7 @@ def test_tid_zero_when_student_matches_teacher(detector, tiny_batch, tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
     DetectionCheckpointer(twin, save_dir=str(tmp_path)).save("twin")
-    cfg = distill_cfg(f"{detector}_R50-R18_tid.yaml", str(tmp_path / "twin.pth"), tmp_path,
+    cfg = distill_cfg(f"{detector}_R34-R18_tid.yaml", str(tmp_path / "twin.pth"), tmp_path,
                       opts=["DISTILL.TEACHER.CONFIG_FILE", config_path("digits", f"{detector}_R18_FPN_student.yaml")],
                       teacher_opts=["MODEL.RESNETS.DEPTH", 18, "MODEL.FPN.OUT_CHANNELS", 64])
     model = build_model(cfg)
@@ -193,5 +193,5 @@ def test_tid_zero_when_student_matches_teacher(detector, tiny_batch, tmp_path):
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_tid_training_iterations(detector, tiny_batch, tiny_dataset, tmp_path):
-    histories = train_tiny(f"{detector}_R50-R18_tid.yaml", tiny_batch, tmp_path)
+    histories = train_tiny(f"{detector}_R34-R18_tid.yaml", tiny_batch, tmp_path)
     assert finite_positive_history(histories, "loss_distill_tid")

@@ -19,7 +19,7 @@ MAPS = ["tid_key_area", "tid_weak_area", "tid_value", "tbd_harmony_teacher", "tb
 
 def test_visualize_batch_files_and_value_maps(tiny_batch, tmp_path):
     teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
-    cfg = distill_cfg("retinanet_R50-R18_tid.yaml", teacher, tmp_path, opts=["DISTILL.LOSSES", VISUALIZED_LOSSES])
+    cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teacher, tmp_path, opts=["DISTILL.LOSSES", VISUALIZED_LOSSES])
     model = build_model(cfg)
     batch = tiny_batch[:2]
     written = visualize_batch(model, batch, str(tmp_path / "vis"), "BGR")
@@ -56,7 +56,7 @@ def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
     teacher = make_teacher_checkpoint("fcos", str(tmp_path / "teacher.pth"), tiny_batch)
     image = os.path.join(tiny_digits[1], "000001.png")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "visualize_distill.py"),
-           "--config-file", config_path("digits", "fcos_R50-R18_bckd.yaml"), "--input", image,
+           "--config-file", config_path("digits", "fcos_R34-R18_bckd.yaml"), "--input", image,
            "--output", str(tmp_path / "vis"), "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.WEIGHTS", teacher,
            "DISTILL.TEACHER.OPTS", "['MODEL.RESNETS.DEPTH', 34, 'MODEL.FPN.OUT_CHANNELS', 96]",
            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
@@ -68,7 +68,7 @@ def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
 
 def test_plot_reads_real_metrics(tiny_batch, tiny_dataset, tmp_path):
     teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
-    DistillTrainer(distill_cfg("retinanet_R50-R18_fitnet.yaml", teacher, tmp_path)).train()
+    DistillTrainer(distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, tmp_path)).train()
     metrics = str(tmp_path / "metrics.json")
     records = read_metrics(metrics)
     assert any("loss_distill_fitnet" in r for r in records)

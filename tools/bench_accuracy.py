@@ -57,7 +57,7 @@ def main():
 
     for det in args.detectors:
         teacher_dir = digits_teacher_dir(ROOT, det)
-        teacher = train_and_evaluate(config(f"{det}_R50_FPN_teacher.yaml"), teacher_dir)
+        teacher = train_and_evaluate(config(f"{det}_R34_FPN_teacher.yaml"), teacher_dir)
         print(f"[bench] {det} teacher AP {teacher['metrics']['AP']:.1f}", flush=True)
         runs = {}
         for method in args.methods:
@@ -65,7 +65,7 @@ def main():
                 if method == "baseline":
                     cfg_file, opts = config(f"{det}_R18_FPN_student.yaml"), []
                 else:
-                    cfg_file = config(f"{det}_R50-R18_{method}.yaml")
+                    cfg_file = config(f"{det}_R34-R18_{method}.yaml")
                     opts = ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
                             "DISTILL.TEACHER.EVAL_AT_START", False]
                 run = train_and_evaluate(cfg_file, os.path.join(args.work_dir, det, f"{method}_seed{seed}"),
@@ -101,7 +101,7 @@ def write_report(report, output):
              f"Wall time: {report['wall_seconds'] / 60:.1f} min", ""]
     for det, d in report["detectors"].items():
         methods = d["methods"]
-        rows = [("teacher R50", d["teacher"], None)]
+        rows = [("teacher R34", d["teacher"], None)]
         rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seeds)",
                   v["mean"], v["std"]) for m, v in methods.items()]
         chart = bar_chart(rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on digits_det_val")

@@ -68,7 +68,7 @@ def measure(kind, losses, size, batch, iters, warmup, detector):
         return out
 
     if kind == "teacher":
-        cfg = load_config(os.path.join(digits, f"{detector}_R50_FPN_teacher.yaml"), sizes)
+        cfg = load_config(os.path.join(digits, f"{detector}_R34_FPN_teacher.yaml"), sizes)
         model = build_model(cfg).eval()
         step = lambda: timed("step", lambda: torch.no_grad()(run_dense_detector)(model, batch_inputs))
     else:
@@ -76,12 +76,12 @@ def measure(kind, losses, size, batch, iters, warmup, detector):
             cfg = load_config(os.path.join(digits, f"{detector}_R18_FPN_student.yaml"), sizes)
             model = build_model(cfg)
         else:
-            teacher_cfg = load_config(os.path.join(digits, f"{detector}_R50_FPN_teacher.yaml"), sizes)
+            teacher_cfg = load_config(os.path.join(digits, f"{detector}_R34_FPN_teacher.yaml"), sizes)
             weights = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_speed_{detector}_teacher")
             if not os.path.exists(weights + ".pth"):
                 DetectionCheckpointer(build_model(teacher_cfg), save_dir=os.path.dirname(weights)).save(
                     os.path.basename(weights))
-            cfg = load_config(os.path.join(digits, f"{detector}_R50-R18_tid.yaml"),
+            cfg = load_config(os.path.join(digits, f"{detector}_R34-R18_tid.yaml"),
                               [*sizes, "DISTILL.LOSSES", losses, "DISTILL.TEACHER.WEIGHTS", weights + ".pth",
                                "DISTILL.TEACHER.OPTS", sizes])
             model = build_model(cfg)
@@ -194,7 +194,7 @@ def main():
 
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",
              f"Machine: {report['machine']}  ", f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
-             f"Detector: {args.detector}, student R18-FPN, teacher R50-FPN (configs/digits), random weights; "
+             f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights; "
              f"median of {args.iters} iterations after {args.warmup} warm-up; peak = RSS growth of a fresh "
              "process over its size after imports.", "",
              f"At batch 4, 256 px: student step {student['step']:.3f} s (+{student['peak_mb']:.0f} MB), "

@@ -4,7 +4,7 @@ digits dataset, evaluated with COCO metrics, reported as a table, report.md and 
 
     python tools/demo.py [--detector retinanet|fcos] [--method tid] [--output output/demo]
 
-The teacher is trained into its config's OUTPUT_DIR (output/digits/<detector>_R50_FPN_teacher)
+The teacher is trained into its config's OUTPUT_DIR (output/digits/<detector>_R34_FPN_teacher)
 and reused from there when its checkpoint and evaluation exist.
 """
 import argparse
@@ -58,9 +58,9 @@ def main():
     det = args.detector
     teacher_dir = digits_teacher_dir(ROOT, det)
     stages = [
-        ("teacher", digits_config(ROOT, f"{det}_R50_FPN_teacher.yaml"), teacher_dir, []),
+        ("teacher", digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml"), teacher_dir, []),
         ("student", digits_config(ROOT, f"{det}_R18_FPN_student.yaml"), os.path.join(out, f"{det}_student"), []),
-        (f"student + {args.method.upper()}", digits_config(ROOT, f"{det}_R50-R18_{args.method}.yaml"),
+        (f"student + {args.method.upper()}", digits_config(ROOT, f"{det}_R34-R18_{args.method}.yaml"),
          os.path.join(out, f"{det}_{args.method}"),
          ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
           "DISTILL.TEACHER.EVAL_AT_START", False]),
@@ -82,7 +82,7 @@ def main():
     report = "\n".join([
         f"# d2-taskdistill demo: {det}, {args.method.upper()}",
         "",
-        f"Teacher R50-FPN, student R18-FPN, {det} on the embedded digits dataset "
+        f"Teacher R34-FPN, student R18-FPN, {det} on the embedded digits dataset "
         "(COCO metrics on digits_det_val).",
         "",
         table,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write a distilled student as a plain detectron2 checkpoint + config.
 
-    python tools/export_student.py --config-file configs/digits/retinanet_R50-R18_fitnet.yaml \
-        --weights output/digits/retinanet_R50-R18_fitnet/model_final.pth --output exported/
+    python tools/export_student.py --config-file configs/digits/retinanet_R34-R18_fitnet.yaml \
+        --weights output/digits/retinanet_R34-R18_fitnet/model_final.pth --output exported/
 """
 import argparse
 

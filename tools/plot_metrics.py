@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot each loss term and AP over iterations from a run's metrics.json.
 
-    python tools/plot_metrics.py output/digits/retinanet_R50-R18_tid/metrics.json --output curves.png
+    python tools/plot_metrics.py output/digits/retinanet_R34-R18_tid/metrics.json --output curves.png
 """
 import argparse
 

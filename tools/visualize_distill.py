@@ -3,7 +3,7 @@
 area and value map, TBD's harmony-score maps (teacher, student) and TFD masks, BCKD's
 per-location weights, GT boxes drawn; and teacher vs student detections side by side.
 
-    python tools/visualize_distill.py --config-file configs/digits/retinanet_R50-R18_tid.yaml \
+    python tools/visualize_distill.py --config-file configs/digits/retinanet_R34-R18_tid.yaml \
         --dataset digits_det_val --num 2 --output vis/ [MODEL.WEIGHTS student.pth] [KEY VALUE ...]
     python tools/visualize_distill.py --config-file CFG --input image.png --output vis/
 

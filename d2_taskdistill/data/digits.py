@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 
 CLASS_NAMES = [str(d) for d in range(10)]
+# Bump when the generated data changes, so that cached splits are written again.
+GENERATOR_VERSION = 2
 DEFAULT_ROOT_ENV = "D2_TASKDISTILL_DATA"
 _VAL_FRACTION = 0.2
 # Digit side in pixels (the stroke box is a little smaller) and how often each range is drawn.
@@ -82,9 +84,8 @@ def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
     boxes = []
     for _ in range(rng.randint(1, max_objects + 1)):
         # Side ranges chosen so that COCO's small, medium and large boxes all occur.
-        low, high = _SIDE_RANGES[rng.choice(len(_SIDE_RANGES), p=_SIDE_PROBS)]
-        high = min(high, image_size)
-        side = int(round(np.exp(rng.uniform(np.log(low), np.log(max(low, high))))))
+        low, high = (min(s, image_size) for s in _SIDE_RANGES[rng.choice(len(_SIDE_RANGES), p=_SIDE_PROBS)])
+        side = int(round(np.exp(rng.uniform(np.log(low), np.log(high)))))
         x0, y0 = rng.randint(0, image_size - side + 1, 2)
         index = rng.randint(len(labels))
         alpha = cv2.resize(digits[index].astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
@@ -110,7 +111,8 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     json_path = os.path.join(root, f"{split}.json")
-    params = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, seed=seed)
+    params = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, seed=seed,
+                  generator=GENERATOR_VERSION)
     if os.path.exists(json_path):
         with open(json_path) as f:
             if json.load(f).get("info", {}).get("params") == params:
