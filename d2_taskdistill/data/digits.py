@@ -126,7 +126,9 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
     for image_id in range(1, num_images + 1):
         image, objects = _render_image(rng, image_size, digits, labels, backgrounds, max_objects)
         file_name = f"{image_id:06d}.png"
-        cv2.imwrite(os.path.join(image_dir, file_name), image)
+        path = os.path.join(image_dir, file_name)
+        cv2.imwrite(path + ".tmp.png", image)
+        os.replace(path + ".tmp.png", path)  # readers never see a half-written image
         images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
         for box, label in objects:
             w, h = box[2] - box[0], box[3] - box[1]
