@@ -131,3 +131,19 @@ def test_non_finite_loss_names_term_and_iteration(teacher_ckpt, tmp_path, tiny_b
     model = build(cfg).train()
     with EventStorage(7), pytest.raises(FloatingPointError, match=r"at iteration 7: \{'loss_distill_nan': nan\}"):
         model(tiny_batch[:2])
+
+
+def test_optimizer_choice(teacher_ckpt, tmp_path):
+    from d2_taskdistill.engine import DistillTrainer
+
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path)
+    model = build(cfg)
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW"  # the digits configs' choice
+    optimizer = DistillTrainer.build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in model.parameters()}  # student + adapters, no teacher
+    cfg.defrost()
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='LAMB'"):
+        DistillTrainer.build_optimizer(cfg, model)

@@ -89,6 +89,12 @@ def main():
                                     "teacher_iterations": teacher["iterations"]}
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_report(report, args.output)
+
+
+def rewrite_report(output):
+    """Write the markdown (and chart) again from a saved JSON report."""
+    with open(output + ".json") as f:
+        write_report(json.load(f), output)
     return 0
 
 
@@ -99,11 +105,18 @@ def write_report(report, output):
     lines = ["# Accuracy on the embedded digits dataset", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Wall time: {report['wall_seconds'] / 60:.1f} min", ""]
+    partial = [f"{det}: {v['seeds']} of {SEEDS[det]} seeds" for det, d in report["detectors"].items()
+               for v in list(d["methods"].values())[:1] if v["seeds"] < SEEDS[det]]
+    missing = [det for det in SEEDS if det not in report["detectors"]]
+    if partial or missing:
+        lines += ["**Partial run** (the full table is `make bench-accuracy`): "
+                  + "; ".join(partial + [f"{det}: not run" for det in missing]) + ".", ""]
     for det, d in report["detectors"].items():
         methods = d["methods"]
         rows = [("teacher R34", d["teacher"], None)]
-        rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seeds)",
-                  v["mean"], v["std"]) for m, v in methods.items()]
+        rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seed"
+                  f"{'s' if v['seeds'] > 1 else ''})", v["mean"], v["std"] if v["seeds"] > 1 else None)
+                 for m, v in methods.items()]
         chart = bar_chart(rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on digits_det_val")
         lines += [f"## {det}", "", f"Teacher: `{d['teacher_config']}`, {d['teacher_iterations']} iterations. "
                   f"Students: {next(iter(methods.values()))['iterations']} iterations each; mean ± std over seeds.",
