@@ -4,6 +4,7 @@ import os
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
 
 from .modeling.meta_arch import student_config
 
@@ -18,10 +19,24 @@ def student_state_dict(model_state):
     return state
 
 
+def drop_keys_missing_from(cfg, reference, keep=(), prefix=""):
+    """Remove (in place) every key of ``cfg`` that ``reference`` lacks, except ``keep``."""
+    for key in list(cfg.keys()):
+        name = prefix + key
+        if name in keep:
+            continue
+        if key not in reference:
+            cfg.pop(key)
+        elif isinstance(cfg[key], CfgNode):
+            drop_keys_missing_from(cfg[key], reference[key], keep, name + ".")
+
+
 def export_student(cfg, weights, output_dir):
     """Write ``model_final.pth`` and ``config.yaml`` of the student to ``output_dir``.
 
-    RetinaNet configs load with detectron2's plain ``get_cfg()``. FCOS configs
+    The config keeps only keys of detectron2's ``get_cfg()`` (project keys such as
+    DISTILL and SOLVER.OPTIMIZER are dropped), so RetinaNet configs load with
+    detectron2's plain ``get_cfg()``. FCOS configs
     need the ``MODEL.FCOS`` keys (``d2_taskdistill.add_fcos_config``), since
     detectron2 offers FCOS only as a LazyConfig; the weights are those of
     detectron2's own FCOS class either way.
@@ -34,9 +49,8 @@ def export_student(cfg, weights, output_dir):
     torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
 
     out_cfg = student_config(cfg)
-    out_cfg.pop("DISTILL")
-    if out_cfg.MODEL.META_ARCHITECTURE != "FCOS":
-        out_cfg.MODEL.pop("FCOS")
+    keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
+    drop_keys_missing_from(out_cfg, get_cfg(), keep)
     out_cfg.MODEL.WEIGHTS = weights_path
     config_path = os.path.join(output_dir, "config.yaml")
     with open(config_path, "w") as f:

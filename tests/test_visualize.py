@@ -37,6 +37,7 @@ def test_visualize_batch_files_and_value_maps(tiny_batch, tmp_path):
     maps = distill_maps(model.train(), batch)
     p3 = maps["tid_value"][0]  # (N, 16, 16), stride 8; detectron2 anchor centres at (8x, 8y)
     ys, xs = torch.meshgrid(torch.arange(p3.shape[1]) * 8.0, torch.arange(p3.shape[2]) * 8.0, indexing="ij")
+    far_positions = 0
     for i, inputs in enumerate(batch):
         boxes = inputs["instances"].gt_boxes.tensor
         inside = torch.zeros_like(xs, dtype=torch.bool)
@@ -47,9 +48,11 @@ def test_visualize_batch_files_and_value_maps(tiny_batch, tmp_path):
             dx = torch.clamp(torch.maximum(x0 - xs, xs - x1), min=0)
             dy = torch.clamp(torch.maximum(y0 - ys, ys - y1), min=0)
             far &= torch.sqrt(dx ** 2 + dy ** 2) >= band
-        assert inside.any() and far.any()
+        assert inside.any()
         assert (p3[i][inside] > 0).all()
         assert (p3[i][far] == 0).all()
+        far_positions += int(far.sum())
+    assert far_positions > 0  # large digits' bands can cover a whole 128 px image, not both
 
 
 def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
