@@ -93,6 +93,13 @@ def test_bckd_loss_on_toy_outputs():
     assert student2.logits_flat.grad is not None and teacher.logits_flat.grad is None
 
 
+def test_non_finite_student_boxes_have_a_clear_error():
+    student = ToyOutputs([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0, 1, 1], [float("nan"), 0, 2, 2]], [True, False])
+    teacher = ToyOutputs([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0, 1, 1], [0.0, 0, 2, 2]], [True, False])
+    with pytest.raises(FloatingPointError, match="predicted boxes are not finite.*SOLVER.BASE_LR"):
+        bckd_module()(student, teacher)
+
+
 @pytest.mark.parametrize("config", ["retinanet_R34-R18_bckd.yaml", "fcos_R34-R18_bckd.yaml",
                                     "retinanet_R34-R18_bckd_tid.yaml", "fcos_R34-R18_bckd_tid.yaml"])
 def test_bckd_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):

@@ -86,7 +86,8 @@ def measure(kind, losses, size, batch, iters, warmup, detector):
                                "DISTILL.TEACHER.OPTS", sizes])
             model = build_model(cfg)
         model.train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        # lr 0: the step costs the same, and random-weight models cannot diverge over the iterations.
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
         def distill_forward():
             gt = [x["instances"] for x in batch_inputs]

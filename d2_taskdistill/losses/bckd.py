@@ -33,6 +33,17 @@ def binary_distillation(student_logits, teacher_probs, beta=1.0):
     return bce * (teacher_probs - student_logits.sigmoid()).abs().pow(beta)
 
 
+def checked_giou_loss(student_boxes, target_boxes):
+    """fvcore's 1 - GIoU per box pair, after checking that the boxes are finite (fvcore would
+    fail on them with an unexplained 'bad box' assertion)."""
+    if not bool(torch.isfinite(student_boxes).all()):
+        raise FloatingPointError(
+            "The student's predicted boxes are not finite: its box regression diverged. "
+            "Lower SOLVER.BASE_LR or the distillation weights (DISTILL.*), or enable SOLVER.CLIP_GRADIENTS."
+        )
+    return giou_loss(student_boxes, target_boxes)
+
+
 def positive_normalizer(num_positives):
     """Student positives averaged over workers, at least 1."""
     count = torch.as_tensor(num_positives, dtype=torch.float32)
@@ -68,7 +79,7 @@ class BCKD(nn.Module):
         loss_cls = (cls.sum(dim=2) * valid).sum() / normalizer
 
         weights = self.weights(student, teacher)
-        giou = giou_loss(student.pred_boxes.reshape(-1, 4), teacher.pred_boxes.detach().reshape(-1, 4))
+        giou = checked_giou_loss(student.pred_boxes.reshape(-1, 4), teacher.pred_boxes.detach().reshape(-1, 4))
         loss_loc = (giou.view(weights.shape) * weights).sum() / normalizer
 
         losses = {

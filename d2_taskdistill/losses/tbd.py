@@ -24,12 +24,11 @@ between classification and regression. Every concrete formula below is ours:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fvcore.nn import giou_loss
 
 from detectron2.utils.events import get_event_storage
 
 from .adapters import FeatureAdapter, fpn_channels
-from .bckd import positive_normalizer
+from .bckd import checked_giou_loss, positive_normalizer
 from .fitnet import masked_sum_loss
 from .registry import DISTILL_LOSS_REGISTRY, check_choices
 
@@ -126,7 +125,7 @@ class TBD(nn.Module):
         qfl = qfl * (hs_t - z.sigmoid()).abs().pow(self.qfl_beta)
         loss_cls = (hs_t * qfl * positive).sum() / normalizer
         target = teacher.pred_boxes.detach() if self.box_target == "teacher" else gt_boxes
-        giou = giou_loss(student.pred_boxes.reshape(-1, 4), target.reshape(-1, 4)).view(hs_t.shape)
+        giou = checked_giou_loss(student.pred_boxes.reshape(-1, 4), target.reshape(-1, 4)).view(hs_t.shape)
         loss_box = (hs_t * giou * positive).sum() / normalizer
         self.log_harmony(student, teacher, positive)
         return {
