@@ -49,6 +49,8 @@ def assigned_quality(outputs, gt_labels, gt_boxes):
 
 
 def _aligned_iou(a, b):
+    # Not detectron2's matched_pairwise_iou: that divides 0 by 0 for the zero-size boxes of
+    # background locations, and the NaN would survive the positive mask (NaN * 0).
     lt = torch.maximum(a[:, :2], b[:, :2])
     rb = torch.minimum(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(dim=1)
