@@ -124,3 +124,6 @@ def add_tbd_config(cfg):
     c.TFD_WEIGHT = 1.0
     c.BALANCE = "equal"  # "equal" | "learned"
     c.HARMONY_THRESH = 0.5  # a prediction is harmonious when HS >= this (diagnostic)
+    # Log the diagnostic every N iterations (detectron2's writer period): it matches every
+    # predicted box of both models to the GT, which nothing else needs for the student.
+    c.LOG_PERIOD = 20

@@ -110,14 +110,14 @@ def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=
     )
 
 
-def train_tiny(config_file, batches, tmp_path):
+def train_tiny(config_file, batches, tmp_path, opts=()):
     """Train a digits distillation config 3 iterations on the tiny dataset with a fresh small
     teacher; returns the trainer's metric histories."""
     from d2_taskdistill.engine import DistillTrainer
 
     detector = os.path.basename(config_file).split("_")[0]
     teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), batches)
-    trainer = DistillTrainer(distill_cfg(config_file, teacher, tmp_path))
+    trainer = DistillTrainer(distill_cfg(config_file, teacher, tmp_path, opts))
     trainer.train()
     return trainer.storage.histories()
 

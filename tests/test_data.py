@@ -34,6 +34,19 @@ def test_digit_instances_disjoint_between_splits():
     assert len(train) + len(val) == 1797 and len(val) == 359
 
 
+def test_tune_split_reuses_train_digits_in_new_images(tmp_path):
+    assert (digit_indices("tune") == digit_indices("train")).all()
+    root = str(tmp_path)
+    with open(generate_split(root, "train", 3, seed=0)) as f, open(generate_split(root, "tune", 3, seed=0)) as g:
+        train_boxes = [a["bbox"] for a in json.load(f)["annotations"]]
+        tune_boxes = [a["bbox"] for a in json.load(g)["annotations"]]
+    assert train_boxes != tune_boxes
+    for name in os.listdir(tmp_path / "tune"):
+        assert not filecmp.cmp(tmp_path / "train" / name, tmp_path / "tune" / name, shallow=False)
+    with pytest.raises(ValueError, match="tune"):
+        generate_split(root, "test", 3)
+
+
 def test_all_coco_size_buckets_occur(tmp_path):
     with open(generate_split(str(tmp_path), "train", 60, seed=0)) as f:
         areas = np.array([a["area"] for a in json.load(f)["annotations"]])

@@ -4,6 +4,8 @@ embedded digits dataset. Writes benchmarks/accuracy.md and benchmarks/accuracy.j
 
     python tools/bench_accuracy.py                       # the full table (make bench-accuracy)
     python tools/bench_accuracy.py --detectors retinanet --seeds 1 --methods baseline tid
+    python tools/bench_accuracy.py --detectors retinanet --seeds 1 --eval-dataset digits_det_tune \
+        --methods baseline tbd tbd_learned tbd_gt_box tbd_hd tbd_tfd --output benchmarks/tbd_choices
 
 Teachers are trained once into their configs' OUTPUT_DIR (shared with the demo) and reused;
 runs already finished in --work-dir are reused (delete it to start over).
@@ -28,6 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["baseline", "fitnet", "fgfi", "tid", "tbd", "bckd"]
 TASK_AWARE = ["tid", "tbd", "bckd"]
 SEEDS = {"retinanet": 3, "fcos": 2}
+DEFAULT_EVAL_DATASET = "digits_det_val"
+# TBD's open choices (a reconstruction: see d2_taskdistill/losses/tbd.py), compared on the tune split.
+VARIANTS = {
+    "tbd_learned": ("tbd", ["DISTILL.TBD.BALANCE", "learned"]),
+    "tbd_gt_box": ("tbd", ["DISTILL.TBD.BOX_TARGET", "gt"]),
+    "tbd_hd": ("tbd", ["DISTILL.TBD.COMPONENTS", "hd"]),
+    "tbd_tfd": ("tbd", ["DISTILL.TBD.COMPONENTS", "tfd"]),
+}
 
 
 def config(name):
@@ -44,8 +54,10 @@ def summarize(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=["retinanet", "fcos"])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=None, help="seeds per detector (default 3 RetinaNet, 2 FCOS)")
+    parser.add_argument("--eval-dataset", default=DEFAULT_EVAL_DATASET,
+                        help="registered dataset the students are evaluated on (choices: digits_det_tune)")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "bench_accuracy"))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "accuracy"))
     args = parser.parse_args()
@@ -53,7 +65,9 @@ def main():
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     start = time.perf_counter()
     report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads", "detectors": {}}
+              f"{torch.__version__}, {torch.get_num_threads()} threads", "eval_dataset": args.eval_dataset,
+              "detectors": {}}
+    work_dir = args.work_dir if args.eval_dataset == DEFAULT_EVAL_DATASET else f"{args.work_dir}_{args.eval_dataset}"
 
     for det in args.detectors:
         teacher_dir = digits_teacher_dir(ROOT, det)
@@ -62,13 +76,15 @@ def main():
         runs = {}
         for method in args.methods:
             for seed in range(args.seeds or SEEDS[det]):
+                base_method, variant_opts = VARIANTS.get(method, (method, []))
                 if method == "baseline":
                     cfg_file, opts = config(f"{det}_R18_FPN_student.yaml"), []
                 else:
-                    cfg_file = config(f"{det}_R34-R18_{method}.yaml")
+                    cfg_file = config(f"{det}_R34-R18_{base_method}.yaml")
                     opts = ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
-                            "DISTILL.TEACHER.EVAL_AT_START", False]
-                run = train_and_evaluate(cfg_file, os.path.join(args.work_dir, det, f"{method}_seed{seed}"),
+                            "DISTILL.TEACHER.EVAL_AT_START", False, *variant_opts]
+                opts += ["DATASETS.TEST", (args.eval_dataset,)]
+                run = train_and_evaluate(cfg_file, os.path.join(work_dir, det, f"{method}_seed{seed}"),
                                          ["SEED", seed, *opts])
                 runs.setdefault(method, []).append(run)
                 print(f"[bench] {det} {method} seed {seed}: AP {run['metrics']['AP']:.2f} "
@@ -80,6 +96,7 @@ def main():
             summary[method] = {"mean": mean, "std": std, "seeds": len(method_runs),
                                "runs": [r["metrics"] for r in method_runs],
                                "config": os.path.relpath(method_runs[0]["config_file"], ROOT),
+                               "opts": [str(o) for o in VARIANTS.get(method, (None, []))[1]],
                                "iterations": method_runs[0]["iterations"]}
         if "baseline" in summary:
             for method in summary:
@@ -104,11 +121,12 @@ def write_report(report, output):
         json.dump(report, f, indent=1)
     lines = ["# Accuracy on the embedded digits dataset", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Wall time: {report['wall_seconds'] / 60:.1f} min", ""]
+             f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
+             f"Students evaluated on: `{report.get('eval_dataset', DEFAULT_EVAL_DATASET)}`", ""]
     partial = [f"{det}: {v['seeds']} of {SEEDS[det]} seeds" for det, d in report["detectors"].items()
                for v in list(d["methods"].values())[:1] if v["seeds"] < SEEDS[det]]
     missing = [det for det in SEEDS if det not in report["detectors"]]
-    if partial or missing:
+    if (partial or missing) and report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET:
         lines += ["**Partial run** (the full table is `make bench-accuracy`): "
                   + "; ".join(partial + [f"{det}: not run" for det in missing]) + ".", ""]
     for det, d in report["detectors"].items():
@@ -120,7 +138,9 @@ def write_report(report, output):
         chart = bar_chart(rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on digits_det_val")
         lines += [f"## {det}", "", f"Teacher: `{d['teacher_config']}`, {d['teacher_iterations']} iterations. "
                   f"Students: {next(iter(methods.values()))['iterations']} iterations each; mean ± std over seeds.",
-                  "", markdown_table(rows), "", f"![{det}]({os.path.basename(chart)})", ""]
+                  "", markdown_table(rows), ""]
+        lines += [f"- {m.upper()}: {v['config']} with `{' '.join(v['opts'])}`" for m, v in methods.items() if v.get("opts")]
+        lines += ["", f"![{det}]({os.path.basename(chart)})", ""]
         if "baseline" in methods:
             lines += ["| method | gain over baseline (AP) | beats baseline by >= 2 AP | beats FITNET |",
                       "|---|---|---|---|"]

@@ -4,7 +4,9 @@ The 1,797 8x8 digit images bundled with scikit-learn (no download) are pasted
 at varied scales onto crops of scikit-learn's bundled sample photos, with
 clutter strokes that are not objects. Generation is deterministic: the same
 seed gives the same bytes. Digit instances are split disjointly between the
-train and val splits.
+train and val splits. A third split, tune, draws new images from the train
+split's digit instances: it is where open choices are compared, so that val
+stays untouched by model selection.
 """
 import json
 import os
@@ -22,6 +24,8 @@ _VAL_FRACTION = 0.2
 _SIDE_RANGES = [(8, 36), (36, 100), (112, 124)]
 _SIDE_PROBS = [0.5, 0.38, 0.12]
 _SPLIT_SEED = 1234
+# Offsets of each split's image random stream, so that no two splits draw the same images.
+_SPLIT_STREAMS = {"train": 0, "val": 10_000, "tune": 20_000}
 
 
 def default_root():
@@ -32,7 +36,7 @@ def default_root():
 
 
 def digit_indices(split, num_digits=1797):
-    """Indices into scikit-learn's digits used by ``split``; train and val are disjoint."""
+    """Indices into scikit-learn's digits used by ``split``; val is disjoint from train and tune."""
     order = np.random.RandomState(_SPLIT_SEED).permutation(num_digits)
     num_val = int(round(num_digits * _VAL_FRACTION))
     return order[:num_val] if split == "val" else order[num_val:]
@@ -108,8 +112,8 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
 
     Returns the json path. Existing output with the same parameters is reused.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in _SPLIT_STREAMS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
     json_path = os.path.join(root, f"{split}.json")
     params = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, seed=seed,
                   generator=GENERATOR_VERSION)
@@ -121,7 +125,7 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
     os.makedirs(image_dir, exist_ok=True)
     digits, labels = _digit_pool(split)
     backgrounds = _backgrounds()
-    rng = np.random.RandomState(seed + (0 if split == "train" else 10_000))
+    rng = np.random.RandomState(seed + _SPLIT_STREAMS[split])
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         image, objects = _render_image(rng, image_size, digits, labels, backgrounds, max_objects)

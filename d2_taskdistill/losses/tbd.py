@@ -106,6 +106,7 @@ class TBD(nn.Module):
         self.tfd_weight = c.TFD_WEIGHT
         self.balance = c.BALANCE
         self.harmony_threshold = c.HARMONY_THRESH
+        self.log_period = c.LOG_PERIOD
         if self.components != "hd":
             s_ch, t_ch = fpn_channels(student_shapes), fpn_channels(teacher_shapes)
             self.cls_adapter = FeatureAdapter(s_ch, t_ch)
@@ -141,6 +142,8 @@ class TBD(nn.Module):
         try:
             storage = get_event_storage()
         except AssertionError:
+            return
+        if (storage.iter + 1) % self.log_period:
             return
         for name, outputs in (("teacher", teacher), ("student", student)):
             share = harmonious_share(dense_harmony_score(outputs)[0], positive, self.harmony_threshold)
