@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Accuracy-table runs trained at the same time (one thread each on this 2-core machine).
+BENCH_JOBS ?= 2
 
 .PHONY: setup test demo bench-accuracy bench-speed clean-venv
 
@@ -27,7 +29,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 bench-accuracy: setup
-	$(PY) tools/bench_accuracy.py
+	$(PY) tools/bench_accuracy.py --jobs $(BENCH_JOBS)
 
 bench-speed: setup
 	$(PY) tools/bench_speed.py

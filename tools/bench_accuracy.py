@@ -12,11 +12,13 @@ runs already finished in --work-dir are reused (delete it to start over).
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -44,6 +46,11 @@ def config(name):
     return digits_config(ROOT, name)
 
 
+def _init_worker(threads):
+    torch.set_num_threads(threads)
+    setup_logger(name="detectron2")
+
+
 def summarize(results):
     """[metrics dict per seed] -> (mean, sample std) per metric."""
     mean = {m: statistics.fmean(r[m] for r in results) for m in METRICS}
@@ -58,6 +65,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=None, help="seeds per detector (default 3 RetinaNet, 2 FCOS)")
     parser.add_argument("--eval-dataset", default=DEFAULT_EVAL_DATASET,
                         help="registered dataset the students are evaluated on (choices: digits_det_tune)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "bench_accuracy"))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "accuracy"))
     args = parser.parse_args()
@@ -69,11 +77,11 @@ def main():
               "detectors": {}}
     work_dir = args.work_dir if args.eval_dataset == DEFAULT_EVAL_DATASET else f"{args.work_dir}_{args.eval_dataset}"
 
+    teachers, specs = {}, []
     for det in args.detectors:
         teacher_dir = digits_teacher_dir(ROOT, det)
-        teacher = train_and_evaluate(config(f"{det}_R34_FPN_teacher.yaml"), teacher_dir)
-        print(f"[bench] {det} teacher AP {teacher['metrics']['AP']:.1f}", flush=True)
-        runs = {}
+        teachers[det] = train_and_evaluate(config(f"{det}_R34_FPN_teacher.yaml"), teacher_dir)
+        print(f"[bench] {det} teacher AP {teachers[det]['metrics']['AP']:.1f}", flush=True)
         for method in args.methods:
             for seed in range(args.seeds or SEEDS[det]):
                 base_method, variant_opts = VARIANTS.get(method, (method, []))
@@ -84,14 +92,40 @@ def main():
                     opts = ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
                             "DISTILL.TEACHER.EVAL_AT_START", False, *variant_opts]
                 opts += ["DATASETS.TEST", (args.eval_dataset,)]
-                run = train_and_evaluate(cfg_file, os.path.join(work_dir, det, f"{method}_seed{seed}"),
-                                         ["SEED", seed, *opts])
-                runs.setdefault(method, []).append(run)
-                print(f"[bench] {det} {method} seed {seed}: AP {run['metrics']['AP']:.2f} "
-                      f"({run['seconds']} s{', reused' if run['reused'] else ''}); "
-                      f"{time.perf_counter() - start:.0f} s so far", flush=True)
+                specs.append((det, method, seed, cfg_file, os.path.join(work_dir, det, f"{method}_seed{seed}"),
+                              ["SEED", seed, *opts]))
+
+    def progress(spec, run):
+        det, method, seed = spec[:3]
+        print(f"[bench] {det} {method} seed {seed}: AP {run['metrics']['AP']:.2f} "
+              f"({run['seconds']} s{', reused' if run['reused'] else ''}); "
+              f"{time.perf_counter() - start:.0f} s so far", flush=True)
+
+    results = [None] * len(specs)
+    if args.jobs == 1:
+        for i, spec in enumerate(specs):
+            results[i] = train_and_evaluate(*spec[3:])
+            progress(spec, results[i])
+    else:
+        # Separate processes with a share of the cores each: small convolutions use two
+        # threads poorly (measured: 2 processes x 1 thread gave 12 % more iterations/s here).
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        report["machine"] += f"; {args.jobs} runs at a time, {threads} thread(s) each"
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(train_and_evaluate, *spec[3:]): i for i, spec in enumerate(specs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                progress(specs[i], results[i])
+    runs = {det: {} for det in args.detectors}
+    for (det, method, *_), run in zip(specs, results):
+        runs[det].setdefault(method, []).append(run)
+
+    for det in args.detectors:
         summary = {}
-        for method, method_runs in runs.items():
+        for method, method_runs in runs[det].items():
             mean, std = summarize([r["metrics"] for r in method_runs])
             summary[method] = {"mean": mean, "std": std, "seeds": len(method_runs),
                                "runs": [r["metrics"] for r in method_runs],
@@ -101,9 +135,11 @@ def main():
         if "baseline" in summary:
             for method in summary:
                 summary[method]["gain_AP"] = summary[method]["mean"]["AP"] - summary["baseline"]["mean"]["AP"]
+        teacher = teachers[det]
         report["detectors"][det] = {"teacher": teacher["metrics"], "methods": summary,
                                     "teacher_config": os.path.relpath(teacher["config_file"], ROOT),
-                                    "teacher_iterations": teacher["iterations"]}
+                                    "teacher_iterations": teacher["iterations"],
+                                    "teacher_seconds": teacher["seconds"]}
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_report(report, args.output)
 

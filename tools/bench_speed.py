@@ -5,6 +5,7 @@ Writes benchmarks/speed.md and benchmarks/speed.json.
 
     python tools/bench_speed.py                  # make bench-speed
     python tools/bench_speed.py --iters 20 --sizes 128 256 --batches 1 2 4
+    python tools/bench_speed.py --methods TBD --no-scaling --opts DISTILL.TBD.LOG_PERIOD 1
 
 Each measurement runs in its own process (peak RSS is per process); times are medians of
 --iters iterations after --warmup. Models use random weights: speed does not depend on them.
@@ -20,7 +21,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = [["FITNET"], ["FGFI"], ["TID"], ["TBD"], ["BCKD"], ["BCKD", "TID"]]
+# label -> (DISTILL.LOSSES, extra config options)
+METHODS = {
+    "FITNET": (["FITNET"], []),
+    "FGFI": (["FGFI"], []),
+    "TID": (["TID"], []),
+    "TBD": (["TBD"], []),
+    "BCKD": (["BCKD"], []),
+    "BCKD+TID": (["BCKD", "TID"], []),
+    # bfloat16 autocast on CPU (float16 on CUDA): worth it only where the CPU has bf16 units.
+    "TID, bf16 teacher": (["TID"], ["DISTILL.TEACHER.AMP", "True"]),
+}
 
 
 def rss_mb():
@@ -32,7 +43,7 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(kind, losses, size, batch, iters, warmup, detector):
+def measure(kind, losses, size, batch, iters, warmup, detector, opts=()):
     """One measurement in this process: {'step': s, 'breakdown': {...}, 'peak_mb': MB}."""
     import torch
 
@@ -83,7 +94,7 @@ def measure(kind, losses, size, batch, iters, warmup, detector):
                     os.path.basename(weights))
             cfg = load_config(os.path.join(digits, f"{detector}_R34-R18_tid.yaml"),
                               [*sizes, "DISTILL.LOSSES", losses, "DISTILL.TEACHER.WEIGHTS", weights + ".pth",
-                               "DISTILL.TEACHER.OPTS", sizes])
+                               "DISTILL.TEACHER.OPTS", sizes, *opts])
             model = build_model(cfg)
         model.train()
         # lr 0: the step costs the same, and random-weight models cannot diverge over the iterations.
@@ -117,10 +128,10 @@ def measure(kind, losses, size, batch, iters, warmup, detector):
     return {"step": result.pop("step"), "breakdown": result, "peak_mb": peak_rss_mb() - base_rss}
 
 
-def run_child(args, kind, losses, size, batch):
+def run_child(args, kind, losses, size, batch, opts=()):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--losses", *(losses or ["-"]),
            "--size", str(size), "--batch", str(batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--detector", args.detector]
+           "--detector", args.detector, "--opts", *opts]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measurement {kind} {losses} {size}px x{batch} failed:\n{out.stderr[-3000:]}")
@@ -144,6 +155,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="distillation runs at the goal point (batch 4, 256 px)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the batch / size sweep")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config options added to every distillation run, e.g. DISTILL.TBD.LOG_PERIOD 1")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "speed"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--losses", nargs="+", help=argparse.SUPPRESS)
@@ -152,7 +168,8 @@ def main():
     args = parser.parse_args()
     if args.child:
         losses = [] if args.losses == ["-"] else args.losses
-        print(json.dumps(measure(args.child, losses, args.size, args.batch, args.iters, args.warmup, args.detector)))
+        print(json.dumps(measure(args.child, losses, args.size, args.batch, args.iters, args.warmup, args.detector,
+                                 args.opts)))
         return 0
 
     import torch
@@ -162,11 +179,13 @@ def main():
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads", "detector": args.detector, "points": []}
 
-    def record(kind, losses, size, batch):
-        point = run_child(args, kind, losses, size, batch)
-        point.update(kind=kind, losses=losses, size=size, batch=batch)
+    def record(kind, losses, size, batch, opts=(), label=None):
+        opts = [*opts, *args.opts] if kind == "distill" else []
+        point = run_child(args, kind, losses, size, batch, opts)
+        label = label or "+".join(losses) or "-"
+        point.update(kind=kind, losses=losses, label=label, opts=opts, size=size, batch=batch)
         report["points"].append(point)
-        print(f"[speed] {kind:8s} {'+'.join(losses) or '-':10s} {size:4d}px x{batch}: "
+        print(f"[speed] {kind:8s} {label:18s} {size:4d}px x{batch}: "
               f"{point['step']:.3f} s, peak +{point['peak_mb']:.0f} MB", flush=True)
         return point
 
@@ -177,12 +196,13 @@ def main():
     floor_time = student["step"] + teacher["step"]
     floor_mem = student["peak_mb"] + teacher["peak_mb"]
     rows = []
-    for losses in METHODS:
-        p = record("distill", losses, *goal)
+    for label in args.methods:
+        losses, opts = METHODS[label]
+        p = record("distill", losses, *goal, opts=opts, label=label)
         masks = sum(v for k, v in p["breakdown"].items() if k.startswith("masks"))
-        rows.append((losses, p, p["step"] / floor_time, p["peak_mb"] / floor_mem, masks / p["step"]))
+        rows.append((label, p, p["step"] / floor_time, p["peak_mb"] / floor_mem, masks / p["step"]))
     scaling = {}
-    for kind, losses in (("student", []), ("teacher", []), ("distill", ["TID"])):
+    for kind, losses in () if args.no_scaling else (("student", []), ("teacher", []), ("distill", ["TID"])):
         pts = []
         for size in args.sizes:
             for batch in args.batches if size == 256 else [4]:
@@ -197,18 +217,20 @@ def main():
              f"Machine: {report['machine']}  ", f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
              f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights; "
              f"median of {args.iters} iterations after {args.warmup} warm-up; peak = RSS growth of a fresh "
-             "process over its size after imports.", "",
+             "process over its size after imports." + (f" Options on every distillation run: `{' '.join(args.opts)}`."
+                                                       if args.opts else ""), "",
              f"At batch 4, 256 px: student step {student['step']:.3f} s (+{student['peak_mb']:.0f} MB), "
              f"teacher inference {teacher['step']:.3f} s (+{teacher['peak_mb']:.0f} MB); floor "
              f"{floor_time:.3f} s, {floor_mem:.0f} MB.", "",
              "| losses | step (s) | / floor | peak (MB) | / floor | masks + losses share | breakdown (s) |",
              "|---|---|---|---|---|---|---|"]
-    for losses, p, t_ratio, m_ratio, share in rows:
+    for label, p, t_ratio, m_ratio, share in rows:
         breakdown = ", ".join(f"{k} {v:.3f}" for k, v in p["breakdown"].items())
-        lines.append(f"| {'+'.join(losses)} | {p['step']:.3f} | {t_ratio:.2f} | {p['peak_mb']:.0f} | "
+        lines.append(f"| {label} | {p['step']:.3f} | {t_ratio:.2f} | {p['peak_mb']:.0f} | "
                      f"{m_ratio:.2f} | {100 * share:.1f} % | {breakdown} |")
-    lines += ["", "Scaling (time against batch x pixels; fitted exponent of a power law):", "",
-              "| run | points (pixels, s) | exponent |", "|---|---|---|"]
+    if scaling:
+        lines += ["", "Scaling (time against batch x pixels; fitted exponent of a power law):", "",
+                  "| run | points (pixels, s) | exponent |", "|---|---|---|"]
     for kind, s in scaling.items():
         pts = "; ".join(f"{px}: {t:.3f}" for px, t in s["points"])
         exponent = "-" if s["exponent"] is None else f"{s['exponent']:.2f}"
