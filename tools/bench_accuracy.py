@@ -167,7 +167,9 @@ def write_report(report, output):
                   + "; ".join(partial + [f"{det}: not run" for det in missing]) + ".", ""]
     for det, d in report["detectors"].items():
         methods = d["methods"]
-        rows = [("teacher R34", d["teacher"], None)]
+        # The teacher's own evaluation is on the val split, whatever the students are evaluated on.
+        on_val = "" if report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET else " (on val)"
+        rows = [("teacher R34" + on_val, d["teacher"], None)]
         rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seed"
                   f"{'s' if v['seeds'] > 1 else ''})", v["mean"], v["std"] if v["seeds"] > 1 else None)
                  for m, v in methods.items()]

@@ -20,6 +20,9 @@ between classification and regression. Every concrete formula below is ours:
   with its own adapter and normalised by its mask sum, balanced per batch by a
   rule ("equal": 1/2 each) or learned (uncertainty weighting, Kendall et al. 2018:
   exp(-s_c) L_c + exp(-s_r) L_r + s_c + s_r with learnable s).
+
+The defaults (both components, teacher box, equal balance) were compared with the
+alternatives on the digits tune split: benchmarks/tbd_choices.md.
 """
 import torch
 import torch.nn as nn
