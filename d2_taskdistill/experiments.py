@@ -4,6 +4,8 @@ import logging
 import os
 import time
 
+import yaml
+
 from detectron2.utils.env import seed_all_rng
 
 from .config import load_config
@@ -22,24 +24,49 @@ def bbox_metrics(results):
     return {k: float(v) for k, v in results["bbox"].items()}
 
 
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def same_run_config(saved_text, cfg):
+    """Whether a run saved with config ``saved_text`` is a run of ``cfg``: equal values on the
+    keys both have. A key only one side has is a default added to the code since (the run did
+    not use it); OUTPUT_DIR may name the same run by a relative or an absolute path."""
+    saved, wanted = _flat(yaml.safe_load(saved_text)), _flat(yaml.safe_load(cfg.dump()))
+    return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() if k != "OUTPUT_DIR")
+
+
 def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     """Train ``config_file`` into ``output_dir`` and evaluate on DATASETS.TEST.
 
-    With ``reuse``, a run whose final model and evaluation exist is not trained again.
+    With ``reuse``, a run whose final model and evaluation exist, trained with the same config,
+    is not trained again.
     Returns a dict with the box metrics, the wall time and whether it was reused.
     """
     result_path = os.path.join(output_dir, RESULT_FILE)
-    if reuse and os.path.exists(result_path) and os.path.exists(os.path.join(output_dir, "model_final.pth")):
-        with open(result_path) as f:
-            result = json.load(f)
-        result["reused"] = True
-        return result
+    config_path = os.path.join(output_dir, "config.yaml")
     cfg = resolve_device(load_config(config_file, [*opts, "OUTPUT_DIR", output_dir]))
     cfg.freeze()
+    finished = all(os.path.exists(p) for p in (result_path, config_path, os.path.join(output_dir, "model_final.pth")))
+    if reuse and finished:
+        with open(config_path) as f:
+            same_config = same_run_config(f.read(), cfg)
+        if same_config:
+            with open(result_path) as f:
+                result = json.load(f)
+            result["reused"] = True
+            return result
+        logger.info(f"{output_dir} was trained with another config: training it again")
     if cfg.SEED >= 0:  # as detectron2's default_setup does; the data sampler draws from it
         seed_all_rng(cfg.SEED)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+    with open(config_path, "w") as f:
         f.write(cfg.dump())
     start = time.perf_counter()
     trainer = DistillTrainer(cfg)
