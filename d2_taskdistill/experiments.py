@@ -66,6 +66,10 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     if cfg.SEED >= 0:  # as detectron2's default_setup does; the data sampler draws from it
         seed_all_rng(cfg.SEED)
     os.makedirs(output_dir, exist_ok=True)
+    # detectron2's writers append: a previous run's log would be read as this one's.
+    for name in os.listdir(output_dir):
+        if name in (RESULT_FILE, "metrics.json") or name.startswith("events.out.tfevents"):
+            os.remove(os.path.join(output_dir, name))
     with open(config_path, "w") as f:
         f.write(cfg.dump())
     start = time.perf_counter()

@@ -11,10 +11,12 @@ Teachers are trained once into their configs' OUTPUT_DIR (shared with the demo) 
 runs already finished in --work-dir are reused (delete it to start over).
 """
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -49,6 +51,8 @@ def config(name):
 def _init_worker(threads):
     torch.set_num_threads(threads)
     setup_logger(name="detectron2")
+    if sys.platform.startswith("linux"):  # stopping the script stops its runs too
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def summarize(results):
