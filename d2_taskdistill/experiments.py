@@ -6,6 +6,7 @@ import time
 
 import yaml
 
+from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils.env import seed_all_rng
 
 from .config import load_config
@@ -24,21 +25,12 @@ def bbox_metrics(results):
     return {k: float(v) for k, v in results["bbox"].items()}
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def same_run_config(saved_text, cfg):
     """Whether a run saved with config ``saved_text`` is a run of ``cfg``: equal values on the
     keys both have. A key only one side has is a default added to the code since (the run did
     not use it); OUTPUT_DIR may name the same run by a relative or an absolute path."""
-    saved, wanted = _flat(yaml.safe_load(saved_text)), _flat(yaml.safe_load(cfg.dump()))
+    saved = flatten_results_dict(yaml.safe_load(saved_text))
+    wanted = flatten_results_dict(yaml.safe_load(cfg.dump()))
     return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() if k != "OUTPUT_DIR")
 
 

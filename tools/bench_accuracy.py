@@ -166,14 +166,14 @@ def write_report(report, output):
     partial = [f"{det}: {v['seeds']} of {SEEDS[det]} seeds" for det, d in report["detectors"].items()
                for v in list(d["methods"].values())[:1] if v["seeds"] < SEEDS[det]]
     missing = [det for det in SEEDS if det not in report["detectors"]]
-    if (partial or missing) and report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET:
+    students_on_val = report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET
+    if (partial or missing) and students_on_val:
         lines += ["**Partial run** (the full table is `make bench-accuracy`): "
                   + "; ".join(partial + [f"{det}: not run" for det in missing]) + ".", ""]
     for det, d in report["detectors"].items():
         methods = d["methods"]
         # The teacher's own evaluation is on the val split, whatever the students are evaluated on.
-        on_val = "" if report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET else " (on val)"
-        rows = [("teacher R34" + on_val, d["teacher"], None)]
+        rows = [("teacher R34" + ("" if students_on_val else " (on val)"), d["teacher"], None)]
         rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seed"
                   f"{'s' if v['seeds'] > 1 else ''})", v["mean"], v["std"] if v["seeds"] > 1 else None)
                  for m, v in methods.items()]
