@@ -1,29 +1,53 @@
 # `make setup` builds .venv from nothing; a second run does no work.
+# `make test` runs on the registry's detectron2 v0.6 (.venv), `make test-upstream` on
+# upstream detectron2 main built from source (.venv-upstream).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
+UPSTREAM_VENV := .venv-upstream
+UPSTREAM_PY := $(UPSTREAM_VENV)/bin/python
+UPSTREAM_STAMP := $(UPSTREAM_VENV)/.setup-complete
+# Where upstream detectron2 comes from: a source dir, a source archive or a pip URL.
+# Default: the archive of upstream main in ../shared/vendor, when it exists.
+D2_TASKDISTILL_DETECTRON2_SOURCE ?= $(firstword $(wildcard $(CURDIR)/../shared/vendor/detectron2-main-*.tar.gz))
+export D2_TASKDISTILL_DETECTRON2_SOURCE
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # Accuracy-table runs trained at the same time (one thread each on this 2-core machine).
 BENCH_JOBS ?= 2
 
-.PHONY: setup test demo bench-accuracy bench-speed clean-venv
+.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.py tools/install_detectron2.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# One recipe for both environments: $(1) venv, $(2) detectron2 source ("" = registry v0.6).
+define build_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	# pip<26: newer pip refuses the registry copy of detectron2 (see tools/install_detectron2.py).
-	$(PY) -m pip install -q "pip<26" wheel
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -c "import d2_taskdistill, detectron2; print('detectron2', detectron2.__version__, 'ready')"
-	touch $(STAMP)
+	$(1)/bin/python -m pip install -q "pip<26" wheel
+	$(1)/bin/python -m pip install -q $(TORCH_PINS)
+	$(1)/bin/python -m pip install -q -r requirements.txt
+	D2_TASKDISTILL_DETECTRON2_SOURCE="$(2)" $(1)/bin/python tools/install_detectron2.py
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(1)/bin/python -c "import d2_taskdistill, detectron2; from d2_taskdistill import compat; print('detectron2', detectron2.__file__, 'C++ ops:', compat.HAS_CPP_OPS)"
+	touch $(1)/.setup-complete
+endef
 
+$(STAMP): requirements.txt setup.py tools/install_detectron2.py
+	$(call build_venv,$(VENV),)
+
+setup-upstream: $(UPSTREAM_STAMP)
+
+$(UPSTREAM_STAMP): requirements.txt setup.py tools/install_detectron2.py
+	@test -n "$(D2_TASKDISTILL_DETECTRON2_SOURCE)" || { echo "make setup-upstream: set D2_TASKDISTILL_DETECTRON2_SOURCE to upstream detectron2 (a source dir, archive or pip URL)"; exit 2; }
+	$(call build_venv,$(UPSTREAM_VENV),$(D2_TASKDISTILL_DETECTRON2_SOURCE))
+
+# The expectation makes tests/test_compat.py check that each venv holds the detectron2 it should.
 test: setup
-	$(PY) -m pytest -q tests
+	D2_TASKDISTILL_EXPECT_DETECTRON2=registry-v0.6 $(PY) -m pytest -q tests
+
+test-upstream: setup-upstream
+	D2_TASKDISTILL_EXPECT_DETECTRON2=upstream $(UPSTREAM_PY) -m pytest -q tests
 
 demo: setup
 	$(PY) tools/demo.py
@@ -35,4 +59,4 @@ bench-speed: setup
 	$(PY) tools/bench_speed.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(UPSTREAM_VENV)

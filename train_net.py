@@ -3,15 +3,17 @@
 
     python train_net.py --config-file configs/digits/retinanet_R18_FPN_student.yaml
     python train_net.py --config-file CFG --num-gpus 8 --resume
+    python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # gloo CPU workers
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
 """
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
 from d2_taskdistill import load_config
 from d2_taskdistill.engine import DistillTrainer, resolve_device
+from d2_taskdistill.launch import launch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 
@@ -38,7 +40,7 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def invoke_main():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
@@ -49,3 +51,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    invoke_main()

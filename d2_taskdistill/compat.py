@@ -1,11 +1,14 @@
-"""Workarounds that let detectron2 v0.6 (the pure-Python registry build) run
-on a current Python stack. Each is applied only where its fault exists: the
-C++-ops ones are no-ops on an upstream detectron2 built with its ops, the numpy
-one wherever the loader's numpy alias still exists.
+"""The one place that knows which detectron2 is installed.
 
-Call :func:`apply` before anything imports ``detectron2.layers``; importing
-``d2_taskdistill`` does that.
+Two detectron2s are supported from one code base: the registry's v0.6 (pure
+Python, no C++ ops) and upstream main built from source. Both report version
+"0.6", so they are told apart here by features, never by version strings.
+Each workaround is applied only where its fault exists.
+
+Call :func:`apply` before anything imports ``detectron2.layers`` or
+``detectron2.data.transforms``; importing ``d2_taskdistill`` does that.
 """
+import functools
 import importlib
 import logging
 import sys
@@ -65,18 +68,82 @@ def _numpy_str_for_voc_loader():
     pascal_voc.np = numpy_with_str
 
 
+def _pillow_linear_alias():
+    # Fault: v0.6's transforms read Image.LINEAR at import time; Pillow 10 removed that
+    # alias of BILINEAR. Must run before detectron2.data.transforms is imported.
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _cpu_aware_create_ddp_model():
+    # Fault (both versions): DefaultTrainer wraps the model with create_ddp_model, which
+    # passes device_ids=[local_rank]; DDP rejects device_ids for a module on the CPU.
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "cpu_aware", False):
+        return
+
+    @functools.wraps(original)
+    def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        if on_cpu and "device_ids" not in kwargs:
+            kwargs["device_ids"] = None
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model.cpu_aware = True
+    defaults.create_ddp_model = create_ddp_model
+
+
 def apply():
     """Apply every workaround this detectron2 needs; safe to call repeatedly."""
     global HAS_CPP_OPS
     if HAS_CPP_OPS is not None:
         return HAS_CPP_OPS
+    _pillow_linear_alias()
     HAS_CPP_OPS = has_cpp_ops()
     if not HAS_CPP_OPS:
         logger.info("detectron2 has no C++ ops: using Python fallbacks (official COCOeval)")
         _install_c_stub()
         _use_official_cocoeval()
     _numpy_str_for_voc_loader()
+    _cpu_aware_create_ddp_model()
     return HAS_CPP_OPS
+
+
+def launch_supports_cpu_workers():
+    """Upstream's launch() starts gloo workers when there is no CUDA; v0.6's asserts CUDA.
+    Upstream added ``comm.create_local_process_group`` in the same change."""
+    from detectron2.utils import comm
+
+    return hasattr(comm, "create_local_process_group")
+
+
+def create_local_process_group(num_workers_per_machine):
+    """The per-machine process group that ``comm.get_local_rank()`` reads."""
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    if hasattr(comm, "create_local_process_group"):
+        return comm.create_local_process_group(num_workers_per_machine)
+    # v0.6 keeps the group in a module global that only its own (CUDA-only) worker sets.
+    num_machines = dist.get_world_size() // num_workers_per_machine
+    machine_rank = dist.get_rank() // num_workers_per_machine
+    for i in range(num_machines):  # every rank must create every group
+        group = dist.new_group(list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def fcos_labels_images_without_boxes():
+    """Upstream FCOS labels images without GT boxes itself (the change that made its
+    anchor matching ``_match_anchors``); v0.6's crashes on them."""
+    from detectron2.modeling.meta_arch.fcos import FCOS
+
+    return hasattr(FCOS, "_match_anchors")
 
 
 def group_norm_factory(num_channels):

@@ -3,8 +3,8 @@ import os
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.utils.file_io import PathManager
 
 from .modeling.meta_arch import student_config
 
@@ -42,7 +42,8 @@ def export_student(cfg, weights, output_dir):
     detectron2's own FCOS class either way.
     Returns (checkpoint path, config path).
     """
-    checkpoint = DetectionCheckpointer(None)._load_file(weights)
+    with PathManager.open(weights, "rb") as f:
+        checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
     state = student_state_dict(checkpoint["model"])
     os.makedirs(output_dir, exist_ok=True)
     weights_path = os.path.join(output_dir, "model_final.pth")

@@ -40,17 +40,29 @@ def tiny_batch(tiny_digits):
 
 
 TINY_TRAIN = "digits_tiny_train"
+# Where the session's tiny dataset lives, for processes the tests start (launch workers).
+TINY_ROOT_ENV = "D2_TASKDISTILL_TEST_TINY_ROOT"
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """A registered 8-image, 128 px COCO-format dataset for short training runs."""
+def register_tiny_dataset(root):
+    """Register the 8-image, 128 px COCO-format training set under ``root`` (generated once)."""
     from detectron2.data import DatasetCatalog
     from d2_taskdistill.data import register_digits_coco
 
     if TINY_TRAIN not in DatasetCatalog.list():
-        root = str(tmp_path_factory.mktemp("digits_tiny"))
         register_digits_coco(TINY_TRAIN, root, "train", 8, image_size=128, seed=5)
+    return TINY_TRAIN
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """The registered tiny dataset, its files generated; workers find it via TINY_ROOT_ENV."""
+    from detectron2.data import DatasetCatalog
+
+    root = os.environ.get(TINY_ROOT_ENV) or str(tmp_path_factory.mktemp("digits_tiny"))
+    os.environ[TINY_ROOT_ENV] = root
+    register_tiny_dataset(root)
+    DatasetCatalog.get(TINY_TRAIN)  # generate now, not in two workers at once
     return TINY_TRAIN
 
 

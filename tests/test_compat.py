@@ -1,4 +1,5 @@
 """The compat layer works only where detectron2's C++ ops are missing."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -48,3 +49,30 @@ def test_fallbacks_when_compiled_ops_missing():
     assert has_ops == "False"
     assert "Stub installed by d2_taskdistill.compat" in c_doc
     assert official_cocoeval == "True"
+
+
+def test_detectron2_kind_features():
+    """Feature checks agree with each other, and with the environment make built."""
+    import d2_taskdistill  # noqa: F401
+    from d2_taskdistill import compat
+
+    upstream_features = (compat.launch_supports_cpu_workers(), compat.fcos_labels_images_without_boxes())
+    assert upstream_features in {(True, True), (False, False)}  # both arrived after v0.6
+    expected = os.environ.get("D2_TASKDISTILL_EXPECT_DETECTRON2", "")
+    if expected == "upstream":
+        assert compat.HAS_CPP_OPS and upstream_features == (True, True)
+    elif expected == "registry-v0.6":
+        assert not compat.HAS_CPP_OPS and upstream_features == (False, False)
+    else:
+        assert expected == "", f"D2_TASKDISTILL_EXPECT_DETECTRON2={expected!r}: 'upstream' or 'registry-v0.6'"
+
+
+def test_pillow_linear_alias_for_v06_transforms():
+    import d2_taskdistill  # noqa: F401
+    from PIL import Image
+
+    from detectron2.data.transforms import ExtentTransform
+
+    assert Image.LINEAR == Image.BILINEAR
+    # v0.6 takes Image.LINEAR as ExtentTransform's default; upstream Image.BILINEAR: the same filter.
+    assert ExtentTransform((0, 0, 4, 4), (4, 4)).interp == Image.BILINEAR

@@ -66,3 +66,28 @@ def test_fcos_trains_on_image_without_boxes(tiny_batch):
         losses = model([empty, tiny_batch[1]])
     assert all(math.isfinite(v.item()) for v in losses.values())
     assert losses["loss_fcos_cls"].item() > 0
+
+
+def test_fcos_empty_image_guard_only_where_detectron2_lacks_it(tiny_batch):
+    """detectron2's own FCOS labelling crashes on an image without boxes exactly where
+    compat says so; the project's FCOS labels it background with the parent's box type."""
+    from detectron2.modeling.meta_arch.fcos import FCOS as D2FCOS
+
+    from d2_taskdistill import compat
+
+    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    images = model.preprocess_image(tiny_batch[:2])
+    features = model.backbone(images.tensor)
+    anchors = model.anchor_generator([features[f] for f in model.head_in_features])
+    gt = [tiny_batch[0]["instances"][:0], tiny_batch[1]["instances"]]
+    if compat.fcos_labels_images_without_boxes():
+        D2FCOS.label_anchors(model, anchors, gt)
+    else:
+        with pytest.raises((RuntimeError, IndexError)):
+            D2FCOS.label_anchors(model, anchors, gt)
+    labels, boxes = model.label_anchors(anchors, gt)
+    num_anchors = sum(len(a) for a in anchors)
+    assert labels[0].tolist() == [cfg.MODEL.FCOS.NUM_CLASSES] * num_anchors
+    assert (labels[1] < cfg.MODEL.FCOS.NUM_CLASSES).any()
+    assert type(boxes[0]) is type(boxes[1])

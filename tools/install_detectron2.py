@@ -3,9 +3,10 @@
 
 Sources, in this order:
 1. an already importable detectron2 (>= 0.6): nothing to do;
-2. ``D2_TASKDISTILL_DETECTRON2_SOURCE``: a source directory or a pip-installable
-   URL (e.g. ``git+https://github.com/facebookresearch/detectron2.git``),
-   built by pip with its C++/CUDA ops;
+2. ``D2_TASKDISTILL_DETECTRON2_SOURCE``: a source directory, a source archive
+   (.tar.gz/.zip) or a pip-installable URL (e.g.
+   ``git+https://github.com/facebookresearch/detectron2.git``), built by pip with
+   its C++/CUDA ops (ninja compiles them in parallel);
 3. the PyPI sdist ``pb1-detectron2==0.6`` (the official v0.6 Python code
    without C++ sources), built pure-Python with its model-zoo configs kept.
    ``d2_taskdistill.compat`` covers what the missing ``detectron2._C`` breaks.
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 SOURCE_ENV = "D2_TASKDISTILL_DETECTRON2_SOURCE"
 REGISTRY_SDIST = "pb1-detectron2==0.6"
@@ -36,8 +38,15 @@ def pip(*args):
 
 
 def install_from_source(source):
+    looks_local = not re.match(r"^[a-z+]+://", source)
+    if looks_local and not os.path.exists(source):
+        sys.exit(f"[install_detectron2] {SOURCE_ENV}={source!r}: no such directory or archive")
     print(f"[install_detectron2] building detectron2 from {SOURCE_ENV}={source}")
+    # Without ninja, torch's extension builder compiles the C++ files one at a time.
+    pip("install", "-q", "ninja==1.13.2")
+    started = time.time()
     pip("install", "--no-build-isolation", source)
+    print(f"[install_detectron2] built in {time.time() - started:.0f} s")
 
 
 def install_from_registry_sdist():

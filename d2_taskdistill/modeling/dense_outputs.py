@@ -151,7 +151,7 @@ class DenseOutputs:
     @cached_property
     def assigned_boxes(self):
         """(N, R, 4): the GT box the detector assigns each location."""
-        # RetinaNet returns tensors, FCOS Boxes.
+        # RetinaNet returns tensors; FCOS Boxes on v0.6, tensors upstream.
         return torch.stack([b.tensor if isinstance(b, Boxes) else b for b in self.anchor_targets[1]])
 
     @cached_property

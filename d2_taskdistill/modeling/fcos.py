@@ -14,7 +14,9 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 
-from ..compat import group_norm_factory
+from ..compat import fcos_labels_images_without_boxes, group_norm_factory
+
+_PARENT_LABELS_EMPTY_IMAGES = fcos_labels_images_without_boxes()
 
 
 @BACKBONE_REGISTRY.register()
@@ -32,14 +34,14 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
 
 
 class FCOS(_D2FCOS):
-    """detectron2's FCOS with a yaml builder and a guard for images without boxes."""
+    """detectron2's FCOS with a yaml builder and, on v0.6, a guard for images without boxes."""
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
-        # Fault: v0.6 reduces and indexes over an empty GT dimension on images
-        # without boxes; label those images background here instead.
+        # Fault (v0.6 only): it reduces and indexes over an empty GT dimension on images
+        # without boxes; label those images background here instead, as upstream does.
         empty = [len(g) == 0 for g in gt_instances]
-        if not any(empty):
+        if _PARENT_LABELS_EMPTY_IMAGES or not any(empty):
             return super().label_anchors(anchors, gt_instances)
         non_empty = [g for g, e in zip(gt_instances, empty) if not e]
         labels, boxes = super().label_anchors(anchors, non_empty) if non_empty else ([], [])

@@ -48,6 +48,17 @@ def build_teacher_config(cfg):
     return teacher_cfg
 
 
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps what ``load()`` found incompatible, instead of only
+    logging it: the teacher must load completely."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):  # fvcore's extension point, called by load()
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
 def load_teacher_weights(teacher, weights):
     """Load every key of ``weights`` into ``teacher``; anything that does not load is an error."""
     if not weights:
@@ -64,9 +75,11 @@ def load_teacher_weights(teacher, weights):
             f"DISTILL.TEACHER.WEIGHTS={weights!r}: no such file. Train the teacher first "
             "(train_net.py with its config) or point to its checkpoint."
         )
-    checkpointer = DetectionCheckpointer(teacher)
-    checkpoint = checkpointer._load_file(local)
-    incompatible = checkpointer._load_model(checkpoint)
+    checkpointer = _RecordingCheckpointer(teacher)
+    checkpointer.load(local, checkpointables=[])
+    incompatible = checkpointer.incompatible
+    if incompatible is None:
+        raise KeyError(f"DISTILL.TEACHER.WEIGHTS={weights!r} holds no model weights")
     problems = []
     wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
     missing = sorted(set(incompatible.missing_keys) - wrong_shape)
@@ -82,7 +95,8 @@ def load_teacher_weights(teacher, weights):
             f"Teacher weights DISTILL.TEACHER.WEIGHTS={weights!r} do not match the teacher built from "
             f"DISTILL.TEACHER.CONFIG_FILE: " + "; ".join(problems)
         )
-    logger.info("Loaded teacher weights from %s", weights)
+    num_tensors = len(teacher.state_dict())
+    logger.info("Loaded teacher weights from %s (%d tensors)", weights, num_tensors)
 
 
 def freeze(model):

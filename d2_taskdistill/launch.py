@@ -1,0 +1,61 @@
+"""detectron2's ``launch()``, made to start CPU workers (gloo) on every supported detectron2.
+
+Upstream detectron2 starts gloo workers itself when CUDA is absent; v0.6 asserts
+CUDA. There, and only there, the workers are started here: same arguments, same
+``dist_url`` forms, same process groups, so ``detectron2.utils.comm`` works as usual.
+"""
+import logging
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.utils import comm
+
+from . import compat
+
+logger = logging.getLogger(__name__)
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None,
+           args=(), timeout=DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on this machine
+    (one per GPU, or per CPU worker without CUDA), as :func:`detectron2.engine.launch`."""
+    world_size = num_machines * num_gpus_per_machine
+    if world_size == 1 or torch.cuda.is_available() or compat.launch_supports_cpu_workers():
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError(
+                "--dist-url auto works on one machine only; with --num-machines > 1 give "
+                "machine 0's address, e.g. --dist-url tcp://HOST:PORT, to every machine."
+            )
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    if not dist_url:
+        raise ValueError("--dist-url is empty: use 'auto' (one machine) or tcp://HOST:PORT")
+    logger.info("Starting %d CPU workers (gloo) of %d, dist_url=%s", num_gpus_per_machine, world_size, dist_url)
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size,
+                            rank=global_rank, timeout=timeout)
+    compat.create_local_process_group(num_per_machine)
+    comm.synchronize()
+    main_func(*args)

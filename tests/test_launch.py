@@ -1,0 +1,172 @@
+"""Multi-process training on CPU workers (gloo), on both detectron2 versions:
+the project's launch(), DefaultTrainer's DDP wrapping, checkpoints, evaluation
+gathered on rank 0, and --resume.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import d2_taskdistill  # noqa: F401  (first: spawned workers import this module afresh)
+from d2_taskdistill.launch import launch
+from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, make_teacher_checkpoint, register_tiny_dataset
+
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+RESUMED = ["retinanet_tbd", "fcos_tid"]
+
+
+def _train_every_method(cfgs, out_dir, resume):
+    """A launch worker: DistillTrainer on each config; dumps this rank's weights."""
+    import detectron2.utils.comm as comm
+    from d2_taskdistill.engine import DistillTrainer, unwrap
+
+    torch.set_num_threads(1)
+    register_tiny_dataset(os.environ[TINY_ROOT_ENV])
+    rank = comm.get_rank()
+    for name, cfg in cfgs.items():
+        torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's
+        trainer = DistillTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        start_iter = trainer.start_iter
+        trainer.train()  # DDP raises here if a parameter got no gradient in an iteration
+        model = unwrap(trainer.model)
+        torch.save(
+            {
+                "start_iter": start_iter,
+                "local_rank": comm.get_local_rank(),
+                "find_unused_parameters": trainer.model.find_unused_parameters,
+                "world_size": comm.get_world_size(),
+                "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                "teacher": {k: v.clone() for k, v in model.teacher.state_dict().items()},
+                "eval": trainer.last_eval_results,
+            },
+            os.path.join(out_dir, f"{name}_rank{rank}.pth"),
+        )
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tiny_batch):
+    root = tmp_path_factory.mktemp("launch_teachers")
+    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), tiny_batch) for d in ("retinanet", "fcos")}
+
+
+def _configs(teachers, root, max_iter):
+    cfgs = {}
+    for detector in ("retinanet", "fcos"):
+        for method in METHODS:
+            name = f"{detector}_{method}"
+            # 3 iterations: DDP reports a parameter left without gradient at the next forward.
+            cfgs[name] = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], root / name,
+                                     max_iter=max_iter)
+    return cfgs
+
+
+def test_two_workers_every_method_then_resume(teachers, tiny_dataset, tmp_path):
+    out = tmp_path / "dumps"
+    out.mkdir()
+    launch(_train_every_method, 2, dist_url="auto", args=(_configs(teachers, tmp_path, 3), str(out), False))
+    # --resume from model_final (iteration 2) and train on to 5 iterations, one run per detector.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    resume_cfgs = {k: v for k, v in _configs(teachers, tmp_path, 5).items() if k in RESUMED}
+    launch(_train_every_method, 2, dist_url="auto", args=(resume_cfgs, str(resumed), True))
+
+    for name in _configs(teachers, tmp_path, 3):
+        detector = name.split("_")[0]
+        teacher_ckpt = torch.load(teachers[detector], weights_only=False)["model"]
+        phases = [(out, 0)] + ([(resumed, 3)] if name in RESUMED else [])
+        for phase, start_iter in phases:
+            r0, r1 = (torch.load(phase / f"{name}_rank{r}.pth", weights_only=False) for r in range(2))
+            assert (r0["start_iter"], r1["start_iter"]) == (start_iter, start_iter), name
+            assert (r0["local_rank"], r1["local_rank"], r0["world_size"]) == (0, 1, 2)
+            # Every trainable tensor (student and adapters) is the same on both ranks.
+            assert r0["params"].keys() == r1["params"].keys()
+            assert r0["find_unused_parameters"] is False, name  # no method needs it
+            for k in r0["params"]:
+                assert torch.equal(r0["params"][k], r1["params"][k]), (name, k)
+            # The teacher in every process is its checkpoint, bit for bit, after training.
+            for rank_dump in (r0, r1):
+                assert rank_dump["teacher"].keys() == teacher_ckpt.keys()
+                for k, v in teacher_ckpt.items():
+                    assert torch.equal(rank_dump["teacher"][k], v), (name, k)
+            # COCO evaluation gathers every rank's predictions on rank 0.
+            assert set(r0["eval"]["bbox"]) >= {"AP", "AP50"}, name
+            assert r1["eval"] == {}, name
+    # Resuming changed the weights: training went on.
+    before = torch.load(out / "retinanet_tbd_rank0.pth", weights_only=False)["params"]
+    after = torch.load(resumed / "retinanet_tbd_rank0.pth", weights_only=False)["params"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _run_train_net(args, env, log):
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "tiny_train_net.py"), *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _cli_opts(teacher, output_dir, max_iter):
+    from conftest import SMALL_TEACHER_OPTS, tiny_run_opts
+
+    opts = [*tiny_run_opts(output_dir, max_iter), "DISTILL.TEACHER.WEIGHTS", teacher,
+            "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS), "DISTILL.TEACHER.EVAL_AT_START", "True"]
+    return ["--config-file", os.path.join(ROOT, "configs", "digits", "retinanet_R34-R18_tbd.yaml"),
+            *[str(o) for o in opts]]
+
+
+def _finish(proc, log, timeout=600):
+    rc = proc.wait(timeout=timeout)
+    text = open(log).read()
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def _iterations(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line)["iteration"] for line in f if '"total_loss"' in line]
+
+
+def _env(tiny_dataset):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    env = _env(tiny_dataset)
+    text = _finish(_run_train_net(["--num-gpus", "2", *_cli_opts(teachers["retinanet"], out, 3)], env,
+                                  tmp_path / "first.log"), tmp_path / "first.log")
+    assert (out / "model_final.pth").exists() and (out / "model_0000001.pth").exists()
+    assert (out / "log.txt.rank1").exists()  # detectron2 logs every rank
+    assert "AP" in json.load(open(out / "teacher_eval.json"))["digits_tiny_train"]["bbox"]
+    assert "copypaste: AP,AP50" in text  # the student evaluated, results gathered on rank 0
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
+
+    text = _finish(_run_train_net(["--num-gpus", "2", "--resume", *_cli_opts(teachers["retinanet"], out, 5)],
+                                  env, tmp_path / "resume.log"), tmp_path / "resume.log")
+    assert "Starting training from iteration 3" in text
+    assert _iterations(out)[-1] == 4
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 4
+
+
+def test_train_net_two_machines_on_one_host(teachers, tiny_dataset, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = _env(tiny_dataset)
+    procs = [
+        _run_train_net(["--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank),
+                        "--dist-url", f"tcp://127.0.0.1:{port}", *_cli_opts(teachers["retinanet"], out, 3)],
+                       env, tmp_path / f"machine{rank}.log")
+        for rank in range(2)
+    ]
+    texts = [_finish(p, tmp_path / f"machine{r}.log") for r, p in enumerate(procs)]
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+    assert re.search(r"Rank of current process: 1\. World size: 2", open(out / "log.txt.rank1").read())
+    assert "copypaste: AP,AP50" in texts[0] and "copypaste: AP,AP50" not in texts[1]
