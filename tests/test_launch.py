@@ -108,7 +108,7 @@ def _run_train_net(args, env, log):
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def _cli_opts(teacher, output_dir, max_iter):
+def cli_opts(teacher, output_dir, max_iter):
     from conftest import SMALL_TEACHER_OPTS, tiny_run_opts
 
     opts = [*tiny_run_opts(output_dir, max_iter), "DISTILL.TEACHER.WEIGHTS", teacher,
@@ -117,7 +117,7 @@ def _cli_opts(teacher, output_dir, max_iter):
             *[str(o) for o in opts]]
 
 
-def _finish(proc, log, timeout=600):
+def finish(proc, log, timeout=600):
     rc = proc.wait(timeout=timeout)
     text = open(log).read()
     assert rc == 0, text[-4000:]
@@ -136,7 +136,7 @@ def _env(tiny_dataset):
 def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):
     out = tmp_path / "run"
     env = _env(tiny_dataset)
-    text = _finish(_run_train_net(["--num-gpus", "2", *_cli_opts(teachers["retinanet"], out, 3)], env,
+    text = finish(_run_train_net(["--num-gpus", "2", *cli_opts(teachers["retinanet"], out, 3)], env,
                                   tmp_path / "first.log"), tmp_path / "first.log")
     assert (out / "model_final.pth").exists() and (out / "model_0000001.pth").exists()
     assert (out / "log.txt.rank1").exists()  # detectron2 logs every rank
@@ -145,7 +145,7 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
 
-    text = _finish(_run_train_net(["--num-gpus", "2", "--resume", *_cli_opts(teachers["retinanet"], out, 5)],
+    text = finish(_run_train_net(["--num-gpus", "2", "--resume", *cli_opts(teachers["retinanet"], out, 5)],
                                   env, tmp_path / "resume.log"), tmp_path / "resume.log")
     assert "Starting training from iteration 3" in text
     assert _iterations(out)[-1] == 4
@@ -162,11 +162,11 @@ def test_train_net_two_machines_on_one_host(teachers, tiny_dataset, tmp_path):
     env = _env(tiny_dataset)
     procs = [
         _run_train_net(["--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank),
-                        "--dist-url", f"tcp://127.0.0.1:{port}", *_cli_opts(teachers["retinanet"], out, 3)],
+                        "--dist-url", f"tcp://127.0.0.1:{port}", *cli_opts(teachers["retinanet"], out, 3)],
                        env, tmp_path / f"machine{rank}.log")
         for rank in range(2)
     ]
-    texts = [_finish(p, tmp_path / f"machine{r}.log") for r, p in enumerate(procs)]
+    texts = [finish(p, tmp_path / f"machine{r}.log") for r, p in enumerate(procs)]
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
     assert re.search(r"Rank of current process: 1\. World size: 2", open(out / "log.txt.rank1").read())
     assert "copypaste: AP,AP50" in texts[0] and "copypaste: AP,AP50" not in texts[1]
