@@ -8,7 +8,8 @@
 """
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
 from d2_taskdistill import load_config
-from d2_taskdistill.engine import DistillTrainer, resolve_device
+from d2_taskdistill.data.config_datasets import check_datasets
+from d2_taskdistill.engine import DistillTrainer, resolve_device, setup_project_logger
 from d2_taskdistill.launch import launch
 
 import detectron2.utils.comm as comm
@@ -21,12 +22,14 @@ def setup(args):
     cfg = resolve_device(load_config(args.config_file, args.opts))
     cfg.freeze()
     default_setup(cfg, args)
+    setup_project_logger(cfg)
     return cfg
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_datasets(cfg, train=False)
         model = DistillTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume

@@ -91,16 +91,31 @@ def add_taskdistill_config(cfg):
         add_fcos_config(cfg)
     if not hasattr(cfg, "DISTILL"):
         add_distill_config(cfg)
+    if not hasattr(cfg.DATASETS, "COCO"):
+        add_dataset_config(cfg)
+
+
+def add_dataset_config(cfg):
+    """Datasets declared in the config, registered by :func:`load_config` with
+    detectron2's register_coco_instances / register_pascal_voc."""
+    # [[name, json_file, image_root], ...]: COCO-format json (evaluator "coco").
+    cfg.DATASETS.COCO = []
+    # [[name, dirname, split, year, [class names]], ...]: Pascal VOC layout (evaluator "pascal_voc").
+    cfg.DATASETS.VOC = []
 
 
 def load_config(config_file, opts=()):
-    """A detectron2 CfgNode with this project's keys, merged from a file and KEY VALUE opts."""
+    """A detectron2 CfgNode with this project's keys, merged from a file and KEY VALUE opts;
+    the datasets it declares (DATASETS.COCO / DATASETS.VOC) are registered."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_taskdistill_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    from .data.config_datasets import register_datasets_from_config
+
+    register_datasets_from_config(cfg)
     return cfg
 
 

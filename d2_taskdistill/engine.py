@@ -11,10 +11,13 @@ import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from . import compat
+from .data.config_datasets import check_datasets, check_registered
 from .modeling.meta_arch import TaskDistillDetector
+from .modeling.teacher import build_teacher_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +33,16 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         return PascalVOCDetectionEvaluator(dataset_name)
     raise ValueError(
         f"Dataset '{dataset_name}' (DATASETS.TEST) has evaluator_type={evaluator_type!r}; "
-        "d2_taskdistill evaluates 'coco' or 'pascal_voc' datasets. Register the dataset "
-        "with one of them (e.g. register_coco_instances or register_pascal_voc)."
+        "d2_taskdistill evaluates 'coco' or 'pascal_voc' datasets. Declare it in DATASETS.COCO "
+        "or DATASETS.VOC (which set evaluator_type), or set "
+        f"MetadataCatalog.get('{dataset_name}').evaluator_type to 'coco' or 'pascal_voc' where you register it."
     )
+
+
+def setup_project_logger(cfg):
+    """This project's log lines in log.txt and on the console (rank 0), in detectron2's
+    format; detectron2's default_setup configures only its own and fvcore's loggers."""
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_taskdistill", abbrev_name="d2td")
 
 
 def resolve_device(cfg):
@@ -58,6 +68,17 @@ class DistillTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader, with every dataset checked before training starts."""
+        check_registered(cfg.DATASETS.TRAIN)
+        loader = super().build_train_loader(cfg)  # loads (and checks) the training sets
+        teacher_cfg = None
+        if cfg.MODEL.META_ARCHITECTURE == "TaskDistillDetector":
+            teacher_cfg = build_teacher_config(cfg)
+        check_datasets(cfg, teacher_cfg)
+        return loader
 
     @classmethod
     def build_optimizer(cls, cfg, model):

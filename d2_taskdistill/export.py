@@ -1,4 +1,5 @@
 """Export a distilled student as a plain detectron2 checkpoint and config."""
+import json
 import os
 
 import torch
@@ -6,6 +7,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.file_io import PathManager
 
+from .data.config_datasets import thing_classes
 from .modeling.meta_arch import student_config
 
 STUDENT_PREFIX = "student."
@@ -31,8 +33,13 @@ def drop_keys_missing_from(cfg, reference, keep=(), prefix=""):
             drop_keys_missing_from(cfg[key], reference[key], keep, name + ".")
 
 
-def export_student(cfg, weights, output_dir):
-    """Write ``model_final.pth`` and ``config.yaml`` of the student to ``output_dir``.
+def export_student(cfg, weights, output_dir, device="cpu"):
+    """Write ``model_final.pth``, ``config.yaml`` and ``metadata.json`` of the student to
+    ``output_dir``.
+
+    ``MODEL.DEVICE`` is set to ``device`` (the CPU unless asked: a training config says
+    cuda, which fails on a machine without a GPU). ``metadata.json`` holds the class names
+    (``thing_classes``) of the training dataset, for DefaultPredictor + Visualizer.
 
     The config keeps only keys of detectron2's ``get_cfg()`` (project keys such as
     DISTILL and SOLVER.OPTIMIZER are dropped), so RetinaNet configs load with
@@ -40,7 +47,7 @@ def export_student(cfg, weights, output_dir):
     need the ``MODEL.FCOS`` keys (``d2_taskdistill.add_fcos_config``), since
     detectron2 offers FCOS only as a LazyConfig; the weights are those of
     detectron2's own FCOS class either way.
-    Returns (checkpoint path, config path).
+    Returns (checkpoint path, config path, metadata path).
     """
     with PathManager.open(weights, "rb") as f:
         checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
@@ -53,7 +60,12 @@ def export_student(cfg, weights, output_dir):
     keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
     drop_keys_missing_from(out_cfg, get_cfg(), keep)
     out_cfg.MODEL.WEIGHTS = weights_path
+    out_cfg.MODEL.DEVICE = device
     config_path = os.path.join(output_dir, "config.yaml")
     with open(config_path, "w") as f:
         f.write(out_cfg.dump())
-    return weights_path, config_path
+    dataset = cfg.DATASETS.TRAIN[0]
+    metadata_path = os.path.join(output_dir, "metadata.json")
+    with open(metadata_path, "w") as f:
+        json.dump({"thing_classes": thing_classes(dataset), "dataset": dataset}, f, indent=1)
+    return weights_path, config_path, metadata_path

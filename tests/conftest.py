@@ -12,6 +12,9 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 torch.set_num_threads(2)
 
+# Checkpoints crossing detectron2 versions need the other version's venv (make test-upstream).
+collect_ignore = [] if os.environ.get("D2_TASKDISTILL_OTHER_PYTHON") else ["test_cross_version.py"]
+
 
 def config_path(*parts):
     return os.path.join(CONFIGS, *parts)

@@ -8,8 +8,12 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from detectron2.utils.visualizer import Visualizer
 
+from d2_taskdistill.data import CLASS_NAMES
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_student
 from d2_taskdistill.modeling import TaskDistillDetector
@@ -93,7 +97,10 @@ def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_b
                       opts=["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.FCOS.SCORE_THRESH_TEST", 0.0])
     trainer = DistillTrainer(cfg)
     trainer.train()
-    weights, config = export_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), tmp_path / "export")
+    weights, config, metadata = export_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
+                                               tmp_path / "export")
+    with open(metadata) as f:
+        assert json.load(f) == {"thing_classes": CLASS_NAMES, "dataset": cfg.DATASETS.TRAIN[0]}
 
     if detector == "retinanet":
         stock_cfg = get_cfg()  # plain detectron2, no project keys
@@ -118,3 +125,17 @@ def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_b
         assert torch.equal(e.pred_boxes.tensor, a.pred_boxes.tensor)
         assert torch.equal(e.scores, a.scores)
         assert torch.equal(e.pred_classes, a.pred_classes)
+
+    # As the README shows a user: DefaultPredictor on the exported config (CPU), class names
+    # from metadata.json under a fresh metadata name, and detectron2's Visualizer.
+    assert stock_cfg.MODEL.DEVICE == "cpu"
+    stock_cfg.DATASETS.TEST = ("exported_student_" + detector,)
+    with open(metadata) as f:
+        MetadataCatalog.get(stock_cfg.DATASETS.TEST[0]).set(thing_classes=json.load(f)["thing_classes"])
+    predictor = DefaultPredictor(stock_cfg)
+    image = tiny_batch[0]["image"].permute(1, 2, 0).numpy()  # BGR, HWC
+    instances = predictor(image)["instances"].to("cpu")
+    assert len(instances) > 0
+    drawn = Visualizer(image[:, :, ::-1], predictor.metadata).draw_instance_predictions(instances)
+    assert drawn.get_image().shape == image.shape
+    assert predictor.metadata.thing_classes == CLASS_NAMES

@@ -103,15 +103,20 @@ def test_two_workers_every_method_then_resume(teachers, tiny_dataset, tmp_path):
 
 
 def _run_train_net(args, env, log):
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "tiny_train_net.py"), *args]
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *args]
     with open(log, "w") as f:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def cli_opts(teacher, output_dir, max_iter):
+    """train_net.py arguments: the tiny dataset declared in DATASETS.COCO, as a user would."""
     from conftest import SMALL_TEACHER_OPTS, tiny_run_opts
 
-    opts = [*tiny_run_opts(output_dir, max_iter), "DISTILL.TEACHER.WEIGHTS", teacher,
+    root = os.environ[TINY_ROOT_ENV]
+    declared = [("tiny_cli", os.path.join(root, "train.json"), os.path.join(root, "train"))]
+    opts = [*tiny_run_opts(output_dir, max_iter), "DATASETS.COCO", str(declared),
+            "DATASETS.TRAIN", "('tiny_cli',)", "DATASETS.TEST", "('tiny_cli',)",
+            "DISTILL.TEACHER.WEIGHTS", teacher,
             "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS), "DISTILL.TEACHER.EVAL_AT_START", "True"]
     return ["--config-file", os.path.join(ROOT, "configs", "digits", "retinanet_R34-R18_tbd.yaml"),
             *[str(o) for o in opts]]
@@ -140,8 +145,14 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
                                   tmp_path / "first.log"), tmp_path / "first.log")
     assert (out / "model_final.pth").exists() and (out / "model_0000001.pth").exists()
     assert (out / "log.txt.rank1").exists()  # detectron2 logs every rank
-    assert "AP" in json.load(open(out / "teacher_eval.json"))["digits_tiny_train"]["bbox"]
+    assert "AP" in json.load(open(out / "teacher_eval.json"))["tiny_cli"]["bbox"]
     assert "copypaste: AP,AP50" in text  # the student evaluated, results gathered on rank 0
+    # The project's own lines reach the console and log.txt (rank 0), in detectron2's format.
+    log = open(out / "log.txt").read()
+    for line in (f"Loaded teacher weights from {teachers['retinanet']} (", "Distillation losses: TBD (",
+                 "Datasets checked: tiny_cli, tiny_cli, 10 classes", "Teacher on tiny_cli: AP="):
+        assert line in text and line in log, line
+    assert re.search(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2td\.engine INFO: Teacher on tiny_cli", log)
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
 

@@ -16,10 +16,13 @@ def main():
     parser.add_argument("--config-file", required=True, help="the distillation config")
     parser.add_argument("--weights", required=True, help="a TaskDistillDetector checkpoint")
     parser.add_argument("--output", required=True, help="directory for model_final.pth and config.yaml")
+    parser.add_argument("--device", default="cpu",
+                        help="MODEL.DEVICE of the exported config (default cpu; e.g. cuda)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
-    weights, config = export_student(load_config(args.config_file, args.opts), args.weights, args.output)
-    print(f"student weights: {weights}\nstudent config:  {config}")
+    weights, config, metadata = export_student(load_config(args.config_file, args.opts), args.weights,
+                                               args.output, device=args.device)
+    print(f"student weights: {weights}\nstudent config:  {config}\nclass names:     {metadata}")
 
 
 if __name__ == "__main__":

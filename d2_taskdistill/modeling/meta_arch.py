@@ -56,6 +56,13 @@ def check_compatible(student, teacher, needs_same_layout, loss_names):
             )
 
 
+def loss_weights(cfg, name):
+    """'NAME (KEY=value, ...)' with the weights of the loss's config node."""
+    node = cfg.DISTILL.get(name)
+    weights = {k: v for k, v in node.items() if "WEIGHT" in k} if node is not None else {}
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in weights.items())})"
+
+
 @META_ARCH_REGISTRY.register()
 class TaskDistillDetector(nn.Module):
     """Student + frozen teacher + distillation losses from ``DISTILL.LOSSES``.
@@ -89,6 +96,7 @@ class TaskDistillDetector(nn.Module):
         self.distill_losses = nn.ModuleDict(
             {name: build_distill_loss(name, cfg, s_shapes, t_shapes) for name in cfg.DISTILL.LOSSES}
         )
+        logger.info("Distillation losses: %s", "; ".join(loss_weights(cfg, name) for name in cfg.DISTILL.LOSSES))
         needs_layout = [n for n, l in self.distill_losses.items() if l.needs_same_layout]
         check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(cfg.DISTILL.LOSSES))
 

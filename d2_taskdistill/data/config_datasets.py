@@ -1,0 +1,245 @@
+"""Datasets declared in the config (``DATASETS.COCO``, ``DATASETS.VOC``) and the
+checks every training or evaluation dataset passes before anything trains.
+
+Registration happens in :func:`d2_taskdistill.load_config`, so ``train_net.py``,
+every tool and every launch worker (which loads the config itself) sees them.
+detectron2's ``register_coco_instances`` / ``register_pascal_voc`` do the
+registering; the loader is wrapped with the checks below.
+"""
+import logging
+import os
+import xml.etree.ElementTree as ET
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+from detectron2.structures import BoxMode
+
+logger = logging.getLogger(__name__)
+
+# What this process registered from configs: name -> the entry, to tell a repeat from a clash.
+_DECLARED = {}
+_EXAMPLES = 5  # how many offending files or boxes a message names
+
+
+def _entry(entry, key, fields):
+    if not isinstance(entry, (list, tuple)) or len(entry) != len(fields):
+        raise ValueError(f"{key} entry {entry!r}: expected [{', '.join(fields)}]")
+    return list(entry)
+
+
+def _register_once(name, key, entry, register):
+    if name in _DECLARED:
+        if _DECLARED[name] != entry:
+            raise ValueError(f"{key}: dataset {name!r} is declared twice, as {_DECLARED[name]} and {entry}")
+        return
+    if name in DatasetCatalog.list():
+        raise ValueError(f"{key}: dataset name {name!r} is already registered (a builtin?); choose another name")
+    register()
+    _DECLARED[name] = entry
+
+
+def register_datasets_from_config(cfg):
+    """Register every dataset of ``DATASETS.COCO`` and ``DATASETS.VOC``; idempotent."""
+    for entry in cfg.DATASETS.COCO:
+        name, json_file, image_root = _entry(entry, "DATASETS.COCO", ["name", "json_file", "image_root"])
+
+        def register(name=name, json_file=json_file, image_root=image_root):
+            register_coco_instances(name, {}, json_file, image_root)
+            _wrap_loader(name, lambda: _check_coco_files(name, json_file, image_root))
+
+        _register_once(name, "DATASETS.COCO", (json_file, image_root), register)
+    for entry in cfg.DATASETS.VOC:
+        name, dirname, split, year, class_names = _entry(
+            entry, "DATASETS.VOC", ["name", "dirname", "split", "year", "[class names]"])
+        if isinstance(class_names, str) or not class_names:
+            raise ValueError(f"DATASETS.VOC entry {name!r}: class names must be a non-empty list, got {class_names!r}")
+
+        def register(name=name, dirname=dirname, split=split, year=year, class_names=tuple(class_names)):
+            register_pascal_voc(name, dirname, split, int(year), list(class_names))
+            # detectron2's register_pascal_voc leaves evaluator_type unset.
+            MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
+            _wrap_loader(name, lambda: _check_voc_files(name, dirname, split))
+
+        _register_once(name, "DATASETS.VOC", (dirname, split, int(year), tuple(class_names)), register)
+
+
+def _wrap_loader(name, check_files):
+    load = DatasetCatalog[name]  # the loader detectron2 registered (DatasetCatalog is a dict)
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: checked_dicts(name, load, check_files))
+
+
+def _check_coco_files(name, json_file, image_root):
+    where = f"dataset {name!r} (DATASETS.COCO)"
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"{where}: json_file {json_file!r} does not exist (relative to {os.getcwd()})")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{where}: image_root {image_root!r} is not a directory (relative to {os.getcwd()})")
+
+
+def _check_voc_files(name, dirname, split):
+    split_file = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    for path in (os.path.join(dirname, "Annotations"), os.path.join(dirname, "JPEGImages"), split_file):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"dataset {name!r} (DATASETS.VOC): {path!r} does not exist; dirname must hold "
+                "Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt (Pascal VOC layout)"
+            )
+
+
+def checked_dicts(name, load, check_files):
+    """``load()``'s records after the checks: files first, then images, then boxes."""
+    check_files()
+    dicts = load()
+    if not dicts:
+        raise ValueError(f"dataset {name!r} has no images")
+    missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset {name!r}: {len(missing)} of {len(dicts)} images are missing, e.g. "
+            f"{missing[:_EXAMPLES]}; check the image root / directory the dataset was declared with"
+        )
+    return drop_invalid_boxes(name, dicts)
+
+
+def _is_invalid(box, width, height):
+    x0, y0, x1, y1 = box
+    degenerate = x1 <= x0 or y1 <= y0
+    outside = x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height
+    return degenerate or outside
+
+
+def drop_invalid_boxes(name, dicts):
+    """Drop boxes with non-positive width or height, or entirely outside their image.
+
+    Dropped, not fatal: detectron2 itself drops boxes that end up empty after its
+    transforms, but an inverted box (negative width) would be flipped into a different,
+    valid box there. Each drop is logged with a count and examples.
+    """
+    dropped = []
+    for record in dicts:
+        kept = []
+        for ann in record.get("annotations", []):
+            box = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+            if _is_invalid(box, record["width"], record["height"]):
+                dropped.append((os.path.basename(record["file_name"]), list(ann["bbox"])))
+            else:
+                kept.append(ann)
+        record["annotations"] = kept
+    if dropped:
+        logger.warning(
+            "Dataset %r: dropped %d boxes with non-positive width/height or outside their image, "
+            "e.g. %s (file, bbox as annotated)", name, len(dropped), dropped[:_EXAMPLES],
+        )
+    return dicts
+
+
+def thing_classes(name):
+    """The dataset's class names; loads it when the names come from its annotations (COCO json)."""
+    meta = MetadataCatalog.get(name)
+    if "thing_classes" not in meta.as_dict():
+        DatasetCatalog.get(name)  # load_coco_json sets thing_classes
+    classes = meta.get("thing_classes", None)
+    if not classes:
+        raise ValueError(f"dataset {name!r} has no thing_classes in its metadata")
+    return list(classes)
+
+
+def _num_classes(cfg):
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "TaskDistillDetector":
+        arch = cfg.DISTILL.STUDENT_ARCHITECTURE
+    key = {"RetinaNet": "MODEL.RETINANET.NUM_CLASSES", "FCOS": "MODEL.FCOS.NUM_CLASSES"}.get(arch)
+    if key is None:
+        return None, None
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    return key, node[key.split(".")[-1]]
+
+
+def check_voc_annotations_for_evaluation(name):
+    """detectron2's VOC evaluator reads <pose>, <truncated>, <difficult> and integer
+    <bndbox> corners of every object; fail before training, not at the final evaluation."""
+    meta = MetadataCatalog.get(name)
+    with open(os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt")) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    problems = []
+    for image_id in ids:
+        path = os.path.join(meta.dirname, "Annotations", f"{image_id}.xml")
+        for i, obj in enumerate(ET.parse(path).findall("object")):
+            for tag in ("name", "pose", "truncated", "difficult", "bndbox"):
+                if obj.find(tag) is None:
+                    problems.append(f"{path}: object {i} has no <{tag}>")
+            box = obj.find("bndbox")
+            for tag in ("xmin", "ymin", "xmax", "ymax"):
+                value = None if box is None or box.find(tag) is None else box.find(tag).text
+                if box is not None and (value is None or not value.strip().lstrip("-").isdigit()):
+                    problems.append(f"{path}: object {i} <bndbox><{tag}> is {value!r}, not an integer")
+        if len(problems) >= _EXAMPLES:
+            break
+    if problems:
+        raise ValueError(
+            f"dataset {name!r} (DATASETS.TEST) cannot be evaluated by detectron2's VOC evaluator, which "
+            f"reads these tags of every object: {problems[:_EXAMPLES]}. Add them (e.g. "
+            "<pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>) or "
+            "convert the dataset to COCO json (DATASETS.COCO)."
+        )
+
+
+def check_registered(names):
+    for name in names:
+        if name not in DatasetCatalog.list():
+            raise KeyError(
+                f"dataset {name!r} is not registered: declare it in DATASETS.COCO "
+                "[name, json_file, image_root] or DATASETS.VOC [name, dirname, split, year, "
+                "[class names]], or register it before the config is used"
+            )
+
+
+def check_datasets(cfg, teacher_cfg=None, train=True):
+    """Before training (or evaluating): the test datasets load and pass the file and box
+    checks (the training loader has loaded the train sets), class lists agree between train
+    and test sets, with the model's NUM_CLASSES and with the teacher's dataset. Raises with
+    the setting to fix."""
+    if train and not cfg.DATASETS.TRAIN:
+        raise ValueError("DATASETS.TRAIN is empty: name the dataset(s) to train on")
+    names = (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST)
+    check_registered(names)
+    for name in cfg.DATASETS.TEST:
+        DatasetCatalog.get(name)  # up front, not at the first evaluation
+    classes = {name: thing_classes(name) for name in names}
+    reference_name = names[0]
+    reference = classes[reference_name]
+    for name, names_of in classes.items():
+        if names_of != reference:
+            raise ValueError(
+                f"datasets {reference_name!r} and {name!r} have different class lists "
+                f"({reference} vs {names_of}): training and test datasets must use the same classes in the same order"
+            )
+    key, num_classes = _num_classes(cfg)
+    if key is not None and num_classes != len(reference):
+        raise ValueError(
+            f"{key}={num_classes} but dataset {reference_name!r} has {len(reference)} classes "
+            f"{reference}: set {key} {len(reference)}"
+        )
+    for name in cfg.DATASETS.TEST:
+        if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
+            check_voc_annotations_for_evaluation(name)
+    if teacher_cfg is not None:
+        _check_teacher_classes(teacher_cfg, reference_name, reference)
+    logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
+
+
+def _check_teacher_classes(teacher_cfg, student_dataset, student_classes):
+    for name in teacher_cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
+        if classes is None:
+            logger.info("Teacher's dataset %r: class names unknown here; only the class count is checked", name)
+            continue
+        if list(classes) != student_classes:
+            raise ValueError(
+                f"The teacher was trained on {name!r} (its config's DATASETS.TRAIN) with classes {list(classes)}, "
+                f"the student's dataset {student_dataset!r} has {student_classes}: the teacher's class "
+                "outputs would be compared with the wrong classes. Use a teacher trained on these classes."
+            )
