@@ -34,7 +34,7 @@ def teacher_checkpoints(tmp_path_factory):
         teacher_cfg = build_teacher_config(cfg)
         key = cfg.DISTILL.TEACHER.CONFIG_FILE
         if key not in cache:
-            model = build_model(teacher_cfg)
+            model = teacher_cfg.build_model()
             name = f"teacher{len(cache)}"
             DetectionCheckpointer(model, save_dir=str(root)).save(name)
             cache[key] = str(root / f"{name}.pth")

@@ -200,8 +200,9 @@ def check_registered(names):
 def check_datasets(cfg, teacher_cfg=None, train=True):
     """Before training (or evaluating): the test datasets load and pass the file and box
     checks (the training loader has loaded the train sets), class lists agree between train
-    and test sets, with the model's NUM_CLASSES and with the teacher's dataset. Raises with
-    the setting to fix."""
+    and test sets, with the model's NUM_CLASSES and with the teacher's dataset
+    (``teacher_cfg``: a TeacherConfig of d2_taskdistill.modeling.teacher). Raises with the
+    setting to fix."""
     if train and not cfg.DATASETS.TRAIN:
         raise ValueError("DATASETS.TRAIN is empty: name the dataset(s) to train on")
     names = (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST)
@@ -227,19 +228,19 @@ def check_datasets(cfg, teacher_cfg=None, train=True):
         if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
             check_voc_annotations_for_evaluation(name)
     if teacher_cfg is not None:
-        _check_teacher_classes(teacher_cfg, reference_name, reference)
+        _check_teacher_classes(teacher_cfg.train_datasets, reference_name, reference)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
 
 
-def _check_teacher_classes(teacher_cfg, student_dataset, student_classes):
-    for name in teacher_cfg.DATASETS.TRAIN:
+def _check_teacher_classes(teacher_datasets, student_dataset, student_classes):
+    for name in teacher_datasets:
         classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
         if classes is None:
             logger.info("Teacher's dataset %r: class names unknown here; only the class count is checked", name)
             continue
         if list(classes) != student_classes:
             raise ValueError(
-                f"The teacher was trained on {name!r} (its config's DATASETS.TRAIN) with classes {list(classes)}, "
+                f"The teacher was trained on {name!r} (its config's training dataset) with classes {list(classes)}, "
                 f"the student's dataset {student_dataset!r} has {student_classes}: the teacher's class "
                 "outputs would be compared with the wrong classes. Use a teacher trained on these classes."
             )

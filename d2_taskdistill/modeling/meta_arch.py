@@ -84,10 +84,10 @@ class TaskDistillDetector(nn.Module):
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
         self.fcos_thresholds = tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS)
         self.teacher_amp = cfg.DISTILL.TEACHER.AMP
-        self.teacher_needs_bgr_flip = cfg.INPUT.FORMAT != self.teacher_cfg.INPUT.FORMAT
-        if {cfg.INPUT.FORMAT, self.teacher_cfg.INPUT.FORMAT} - {"BGR", "RGB"}:
+        self.teacher_needs_bgr_flip = cfg.INPUT.FORMAT != self.teacher_cfg.input_format
+        if {cfg.INPUT.FORMAT, self.teacher_cfg.input_format} - {"BGR", "RGB"}:
             raise ValueError(
-                f"Input formats {cfg.INPUT.FORMAT} (student) / {self.teacher_cfg.INPUT.FORMAT} "
+                f"Input formats {cfg.INPUT.FORMAT} (student) / {self.teacher_cfg.input_format} "
                 "(teacher INPUT.FORMAT): only BGR and RGB are supported"
             )
 

@@ -1,11 +1,15 @@
-"""Build the frozen teacher from its own config file and checkpoint."""
+"""Build the frozen teacher from its own config file (yaml or LazyConfig .py) and checkpoint."""
 import logging
 import os
+from dataclasses import dataclass, field
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.fcos import FCOS
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
 
+from ..compat import group_norm_factory
 from ..config import load_config
 
 logger = logging.getLogger(__name__)
@@ -14,11 +18,12 @@ DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
 
 
 def resolve_teacher_config_file(name):
-    """A yaml path, else a detectron2 model-zoo config name."""
+    """A yaml or LazyConfig .py path, else a detectron2 model-zoo config name."""
     if not name:
         raise ValueError(
-            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's yaml config, a path "
-            "or a detectron2 model-zoo name such as 'COCO-Detection/retinanet_R_101_FPN_3x.yaml'."
+            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's config (yaml or "
+            "LazyConfig .py), a path or a detectron2 model-zoo name such as "
+            "'COCO-Detection/retinanet_R_101_FPN_3x.yaml' or 'COCO-Detection/fcos_R_50_FPN_1x.py'."
         )
     if os.path.isfile(name):
         return name
@@ -33,19 +38,90 @@ def resolve_teacher_config_file(name):
         ) from None
 
 
+@dataclass
+class TeacherConfig:
+    """What the project needs of a teacher's config, yaml or LazyConfig alike."""
+
+    source: object  # the yacs CfgNode, or the LazyConfig (omegaconf) with its `model`
+    config_file: str
+    weights: str
+    device: str
+    input_format: str = "BGR"
+    train_datasets: list = field(default_factory=list)
+
+    @property
+    def is_lazy(self):
+        return not hasattr(self.source, "MODEL")
+
+    def build_model(self):
+        if not self.is_lazy:
+            return build_model(self.source)
+        from detectron2.config import instantiate
+
+        try:
+            model = instantiate(self.source.model)
+        except Exception as e:  # e.g. an override that added a key the class does not take
+            raise ValueError(
+                f"DISTILL.TEACHER.CONFIG_FILE={self.config_file!r} with DISTILL.TEACHER.OPTS: its "
+                f"`model` could not be built: {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(model, (RetinaNet, FCOS)):
+            raise ValueError(
+                f"DISTILL.TEACHER.CONFIG_FILE={self.config_file!r}: its `model` is a "
+                f"{type(model).__name__}; the teacher must be one of {DENSE_ARCHITECTURES}."
+            )
+        return model.to(self.device)
+
+
 def build_teacher_config(cfg):
-    teacher_cfg = load_config(
-        resolve_teacher_config_file(cfg.DISTILL.TEACHER.CONFIG_FILE), cfg.DISTILL.TEACHER.OPTS
-    )
+    """The teacher's :class:`TeacherConfig`: a yaml config with DISTILL.TEACHER.OPTS as KEY VALUE
+    pairs, or a LazyConfig .py with them as key=value overrides."""
+    name = cfg.DISTILL.TEACHER.CONFIG_FILE
+    path = resolve_teacher_config_file(name)
+    if path.endswith(".py"):
+        return _lazy_teacher_config(cfg, name, path)
+    teacher_cfg = load_config(path, cfg.DISTILL.TEACHER.OPTS)
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher_cfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
     arch = teacher_cfg.MODEL.META_ARCHITECTURE
     if arch not in DENSE_ARCHITECTURES:
         raise ValueError(
-            f"Teacher config {cfg.DISTILL.TEACHER.CONFIG_FILE!r} has MODEL.META_ARCHITECTURE={arch!r}; "
+            f"Teacher config {name!r} has MODEL.META_ARCHITECTURE={arch!r}; "
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
-    return teacher_cfg
+    return TeacherConfig(teacher_cfg, name, cfg.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DEVICE,
+                         teacher_cfg.INPUT.FORMAT, list(teacher_cfg.DATASETS.TRAIN))
+
+
+def _lazy_teacher_config(cfg, name, path):
+    from detectron2.config import LazyConfig
+
+    lazy = LazyConfig.load(path)
+    if "model" not in lazy:
+        raise ValueError(f"DISTILL.TEACHER.CONFIG_FILE={name!r} is a LazyConfig that defines no `model`.")
+    overrides = [str(o) for o in cfg.DISTILL.TEACHER.OPTS]
+    malformed = [o for o in overrides if "=" not in o]
+    if malformed:
+        raise ValueError(
+            f"DISTILL.TEACHER.OPTS={overrides} for the LazyConfig teacher {name!r}: each override is "
+            f"key=value (e.g. 'model.num_classes=20'); these are not: {malformed}"
+        )
+    try:
+        lazy = LazyConfig.apply_overrides(lazy, overrides)
+    except Exception as e:  # omegaconf's errors name the key but not the setting
+        raise ValueError(f"DISTILL.TEACHER.OPTS={overrides} do not apply to {name!r}: {e}") from e
+    head = lazy.model.get("head", None)
+    if head is not None and head.get("norm", None) == "GN":
+        # As the yaml FCOS does: v0.6's head probes GroupNorm(32, 1), which torch rejects.
+        head.norm = group_norm_factory
+    mapper = lazy.get("dataloader", {}).get("train", {}).get("mapper", {})
+    dataset = lazy.get("dataloader", {}).get("train", {}).get("dataset", {})
+    names = dataset.get("names", [])
+    return TeacherConfig(
+        lazy, name, cfg.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DEVICE,
+        input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
+        train_datasets=[names] if isinstance(names, str) else list(names),
+    )
 
 
 class _RecordingCheckpointer(DetectionCheckpointer):
@@ -93,7 +169,7 @@ def load_teacher_weights(teacher, weights):
     if problems:
         raise KeyError(
             f"Teacher weights DISTILL.TEACHER.WEIGHTS={weights!r} do not match the teacher built from "
-            f"DISTILL.TEACHER.CONFIG_FILE: " + "; ".join(problems)
+            "DISTILL.TEACHER.CONFIG_FILE (and DISTILL.TEACHER.OPTS): " + "; ".join(problems)
         )
     num_tensors = len(teacher.state_dict())
     logger.info("Loaded teacher weights from %s (%d tensors)", weights, num_tensors)
@@ -107,8 +183,8 @@ def freeze(model):
 
 
 def build_teacher(cfg):
-    """The teacher of ``cfg``: built, loaded, frozen and in eval mode, with its config."""
+    """The teacher of ``cfg``: built, loaded, frozen and in eval mode, with its TeacherConfig."""
     teacher_cfg = build_teacher_config(cfg)
-    teacher = build_model(teacher_cfg)
-    load_teacher_weights(teacher, teacher_cfg.MODEL.WEIGHTS)
+    teacher = teacher_cfg.build_model()
+    load_teacher_weights(teacher, teacher_cfg.weights)
     return freeze(teacher), teacher_cfg

@@ -1,0 +1,135 @@
+"""Teachers from LazyConfig (.py) files, including detectron2's own model-zoo FCOS and
+RetinaNet configs, with weights saved the way the zoo stores them (.pkl) or as .pth."""
+import pickle
+
+import pytest
+import torch
+
+from detectron2 import model_zoo
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_model
+
+from d2_taskdistill import load_config
+from d2_taskdistill.compat import group_norm_factory
+from d2_taskdistill.modeling import TaskDistillDetector
+from d2_taskdistill.modeling.dense_outputs import run_dense_detector
+from d2_taskdistill.modeling.teacher import build_teacher_config, load_teacher_weights
+from conftest import config_path
+
+ZOO = {"fcos": "COCO-Detection/fcos_R_50_FPN_1x.py", "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.py"}
+STUDENTS = {"fcos": "fcos_R101-R50_1x_tid.yaml", "retinanet": "retinanet_R101-R50_1x_tid.yaml"}
+
+
+def zoo_model(detector):
+    """detectron2's model-zoo LazyConfig model with random weights (FrozenBN statistics too)."""
+    lazy = LazyConfig.load(model_zoo.get_config_file(ZOO[detector]))
+    if detector == "fcos":
+        lazy.model.head.norm = group_norm_factory  # v0.6 cannot build "GN" here (see compat)
+    torch.manual_seed(0)
+    model = instantiate(lazy.model).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.copy_(torch.rand_like(buf) + (0.5 if name.endswith("var") else 0.0))
+    return model
+
+
+def save_like_the_zoo(model, path):
+    """The zoo's .pkl: numpy arrays under "model", with "__author__"."""
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+    return str(path)
+
+
+def head_outputs(detector, batch):
+    out = run_dense_detector(detector, batch)
+    return [*out.features, *out.cls_logits, *out.box_reg] + (out.centerness or [])
+
+
+def distill_cfg_with_lazy_teacher(detector, weights, opts=()):
+    return load_config(config_path("COCO-Detection", STUDENTS[detector]), [
+        "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.CONFIG_FILE", ZOO[detector],
+        "DISTILL.TEACHER.WEIGHTS", weights, *opts])
+
+
+@pytest.fixture(scope="module")
+def image_batch(tiny_batch):
+    return [{"image": x["image"], "instances": x["instances"]} for x in tiny_batch[:1]]
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+@pytest.mark.parametrize("stored_as", ["pkl", "pth"])
+def test_zoo_lazyconfig_teacher_loads_completely_and_computes_the_same(detector, stored_as, image_batch, tmp_path):
+    saved = zoo_model(detector)
+    if stored_as == "pkl":
+        weights = save_like_the_zoo(saved, tmp_path / "model_final.pkl")
+    else:
+        DetectionCheckpointer(saved, save_dir=str(tmp_path)).save("model_final")
+        weights = str(tmp_path / "model_final.pth")
+    model = TaskDistillDetector(distill_cfg_with_lazy_teacher(detector, weights))
+    teacher = model.teacher
+    assert type(teacher) is type(saved) and not teacher.training
+    assert teacher.state_dict().keys() == saved.state_dict().keys()
+    for k, v in saved.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k
+    with torch.no_grad():
+        for a, b in zip(head_outputs(teacher, image_batch), head_outputs(saved, image_batch)):
+            assert torch.equal(a, b)
+
+
+def test_yaml_fcos_loads_the_zoo_lazyconfig_fcos_checkpoint(image_batch, tmp_path):
+    """The project's yaml FCOS (MODEL.META_ARCHITECTURE "FCOS") and the zoo's LazyConfig FCOS
+    share parameter names: its checkpoint loads with no missing or unexpected key."""
+    saved = zoo_model("fcos")
+    weights = save_like_the_zoo(saved, tmp_path / "model_final.pkl")
+    cfg = load_config(config_path("COCO-Detection", "fcos_R_101_FPN_1x_teacher.yaml"),
+                      ["MODEL.RESNETS.DEPTH", 50, "MODEL.DEVICE", "cpu"])
+    yaml_fcos = build_model(cfg).eval()
+    load_teacher_weights(yaml_fcos, weights)  # raises on any missing, unexpected or reshaped key
+    with torch.no_grad():
+        for a, b in zip(head_outputs(yaml_fcos, image_batch), head_outputs(saved, image_batch)):
+            assert torch.equal(a, b)
+
+
+def test_lazy_teacher_overrides_and_facts(tmp_path):
+    cfg = distill_cfg_with_lazy_teacher("retinanet", "unused.pkl", [
+        "DISTILL.TEACHER.OPTS", "['model.num_classes=20', 'model.backbone.bottom_up.stages.depth=101']"])
+    teacher_cfg = build_teacher_config(cfg)
+    assert teacher_cfg.is_lazy and teacher_cfg.input_format == "BGR"
+    assert teacher_cfg.train_datasets == ["coco_2017_train"]
+    model = teacher_cfg.build_model()
+    assert model.num_classes == 20 and len(model.backbone.bottom_up.res4) == 23  # R101
+
+
+def test_lazy_teacher_bad_input_is_named(tmp_path):
+    no_model = tmp_path / "no_model.py"
+    no_model.write_text("optimizer = dict(lr=0.1)\n")
+    not_dense = tmp_path / "not_dense.py"
+    not_dense.write_text("import torch\nfrom detectron2.config import LazyCall as L\n"
+                         "model = L(torch.nn.Linear)(in_features=2, out_features=2)\n")
+    cfg = distill_cfg_with_lazy_teacher("retinanet", "unused.pkl")
+    cfg.DISTILL.TEACHER.CONFIG_FILE = str(no_model)
+    with pytest.raises(ValueError, match="no_model.py' is a LazyConfig that defines no `model`"):
+        build_teacher_config(cfg)
+    cfg.DISTILL.TEACHER.CONFIG_FILE = str(not_dense)
+    with pytest.raises(ValueError, match="its `model` is a Linear; the teacher must be one of"):
+        build_teacher_config(cfg).build_model()
+    cfg.DISTILL.TEACHER.CONFIG_FILE = ZOO["retinanet"]
+    cfg.DISTILL.TEACHER.OPTS = ["MODEL.RETINANET.NUM_CLASSES", 20]
+    with pytest.raises(ValueError, match=r"each override is key=value.*'MODEL.RETINANET.NUM_CLASSES', '20'"):
+        build_teacher_config(cfg)
+    cfg.DISTILL.TEACHER.OPTS = ["model.num_classes=[1,"]
+    with pytest.raises(ValueError, match="DISTILL.TEACHER.OPTS=.*do not apply to 'COCO-Detection/retinanet"):
+        build_teacher_config(cfg)
+    cfg.DISTILL.TEACHER.OPTS = ["model.no_such_argument=3"]  # LazyConfig adds keys; the class refuses it
+    with pytest.raises(ValueError, match="with DISTILL.TEACHER.OPTS: its `model` could not be built: .*no_such_argument"):
+        build_teacher_config(cfg).build_model()
+
+
+def test_lazy_teacher_class_count_must_match_the_student(tmp_path):
+    weights = save_like_the_zoo(zoo_model("retinanet"), tmp_path / "model_final.pkl")
+    cfg = distill_cfg_with_lazy_teacher("retinanet", weights, ["MODEL.RETINANET.NUM_CLASSES", 20])
+    with pytest.raises(ValueError, match="Teacher has 80 classes, student 20"):
+        TaskDistillDetector(cfg)
