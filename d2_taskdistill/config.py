@@ -29,6 +29,9 @@ def add_distill_config(cfg):
     cfg.DISTILL.STUDENT_ARCHITECTURE = "RetinaNet"
     # Names from DISTILL_LOSS_REGISTRY, e.g. ["TID"] or ["BCKD", "TID"].
     cfg.DISTILL.LOSSES = []
+    # Start the student's "neck" (FPN), "head" or "neck+head" from the teacher where names and
+    # shapes match; "none" keeps the student's own init. Once, at a fresh start; not on --resume.
+    cfg.DISTILL.STUDENT_INIT = "none"
     # FCOS samples by location, not IoU: (thr_neg, thr_pos) for IoU-based scores.
     cfg.DISTILL.FCOS_IOU_THRESHOLDS = [0.4, 0.5]
 

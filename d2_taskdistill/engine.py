@@ -16,6 +16,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from . import compat
 from .data.config_datasets import check_datasets, check_registered
+from .modeling.inherit import inherit_from_teacher
 from .modeling.meta_arch import TaskDistillDetector
 from .modeling.teacher import build_teacher_config
 
@@ -109,6 +110,13 @@ class DistillTrainer(DefaultTrainer):
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict)
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume_or_load; then, on a fresh start only, DISTILL.STUDENT_INIT."""
+        super().resume_or_load(resume=resume)
+        model = unwrap(self.model)
+        if isinstance(model, TaskDistillDetector) and self.start_iter == 0:
+            inherit_from_teacher(model.student, model.teacher, self.cfg.DISTILL.STUDENT_INIT)
 
     @property
     def last_eval_results(self):

@@ -10,6 +10,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..losses import build_distill_loss
 from .dense_outputs import run_dense_detector
+from .inherit import parts_of
 from .teacher import DENSE_ARCHITECTURES, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class TaskDistillDetector(nn.Module):
                 "MODEL.META_ARCHITECTURE is TaskDistillDetector but DISTILL.LOSSES is empty; name "
                 "at least one loss (e.g. ['TID']) or train the student's own architecture."
             )
+        parts_of(cfg.DISTILL.STUDENT_INIT)  # a wrong choice fails before anything is built
         self.student = build_model(student_config(cfg))
         teacher, self.teacher_cfg = build_teacher(cfg)
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)

@@ -1,0 +1,53 @@
+"""Start the student's neck (FPN) and/or head from the teacher's weights (DISTILL.STUDENT_INIT),
+as ICD and FGD do: where parameter names and shapes match (R101->R50, R34->R18 FPN and head)."""
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Which state-dict keys each part covers; the ResNet body (backbone.bottom_up) is never copied.
+PARTS = {
+    "neck": lambda key: key.startswith("backbone.") and not key.startswith("backbone.bottom_up."),
+    "head": lambda key: key.startswith("head."),
+}
+CHOICES = ("none", "neck", "head", "neck+head")
+
+
+def parts_of(choice):
+    if choice not in CHOICES:
+        raise ValueError(f"DISTILL.STUDENT_INIT={choice!r}; choose one of {CHOICES}")
+    return [] if choice == "none" else choice.split("+")
+
+
+@torch.no_grad()
+def inherit_from_teacher(student, teacher, choice):
+    """Copy the teacher's tensors into the student for the parts ``choice`` names.
+
+    Returns (copied keys, {skipped key: reason}). Copying nothing is an error.
+    """
+    parts = parts_of(choice)
+    if not parts:
+        return [], {}
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    copied, skipped = [], {}
+    for key, value in s_state.items():
+        if not any(PARTS[p](key) for p in parts):
+            continue
+        if key not in t_state:
+            skipped[key] = "not in the teacher"
+        elif t_state[key].shape != value.shape:
+            skipped[key] = f"shape: student {tuple(value.shape)}, teacher {tuple(t_state[key].shape)}"
+        else:
+            value.copy_(t_state[key])  # state_dict tensors share storage with the parameters
+            copied.append(key)
+    if not copied:
+        examples = dict(list(skipped.items())[:3])
+        raise ValueError(
+            f"DISTILL.STUDENT_INIT={choice!r} copies nothing from the teacher: no {' or '.join(parts)} "
+            f"tensor matches in name and shape (e.g. {examples}). It needs the same FPN channels "
+            "(MODEL.FPN.OUT_CHANNELS) and head layout as the teacher; set it to 'none' otherwise."
+        )
+    logger.info("DISTILL.STUDENT_INIT=%s: copied %d tensors from the teacher; skipped %d%s", choice,
+                len(copied), len(skipped), f": {skipped}" if skipped else "")
+    return copied, skipped

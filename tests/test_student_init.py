@@ -1,0 +1,80 @@
+"""DISTILL.STUDENT_INIT: the student's FPN and/or head start from the teacher's weights."""
+import os
+
+import pytest
+import torch
+
+from d2_taskdistill.engine import DistillTrainer
+from d2_taskdistill.modeling.inherit import inherit_from_teacher
+from conftest import distill_cfg, make_teacher_checkpoint
+
+# The teacher with the student's FPN width (64) and head depth (2): R34 body, R18 student.
+SAME_NECK = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RETINANET.NUM_CONVS", 2]
+
+
+@pytest.fixture(scope="module")
+def same_neck_teacher(tmp_path_factory, tiny_batch):
+    path = str(tmp_path_factory.mktemp("init_teacher") / "teacher.pth")
+    return make_teacher_checkpoint("retinanet", path, tiny_batch, opts=SAME_NECK)
+
+
+def trainer_for(teacher, out, init, max_iter=2):
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, out, teacher_opts=SAME_NECK, max_iter=max_iter,
+                      opts=["DISTILL.STUDENT_INIT", init])
+    return DistillTrainer(cfg)
+
+
+def split_state(model):
+    state = {k: v.clone() for k, v in model.student.state_dict().items()}
+    neck = {k for k in state if k.startswith("backbone.") and not k.startswith("backbone.bottom_up.")}
+    head = {k for k in state if k.startswith("head.")}
+    return state, neck, head
+
+
+@pytest.mark.parametrize("init", ["neck", "head", "neck+head"])
+def test_fresh_start_copies_the_chosen_parts_only(init, same_neck_teacher, tiny_dataset, tmp_path):
+    trainer = trainer_for(same_neck_teacher, tmp_path, init)
+    before, neck, head = split_state(trainer.model)
+    trainer.resume_or_load(resume=False)
+    after, _, _ = split_state(trainer.model)
+    teacher = trainer.model.teacher.state_dict()
+    chosen = (neck if "neck" in init else set()) | (head if "head" in init else set())
+    # FPN: 3 lateral + 3 output convs + P6 + P7 (weight, bias); head: 2 + 2 convs + 2 predictors.
+    assert len(neck) == 16 and len(head) == 12
+    for k in chosen:
+        assert torch.equal(after[k], teacher[k]), k
+    for k in set(after) - chosen:  # the ResNet body and the part not chosen are the student's own
+        assert torch.equal(after[k], before[k]), k
+    # A copy, not a coincidence: the student's own weights differed (biases start at zero in both).
+    assert all(not torch.equal(before[k], teacher[k]) for k in chosen if k.endswith("weight"))
+
+
+def test_resume_does_not_reinitialise(same_neck_teacher, tiny_dataset, tmp_path):
+    trainer = trainer_for(same_neck_teacher, tmp_path, "neck+head", max_iter=2)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    final = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)["model"]
+    resumed = trainer_for(same_neck_teacher, tmp_path, "neck+head", max_iter=4)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    teacher = resumed.model.teacher.state_dict()
+    student = resumed.model.student.state_dict()
+    for k, v in student.items():
+        assert torch.equal(v, final["student." + k]), k  # the checkpoint, not the teacher again
+    assert not torch.equal(student["head.cls_score.weight"], teacher["head.cls_score.weight"])
+
+
+def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dataset, tmp_path):
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teachers_with_other_neck, tmp_path,
+                      opts=["DISTILL.STUDENT_INIT", "neck"])
+    trainer = DistillTrainer(cfg)  # the teacher's FPN has 96 channels, the student's 64
+    with pytest.raises(ValueError, match=r"STUDENT_INIT='neck' copies nothing.*shape: student \(64,"):
+        trainer.resume_or_load(resume=False)
+    with pytest.raises(ValueError, match=r"DISTILL.STUDENT_INIT='fpn'; choose one of"):
+        inherit_from_teacher(trainer.model.student, trainer.model.teacher, "fpn")
+
+
+@pytest.fixture(scope="module")
+def teachers_with_other_neck(tmp_path_factory, tiny_batch):
+    path = str(tmp_path_factory.mktemp("init_other") / "teacher.pth")
+    return make_teacher_checkpoint("retinanet", path, tiny_batch)
