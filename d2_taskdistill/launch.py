@@ -4,7 +4,9 @@ Upstream detectron2 starts gloo workers itself when CUDA is absent; v0.6 asserts
 CUDA. There, and only there, the workers are started here: same arguments, same
 ``dist_url`` forms, same process groups, so ``detectron2.utils.comm`` works as usual.
 """
+import functools
 import logging
+import os
 import socket
 
 import torch
@@ -25,6 +27,10 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on this machine
     (one per GPU, or per CPU worker without CUDA), as :func:`detectron2.engine.launch`."""
     world_size = num_machines * num_gpus_per_machine
+    if world_size > 1 and not torch.cuda.is_available():
+        # CPU workers share this machine's cores: torch would give each all of them.
+        threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
+        main_func = functools.partial(_with_threads, main_func, threads)
     if world_size == 1 or torch.cuda.is_available() or compat.launch_supports_cpu_workers():
         return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                          machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
@@ -44,6 +50,11 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
     )
+
+
+def _with_threads(main_func, threads, *args):
+    torch.set_num_threads(threads)
+    return main_func(*args)
 
 
 def _free_port():

@@ -24,7 +24,6 @@ def _train_every_method(cfgs, out_dir, resume):
     import detectron2.utils.comm as comm
     from d2_taskdistill.engine import DistillTrainer, unwrap
 
-    torch.set_num_threads(1)
     register_tiny_dataset(os.environ[TINY_ROOT_ENV])
     rank = comm.get_rank()
     for name, cfg in cfgs.items():
@@ -38,6 +37,7 @@ def _train_every_method(cfgs, out_dir, resume):
             {
                 "start_iter": start_iter,
                 "local_rank": comm.get_local_rank(),
+                "threads": torch.get_num_threads(),
                 "find_unused_parameters": trainer.model.find_unused_parameters,
                 "world_size": comm.get_world_size(),
                 "params": {k: v.detach().clone() for k, v in model.named_parameters()},
@@ -83,6 +83,8 @@ def test_two_workers_every_method_then_resume(teachers, tiny_dataset, tmp_path):
             r0, r1 = (torch.load(phase / f"{name}_rank{r}.pth", weights_only=False) for r in range(2))
             assert (r0["start_iter"], r1["start_iter"]) == (start_iter, start_iter), name
             assert (r0["local_rank"], r1["local_rank"], r0["world_size"]) == (0, 1, 2)
+            # The machine's cores are split between the two workers.
+            assert r0["threads"] == r1["threads"] == max(1, os.cpu_count() // 2)
             # Every trainable tensor (student and adapters) is the same on both ranks.
             assert r0["params"].keys() == r1["params"].keys()
             assert r0["find_unused_parameters"] is False, name  # no method needs it
@@ -135,7 +137,7 @@ def _iterations(output_dir):
 
 
 def _env(tiny_dataset):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return dict(os.environ, PYTHONPATH=ROOT)
 
 
 def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):
