@@ -78,3 +78,19 @@ def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dat
 def teachers_with_other_neck(tmp_path_factory, tiny_batch):
     path = str(tmp_path_factory.mktemp("init_other") / "teacher.pth")
     return make_teacher_checkpoint("retinanet", path, tiny_batch)
+
+
+def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):
+    """Teacher head convs 96 wide, the student's 64: the predictors' biases match in shape
+    (A*K, A*4) but their weights do not, so nothing of the head is copied."""
+    from detectron2.modeling import build_model
+
+    from d2_taskdistill import load_config
+    from conftest import SMALL_TEACHER_OPTS, config_path
+
+    student = build_model(load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"]))
+    teacher = build_model(load_config(config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
+                                      ["MODEL.DEVICE", "cpu", *SMALL_TEACHER_OPTS]))
+    assert student.state_dict()["head.cls_score.bias"].shape == teacher.state_dict()["head.cls_score.bias"].shape
+    with pytest.raises(ValueError, match="copies nothing"):
+        inherit_from_teacher(student, teacher, "head")

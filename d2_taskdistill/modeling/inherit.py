@@ -30,17 +30,26 @@ def inherit_from_teacher(student, teacher, choice):
     if not parts:
         return [], {}
     s_state, t_state = student.state_dict(), teacher.state_dict()
-    copied, skipped = [], {}
+    reasons = {}
     for key, value in s_state.items():
         if not any(PARTS[p](key) for p in parts):
             continue
         if key not in t_state:
-            skipped[key] = "not in the teacher"
+            reasons[key] = "not in the teacher"
         elif t_state[key].shape != value.shape:
-            skipped[key] = f"shape: student {tuple(value.shape)}, teacher {tuple(t_state[key].shape)}"
+            reasons[key] = f"shape: student {tuple(value.shape)}, teacher {tuple(t_state[key].shape)}"
         else:
-            value.copy_(t_state[key])  # state_dict tensors share storage with the parameters
+            reasons[key] = None
+    # A layer is copied whole or not at all: a bias without its weight is no inheritance.
+    layer_of = {key: key.rsplit(".", 1)[0] for key in reasons}
+    broken = {layer_of[k] for k, why in reasons.items() if why is not None}
+    copied, skipped = [], {}
+    for key, why in reasons.items():
+        if why is None and layer_of[key] not in broken:
+            s_state[key].copy_(t_state[key])  # state_dict tensors share storage with the parameters
             copied.append(key)
+        else:
+            skipped[key] = why or "another tensor of its layer does not match"
     if not copied:
         examples = dict(list(skipped.items())[:3])
         raise ValueError(
