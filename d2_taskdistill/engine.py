@@ -71,6 +71,18 @@ class DistillTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        plain_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+        if plain_bn and comm.get_world_size() > 1:
+            logger.warning(
+                "%d BatchNorm layers (NORM 'BN') with %d processes: each process keeps its own running "
+                "statistics (DDP does not broadcast buffers here), checkpoints hold rank 0's and the "
+                "evaluation at the end of training uses each rank's own. Set MODEL.RESNETS.NORM / "
+                "MODEL.FPN.NORM to 'SyncBN' for one set of statistics.", plain_bn, comm.get_world_size())
+        return model
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's loader, with every dataset checked before training starts."""
         check_registered(cfg.DATASETS.TRAIN)

@@ -152,7 +152,8 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
     # The project's own lines reach the console and log.txt (rank 0), in detectron2's format.
     log = open(out / "log.txt").read()
     for line in (f"Loaded teacher weights from {teachers['retinanet']} (", "Distillation losses: TBD (",
-                 "Datasets checked: tiny_cli, tiny_cli, 10 classes", "Teacher on tiny_cli: AP="):
+                 "Datasets checked: tiny_cli, tiny_cli, 10 classes", "Teacher on tiny_cli: AP=",
+                 "BatchNorm layers (NORM 'BN') with 2 processes"):
         assert line in text and line in log, line
     assert re.search(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2td\.engine INFO: Teacher on tiny_cli", log)
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
