@@ -115,12 +115,16 @@ class TaskDistillDetector(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        # The student runs under the caller's autocast (SOLVER.AMP.ENABLED); its losses, the
+        # distillation losses and the masks that feed them run in float32: exp, log, softmax
+        # and IoU overflow or lose the small values they compare at half precision.
         student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds)
         teacher_out = self.run_teacher(batched_inputs, gt_instances)
-
-        losses = dict(student_out.detector_losses())
-        for loss in self.distill_losses.values():
-            losses.update(loss(student_out, teacher_out))
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            student_out.to_float32()
+            losses = dict(student_out.detector_losses())
+            for loss in self.distill_losses.values():
+                losses.update(loss(student_out, teacher_out))
         self.check_finite(losses)
         return losses
 
@@ -129,11 +133,10 @@ class TaskDistillDetector(nn.Module):
         if self.teacher.training:  # someone called teacher.train(): the teacher stays frozen
             self.teacher.eval()
         inputs = self.teacher_inputs(batched_inputs)
-        if not self.teacher_amp:
-            return run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds)
         device_type = self.device.type
+        # DISTILL.TEACHER.AMP alone decides the teacher's precision, not the student's autocast.
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type=device_type, dtype=dtype):
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.teacher_amp)):
             outputs = run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds)
         return outputs.to_float32()
 
