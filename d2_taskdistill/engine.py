@@ -9,8 +9,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
@@ -59,12 +60,54 @@ def resolve_device(cfg):
 _D2_SAVES_OPTIMIZER = "state_dict" in DefaultTrainer.__dict__
 
 
+class GradScalerMonitor(HookBase):
+    """Logs the AMP grad scaler: its scale each iteration and the optimizer steps it skipped.
+
+    detectron2's AMPTrainer skips a step silently when float16 gradients overflow; the scaler
+    then lowers its scale (by its backoff factor), which is how a skipped step is seen here.
+    """
+
+    def __init__(self, grad_scaler):
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0
+        self._scale_before = None
+
+    def before_step(self):
+        self._scale_before = self.grad_scaler.get_scale()
+
+    def after_step(self):
+        scale = self.grad_scaler.get_scale()
+        storage = get_event_storage()
+        if scale < self._scale_before:
+            self.skipped_steps += 1
+            logger.warning(
+                "Iteration %d: float16 gradients overflowed; the grad scaler skipped the optimizer "
+                "step and lowered its scale to %g (%d steps skipped in this run).",
+                storage.iter, scale, self.skipped_steps)
+        storage.put_scalar("amp/grad_scale", scale, smoothing_hint=False)
+        storage.put_scalar("amp/skipped_steps", self.skipped_steps, smoothing_hint=False)
+
+
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class DistillTrainer(DefaultTrainer):
     """DefaultTrainer for plain and distilled detectors of this project."""
+
+    def __init__(self, cfg):
+        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+            raise ValueError(
+                f"SOLVER.AMP.ENABLED=True with MODEL.DEVICE={cfg.MODEL.DEVICE}: detectron2's AMPTrainer "
+                "trains in float16 on CUDA only. Set SOLVER.AMP.ENABLED False to train on the CPU.")
+        super().__init__(cfg)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.SOLVER.AMP.ENABLED:
+            # Early in the list: after_step must run before the writers put out the values.
+            hooks.insert(1, GradScalerMonitor(self._trainer.grad_scaler))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

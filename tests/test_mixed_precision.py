@@ -56,3 +56,40 @@ def test_bf16_autocast_losses_are_float32_and_close(detector, method, teachers, 
         assert v.dtype == torch.float32 and math.isfinite(v.item()), k
         reference = full[k].item()
         assert abs(v.item() - reference) <= RELATIVE_TOLERANCE * abs(reference) + 1e-4, (k, v.item(), reference)
+
+
+def test_grad_scaler_monitor_logs_skipped_steps(caplog):
+    """A real GradScaler: the step whose gradient overflows is skipped and shows in the log."""
+    from d2_taskdistill.engine import GradScalerMonitor
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, backoff_factor=0.5)
+    monitor = GradScalerMonitor(scaler)
+    overflow_at = 1
+    with EventStorage(0) as storage, caplog.at_level("WARNING", logger="d2_taskdistill.engine"):
+        for it in range(3):
+            storage.iter = it
+            monitor.before_step()
+            loss = (weight * (float("inf") if it == overflow_at else 1.0)).sum()
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            monitor.after_step()
+            storage.step()
+        history = storage.histories()
+    # Steps 0 and 2 moved the weight by lr * 1 each; step 1 was skipped.
+    assert torch.allclose(weight.detach(), torch.full((2,), 0.8))
+    assert [v for v, _ in history["amp/grad_scale"].values()] == [1024.0, 512.0, 512.0]
+    assert [v for v, _ in history["amp/skipped_steps"].values()] == [0, 1, 1]
+    assert len(caplog.records) == 1 and "Iteration 1:" in caplog.text and "scale to 512" in caplog.text
+
+
+def test_amp_on_cpu_is_refused_with_the_setting(teachers, tiny_dataset, tmp_path):
+    from d2_taskdistill.engine import DistillTrainer
+
+    cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path,
+                      opts=["SOLVER.AMP.ENABLED", True])
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True with MODEL.DEVICE=cpu.*SOLVER.AMP.ENABLED False"):
+        DistillTrainer(cfg)
