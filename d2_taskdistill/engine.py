@@ -17,9 +17,9 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from . import compat
 from .data.config_datasets import check_datasets, check_registered
-from .modeling.inherit import inherit_from_teacher
+from .modeling.inherit import inherit_from_teacher, parts_of
 from .modeling.meta_arch import TaskDistillDetector
-from .modeling.teacher import build_teacher_config
+from .modeling.teacher import build_teacher, build_teacher_config
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +167,20 @@ class DistillTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume=True):
-        """detectron2's resume_or_load; then, on a fresh start only, DISTILL.STUDENT_INIT."""
+        """detectron2's resume_or_load; then, on a fresh start only, DISTILL.STUDENT_INIT.
+
+        A plain detector (no distillation) with DISTILL.STUDENT_INIT also starts from the
+        teacher of DISTILL.TEACHER: the baseline that inheritance alone gives.
+        """
         super().resume_or_load(resume=resume)
+        if self.start_iter != 0 or parts_of(self.cfg.DISTILL.STUDENT_INIT) == []:
+            return
         model = unwrap(self.model)
-        if isinstance(model, TaskDistillDetector) and self.start_iter == 0:
+        if isinstance(model, TaskDistillDetector):
             inherit_from_teacher(model.student, model.teacher, self.cfg.DISTILL.STUDENT_INIT)
+        else:
+            teacher, _ = build_teacher(self.cfg)
+            inherit_from_teacher(model, teacher, self.cfg.DISTILL.STUDENT_INIT)
 
     @property
     def last_eval_results(self):

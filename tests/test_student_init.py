@@ -94,3 +94,27 @@ def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):
     assert student.state_dict()["head.cls_score.bias"].shape == teacher.state_dict()["head.cls_score.bias"].shape
     with pytest.raises(ValueError, match="copies nothing"):
         inherit_from_teacher(student, teacher, "head")
+
+
+def test_plain_student_starts_from_the_teacher(same_neck_teacher, tiny_dataset, tmp_path):
+    """The baseline with inheritance: a student trained alone (no distillation losses),
+    its FPN and head started from DISTILL.TEACHER's checkpoint."""
+    from d2_taskdistill import load_config
+    from conftest import SMALL_TEACHER_OPTS, config_path, tiny_run_opts
+
+    cfg = load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), [
+        *tiny_run_opts(tmp_path, 2), "DISTILL.STUDENT_INIT", "neck+head",
+        "DISTILL.TEACHER.CONFIG_FILE", config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
+        "DISTILL.TEACHER.WEIGHTS", same_neck_teacher, "DISTILL.TEACHER.OPTS", [*SMALL_TEACHER_OPTS, *SAME_NECK]])
+    trainer = DistillTrainer(cfg)
+    assert type(trainer.model).__name__ == "RetinaNet"
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.resume_or_load(resume=False)
+    after = trainer.model.state_dict()
+    teacher = torch.load(same_neck_teacher, weights_only=False)["model"]
+    inherited = [k for k in after if k.startswith("head.") or (k.startswith("backbone.") and ".bottom_up." not in k)]
+    assert len(inherited) == 28
+    for k in inherited:
+        assert torch.equal(after[k], teacher[k]), k
+    for k in set(after) - set(inherited):
+        assert torch.equal(after[k], before[k]), k

@@ -2,22 +2,29 @@
 """The accuracy table: every method and the baseline, same schedule, several seeds, on the
 embedded digits dataset. Writes benchmarks/accuracy.md and benchmarks/accuracy.json.
 
-    python tools/bench_accuracy.py                       # the full table (make bench-accuracy)
-    python tools/bench_accuracy.py --detectors retinanet --seeds 1 --methods baseline tid
-    python tools/bench_accuracy.py --detectors retinanet --seeds 1 --eval-dataset digits_det_tune \
-        --methods baseline tbd tbd_learned tbd_gt_box tbd_hd tbd_tfd --output benchmarks/tbd_choices
+    python tools/bench_accuracy.py --jobs 2              # the full table (make bench-accuracy)
+    python tools/bench_accuracy.py --detectors retinanet --seeds 1 --rows baseline tid
+    python tools/bench_accuracy.py --schedule short --eval-dataset digits_det_tune --detectors retinanet \
+        --seeds 1 --rows baseline tbd tbd_learned tbd_gt_box tbd_hd tbd_tfd --output benchmarks/tbd_choices
+    python tools/bench_accuracy.py --report-only         # the table from the committed runs
 
-Teachers are trained once into their configs' OUTPUT_DIR (shared with the demo) and reused;
-runs already finished in --work-dir are reused (delete it to start over).
+The full table takes many hours on a CPU, so it is built run by run: each finished run writes
+a small record (metrics and the exact config, no weights) to --records, one JSON per run, meant
+to be committed. A later invocation, on any machine, skips every run whose record has the same
+config and teacher, and trains the rest. Teachers are trained with a fixed seed into their
+configs' OUTPUT_DIR (not committed); each student record names the teacher config and AP it
+was trained with.
 """
 import argparse
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,12 +34,14 @@ import torch
 import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
-from d2_taskdistill.experiments import METRICS, digits_config, digits_teacher_dir, train_and_evaluate
+from d2_taskdistill import load_config
+from d2_taskdistill.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
 from d2_taskdistill.report import bar_chart, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["baseline", "fitnet", "fgfi", "tid", "tbd", "bckd"]
-TASK_AWARE = ["tid", "tbd", "bckd"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
+INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SEEDS = {"retinanet": 3, "fcos": 2}
 DEFAULT_EVAL_DATASET = "digits_det_val"
 # TBD's open choices (a reconstruction: see d2_taskdistill/losses/tbd.py), compared on the tune split.
@@ -42,10 +51,112 @@ VARIANTS = {
     "tbd_hd": ("tbd", ["DISTILL.TBD.COMPONENTS", "hd"]),
     "tbd_tfd": ("tbd", ["DISTILL.TBD.COMPONENTS", "tfd"]),
 }
+# Schedules: (teacher options, student options) on top of configs/digits. Same for every row.
+SCHEDULES = {
+    # A few iterations each: checks the whole pipeline (teachers, rows, records) in minutes.
+    "smoke": (["SEED", 0, "SOLVER.MAX_ITER", 20, "SOLVER.STEPS", (), "SOLVER.WARMUP_ITERS", 5],
+              ["MODEL.FPN.OUT_CHANNELS", 128, "SOLVER.MAX_ITER", 10, "SOLVER.STEPS", (), "SOLVER.WARMUP_ITERS", 5]),
+    # The configs' own: students 200 iterations, teachers 900 (the demo's, minutes per run).
+    "short": (["SEED", 0], []),
+    # Trained: the teacher until its val AP levels off, the students long enough to reach half
+    # of it. The student keeps the teacher's FPN width and head (as R50 and R101 do on COCO),
+    # so that its neck and head can start from the teacher's (the +init rows).
+    "trained": (
+        ["SEED", 0, "SOLVER.MAX_ITER", 6000, "SOLVER.STEPS", (4800, 5600), "SOLVER.WARMUP_ITERS", 200,
+         "SOLVER.BASE_LR", 0.001],
+        ["MODEL.FPN.OUT_CHANNELS", 128, "SOLVER.MAX_ITER", 1500, "SOLVER.STEPS", (1200, 1400),
+         "SOLVER.WARMUP_ITERS", 100],
+    ),
+}
 
 
-def config(name):
-    return digits_config(ROOT, name)
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def config_sha(cfg):
+    """Identity of a trained model's config (its OUTPUT_DIR aside)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    return hashlib.sha1(cfg.dump().encode()).hexdigest()[:12]
+
+
+def read_record(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_record(path, record):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def record_matches(record, cfg, teacher_sha=None):
+    """A committed run of the same config (and teacher): it is not trained again."""
+    return (record is not None and same_run_config(record["config"], cfg)
+            and (teacher_sha is None or record["teacher"]["config_sha"] == teacher_sha))
+
+
+class Run:
+    """One row, detector and seed: its config, output dir and record file."""
+
+    def __init__(self, args, det, row, seed, teacher):
+        self.det, self.row, self.seed = det, row, seed
+        method = row[: -len(INIT)] if row.endswith(INIT) else row
+        base_method, variant_opts = VARIANTS.get(method, (method, []))
+        student_opts = SCHEDULES[args.schedule][1]
+        init_opts = INIT_OPTS if row.endswith(INIT) else []
+        teacher_opts = ["DISTILL.TEACHER.WEIGHTS", teacher.weights, "DISTILL.TEACHER.EVAL_AT_START", False]
+        if base_method == "baseline":
+            self.config_file = digits_config(ROOT, f"{det}_R18_FPN_student.yaml")
+            teacher_opts = ["DISTILL.TEACHER.CONFIG_FILE", rel(teacher.config_file), *teacher_opts] if init_opts else []
+        else:
+            self.config_file = digits_config(ROOT, f"{det}_R34-R18_{base_method}.yaml")
+            teacher_opts += ["DISTILL.TEACHER.OPTS", teacher.opts]
+        self.opts = ["SEED", seed, *student_opts, *teacher_opts, *init_opts, *variant_opts,
+                     "DATASETS.TEST", (args.eval_dataset,)]
+        self.output_dir = os.path.join(args.work_dir, det, f"{row}_seed{seed}")
+        self.record_path = os.path.join(args.records, det, f"{row}_seed{seed}.json")
+        self.cfg = load_config(self.config_file, [*self.opts, "OUTPUT_DIR", self.output_dir])
+        self.teacher = teacher
+
+    def committed(self):
+        record = read_record(self.record_path)
+        return record if record_matches(record, self.cfg, self.teacher.sha) else None
+
+
+class Teacher:
+    """The digits teacher of one detector under a schedule, trained once with a fixed seed."""
+
+    def __init__(self, args, det):
+        self.det = det
+        self.config_file = digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml")
+        self.opts = SCHEDULES[args.schedule][0]
+        base = load_config(self.config_file)
+        self.output_dir = os.path.join(rel(os.path.join(ROOT, base.OUTPUT_DIR)) + f"_{args.schedule}")
+        self.weights = os.path.join(self.output_dir, "model_final.pth")
+        self.cfg = load_config(self.config_file, [*self.opts, "OUTPUT_DIR", self.output_dir])
+        self.sha = config_sha(self.cfg)
+        self.record_path = os.path.join(args.records, det, "teacher.json")
+
+    def train(self):
+        """Train (or reuse the local weights of) this teacher; returns its record."""
+        result = train_and_evaluate(self.config_file, self.output_dir, self.opts)
+        record = read_record(self.record_path)
+        if not record_matches(record, self.cfg) or not result["reused"]:
+            record = {"detector": self.det, "config_file": rel(self.config_file), "opts": [str(o) for o in self.opts],
+                      "config": self.cfg.dump(), "config_sha": self.sha, "metrics": result["metrics"],
+                      "iterations": result["iterations"], "seconds": result["seconds"], "machine": machine()}
+            write_record(self.record_path, record)
+        return record
+
+
+def machine():
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def _init_worker(threads):
@@ -55,6 +166,35 @@ def _init_worker(threads):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def run_in_pool(jobs, calls, done):
+    """calls: [(fn, args)]; done(i, result) as each finishes. jobs > 1: processes with a share
+    of the cores each (small convolutions use two threads poorly: 2 x 1 thread gave 12 % more
+    iterations/s here)."""
+    if jobs == 1 or len(calls) <= 1:
+        for i, (fn, fn_args) in enumerate(calls):
+            done(i, fn(*fn_args))
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *fn_args): i for i, (fn, fn_args) in enumerate(calls)}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+
+
+def train_teacher(teacher):
+    return teacher.train()
+
+
+def train_student(run):
+    return train_and_evaluate(run.config_file, run.output_dir, run.opts)
+
+
+def git_commit(paths, message):
+    subprocess.run(["git", "add", *paths], cwd=ROOT, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT, check=True)
+
+
 def summarize(results):
     """[metrics dict per seed] -> (mean, sample std) per metric."""
     mean = {m: statistics.fmean(r[m] for r in results) for m in METRICS}
@@ -62,137 +202,182 @@ def summarize(results):
     return mean, std
 
 
+def best_methods(records_by_row, count=2):
+    """The ``count`` distillation rows (without +init) of highest mean AP among finished rows."""
+    means = {row: statistics.fmean(r["metrics"]["AP"] for r in recs) for row, recs in records_by_row.items()
+             if row in METHODS and recs}
+    return sorted(means, key=means.get, reverse=True)[:count]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=["retinanet", "fcos"])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(VARIANTS))
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="baseline, methods, VARIANTS, any of them + '+init' (default: baseline, every "
+                             "method, baseline+init and the best two methods +init)")
+    parser.add_argument("--schedule", default="trained", choices=list(SCHEDULES))
     parser.add_argument("--seeds", type=int, default=None, help="seeds per detector (default 3 RetinaNet, 2 FCOS)")
     parser.add_argument("--eval-dataset", default=DEFAULT_EVAL_DATASET,
                         help="registered dataset the students are evaluated on (choices: digits_det_tune)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
-    parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "bench_accuracy"))
+    parser.add_argument("--work-dir", default=None, help="default output/bench_accuracy_<schedule>[_<eval>]")
+    parser.add_argument("--records", default=None, help="default benchmarks/accuracy_runs_<schedule>[_<eval>]")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "accuracy"))
+    parser.add_argument("--report-only", action="store_true", help="write the table from the records; train nothing")
+    parser.add_argument("--git-commit", action="store_true", help="commit each record as its run finishes")
     args = parser.parse_args()
+    os.chdir(ROOT)  # paths in configs and records are relative to the project
     setup_logger(name="detectron2")
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    suffix = args.schedule + ("" if args.eval_dataset == DEFAULT_EVAL_DATASET else f"_{args.eval_dataset}")
+    args.work_dir = args.work_dir or os.path.join("output", f"bench_accuracy_{suffix}")
+    args.records = args.records or os.path.join("benchmarks", f"accuracy_runs_{suffix}")
     start = time.perf_counter()
-    report = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads", "eval_dataset": args.eval_dataset,
-              "detectors": {}}
-    work_dir = args.work_dir if args.eval_dataset == DEFAULT_EVAL_DATASET else f"{args.work_dir}_{args.eval_dataset}"
+    teachers = {det: Teacher(args, det) for det in args.detectors}
+    fixed_rows = args.rows or ["baseline", *METHODS, "baseline" + INIT]
 
-    teachers, specs = {}, []
-    for det in args.detectors:
-        teacher_dir = digits_teacher_dir(ROOT, det)
-        teachers[det] = train_and_evaluate(config(f"{det}_R34_FPN_teacher.yaml"), teacher_dir)
-        print(f"[bench] {det} teacher AP {teachers[det]['metrics']['AP']:.1f}", flush=True)
-        for method in args.methods:
-            for seed in range(args.seeds or SEEDS[det]):
-                base_method, variant_opts = VARIANTS.get(method, (method, []))
-                if method == "baseline":
-                    cfg_file, opts = config(f"{det}_R18_FPN_student.yaml"), []
-                else:
-                    cfg_file = config(f"{det}_R34-R18_{base_method}.yaml")
-                    opts = ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
-                            "DISTILL.TEACHER.EVAL_AT_START", False, *variant_opts]
-                opts += ["DATASETS.TEST", (args.eval_dataset,)]
-                specs.append((det, method, seed, cfg_file, os.path.join(work_dir, det, f"{method}_seed{seed}"),
-                              ["SEED", seed, *opts]))
+    def runs_for(rows):
+        return [Run(args, det, row, seed, teachers[det]) for det in args.detectors for row in rows
+                for seed in range(args.seeds or SEEDS[det])]
 
-    def progress(spec, run):
-        det, method, seed = spec[:3]
-        print(f"[bench] {det} {method} seed {seed}: AP {run['metrics']['AP']:.2f} "
-              f"({run['seconds']} s{', reused' if run['reused'] else ''}); "
-              f"{time.perf_counter() - start:.0f} s so far", flush=True)
+    def progress(run, result):
+        print(f"[bench] {run.det} {run.row} seed {run.seed}: AP {result['metrics']['AP']:.2f} "
+              f"({result['seconds']} s); {time.perf_counter() - start:.0f} s so far", flush=True)
 
-    results = [None] * len(specs)
-    if args.jobs == 1:
-        for i, spec in enumerate(specs):
-            results[i] = train_and_evaluate(*spec[3:])
-            progress(spec, results[i])
-    else:
-        # Separate processes with a share of the cores each: small convolutions use two
-        # threads poorly (measured: 2 processes x 1 thread gave 12 % more iterations/s here).
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        report["machine"] += f"; {args.jobs} runs at a time, {threads} thread(s) each"
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(train_and_evaluate, *spec[3:]): i for i, spec in enumerate(specs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                progress(specs[i], results[i])
-    runs = {det: {} for det in args.detectors}
-    for (det, method, *_), run in zip(specs, results):
-        runs[det].setdefault(method, []).append(run)
+    def train_missing(runs):
+        missing = [r for r in runs if r.committed() is None]
+        print(f"[bench] {len(runs) - len(missing)} of {len(runs)} runs committed; training {len(missing)}", flush=True)
+        if not missing:
+            return
+        needed = {r.det for r in missing}
+        teacher_records = {}
+        run_in_pool(args.jobs, [(train_teacher, (teachers[d],)) for d in sorted(needed)],
+                    lambda i, rec: teacher_records.__setitem__(rec["detector"], rec))
+        for det, rec in teacher_records.items():
+            print(f"[bench] {det} teacher AP {rec['metrics']['AP']:.2f}", flush=True)
+            if args.git_commit:
+                git_commit([teachers[det].record_path], f"bench-accuracy: {det} teacher ({args.schedule})")
 
-    for det in args.detectors:
-        summary = {}
-        for method, method_runs in runs[det].items():
-            mean, std = summarize([r["metrics"] for r in method_runs])
-            summary[method] = {"mean": mean, "std": std, "seeds": len(method_runs),
-                               "runs": [r["metrics"] for r in method_runs],
-                               "config": os.path.relpath(method_runs[0]["config_file"], ROOT),
-                               "opts": [str(o) for o in VARIANTS.get(method, (None, []))[1]],
-                               "iterations": method_runs[0]["iterations"]}
-        if "baseline" in summary:
-            for method in summary:
-                summary[method]["gain_AP"] = summary[method]["mean"]["AP"] - summary["baseline"]["mean"]["AP"]
-        teacher = teachers[det]
-        report["detectors"][det] = {"teacher": teacher["metrics"], "methods": summary,
-                                    "teacher_config": os.path.relpath(teacher["config_file"], ROOT),
-                                    "teacher_iterations": teacher["iterations"],
-                                    "teacher_seconds": teacher["seconds"]}
-    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+        def done(i, result):
+            run = missing[i]
+            progress(run, result)
+            teacher_rec = teacher_records[run.det]
+            write_record(run.record_path, {
+                "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
+                "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
+                "iterations": result["iterations"], "seconds": result["seconds"], "machine": machine(),
+                "teacher": {"config_sha": teacher_rec["config_sha"], "AP": teacher_rec["metrics"]["AP"]}})
+            if args.git_commit:
+                git_commit([run.record_path], f"bench-accuracy: {run.det} {run.row} seed {run.seed} ({args.schedule})")
+
+        run_in_pool(args.jobs, [(train_student, (r,)) for r in missing], done)
+
+    runs = runs_for(fixed_rows)
+    if not args.report_only:
+        train_missing(runs)
+    if args.rows is None:  # then the best two methods with inheritance
+        by_det = {det: collect(args, [r for r in runs if r.det == det]) for det in args.detectors}
+        init_runs = []
+        for det in args.detectors:
+            best = best_methods(by_det[det])
+            if len(best) == 2:
+                init_runs += [r for r in runs_for([m + INIT for m in best]) if r.det == det]
+        if not args.report_only:
+            train_missing(init_runs)
+        runs += init_runs
+    report = build_report(args, runs, teachers, time.perf_counter() - start)
     write_report(report, args.output)
-
-
-def rewrite_report(output):
-    """Write the markdown (and chart) again from a saved JSON report."""
-    with open(output + ".json") as f:
-        write_report(json.load(f), output)
     return 0
+
+
+def collect(args, runs):
+    """{row: [committed record]} of ``runs``."""
+    out = {}
+    for run in runs:
+        record = run.committed()
+        out.setdefault(run.row, [])
+        if record is not None:
+            out[run.row].append(record)
+    return out
+
+
+def build_report(args, runs, teachers, seconds):
+    report = {"command": "python " + " ".join([rel(sys.argv[0]), *sys.argv[1:]]), "schedule": args.schedule,
+              "schedule_opts": {k: [str(o) for o in v] for k, v in zip(("teacher", "student"), SCHEDULES[args.schedule])},
+              "eval_dataset": args.eval_dataset, "records": args.records, "wall_seconds": round(seconds, 1),
+              "detectors": {}}
+    for det in args.detectors:
+        teacher = read_record(teachers[det].record_path)
+        rows = collect(args, [r for r in runs if r.det == det])
+        summary = {}
+        for row, records in rows.items():
+            if not records:
+                continue
+            mean, std = summarize([r["metrics"] for r in records])
+            summary[row] = {"mean": mean, "std": std, "seeds": len(records), "runs": [r["metrics"] for r in records],
+                            "config": records[0]["config_file"], "opts": records[0]["opts"],
+                            "iterations": records[0]["iterations"],
+                            "teacher_AP": sorted({round(r["teacher"]["AP"], 2) for r in records}),
+                            "hours": sum(r["seconds"] for r in records) / 3600}
+        base = summary.get("baseline")
+        for row, s in summary.items():
+            if base is None:
+                continue
+            s["gain_AP"] = s["mean"]["AP"] - base["mean"]["AP"]
+            gap = teacher["metrics"]["AP"] - base["mean"]["AP"] if teacher else None
+            s["gap_closed"] = s["gain_AP"] / gap if gap else None
+        report["detectors"][det] = {"teacher": teacher, "rows": summary,
+                                    "expected_seeds": args.seeds or SEEDS[det]}
+    return report
+
+
+def row_label(row):
+    if row.startswith("baseline"):
+        return "student R18" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
+    name = row[: -len(INIT)] if row.endswith(INIT) else row
+    return f"R18 + {name.upper().replace('_', '+')}" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
 
 
 def write_report(report, output):
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output + ".json", "w") as f:
         json.dump(report, f, indent=1)
-    lines = ["# Accuracy on the embedded digits dataset", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
-             f"Students evaluated on: `{report.get('eval_dataset', DEFAULT_EVAL_DATASET)}`", ""]
-    partial = [f"{det}: {v['seeds']} of {SEEDS[det]} seeds" for det, d in report["detectors"].items()
-               for v in list(d["methods"].values())[:1] if v["seeds"] < SEEDS[det]]
-    missing = [det for det in SEEDS if det not in report["detectors"]]
-    students_on_val = report.get("eval_dataset", DEFAULT_EVAL_DATASET) == DEFAULT_EVAL_DATASET
-    if (partial or missing) and students_on_val:
-        lines += ["**Partial run** (the full table is `make bench-accuracy`): "
-                  + "; ".join(partial + [f"{det}: not run" for det in missing]) + ".", ""]
+    students_on_val = report["eval_dataset"] == DEFAULT_EVAL_DATASET
+    lines = ["# Accuracy on the embedded digits dataset", "", f"Command: `{report['command']}`  ",
+             f"Schedule: `{report['schedule']}`; teacher options `{' '.join(report['schedule_opts']['teacher'])}`, "
+             f"student options `{' '.join(report['schedule_opts']['student'])}` (on top of configs/digits)  ",
+             f"Runs: one record per run in `{report['records']}` (metrics, exact config, machine, seconds)  ",
+             f"Students evaluated on: `{report['eval_dataset']}`", ""]
     for det, d in report["detectors"].items():
-        methods = d["methods"]
-        # The teacher's own evaluation is on the val split, whatever the students are evaluated on.
-        rows = [("teacher R34" + ("" if students_on_val else " (on val)"), d["teacher"], None)]
-        rows += [(("student R18" if m == "baseline" else f"R18 + {m.upper()}") + f" ({v['seeds']} seed"
-                  f"{'s' if v['seeds'] > 1 else ''})", v["mean"], v["std"] if v["seeds"] > 1 else None)
-                 for m, v in methods.items()]
-        chart = bar_chart(rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on digits_det_val")
-        lines += [f"## {det}", "", f"Teacher: `{d['teacher_config']}`, {d['teacher_iterations']} iterations. "
-                  f"Students: {next(iter(methods.values()))['iterations']} iterations each; mean ± std over seeds.",
-                  "", markdown_table(rows), ""]
-        lines += [f"- {m.upper()}: {v['config']} with `{' '.join(v['opts'])}`" for m, v in methods.items() if v.get("opts")]
-        lines += ["", f"![{det}]({os.path.basename(chart)})", ""]
-        if "baseline" in methods:
-            lines += ["| method | gain over baseline (AP) | beats baseline by >= 2 AP | beats FITNET |",
-                      "|---|---|---|---|"]
-            fitnet = methods.get("fitnet", {}).get("mean", {}).get("AP")
-            for m, v in methods.items():
-                if m == "baseline":
+        rows_summary, teacher = d["rows"], d["teacher"]
+        incomplete = [f"{row_label(r)}: {v['seeds']} of {d['expected_seeds']} seeds"
+                      for r, v in rows_summary.items() if v["seeds"] < d["expected_seeds"]]
+        lines += [f"## {det}", ""]
+        if teacher is None:
+            lines += ["No teacher trained yet.", ""]
+            continue
+        lines += [f"Teacher: `{teacher['config_file']}` with the schedule's options, {teacher['iterations']} "
+                  f"iterations, seed 0: {teacher['metrics']['AP']:.1f} AP on digits_det_val. Every row below was "
+                  f"trained with a teacher of AP {sorted({a for v in rows_summary.values() for a in v['teacher_AP']})}.", ""]
+        if incomplete:
+            lines += ["**Incomplete** (runs still to train): " + "; ".join(incomplete) + ".", ""]
+        table_rows = [("teacher R34" + ("" if students_on_val else " (on val)"), teacher["metrics"], None)]
+        table_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mean"],
+                        v["std"] if v["seeds"] > 1 else None) for r, v in rows_summary.items()]
+        lines += [markdown_table(table_rows), ""]
+        if rows_summary:
+            chart = bar_chart(table_rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on {report['eval_dataset']}")
+            lines += [f"![{det}]({os.path.basename(chart)})", ""]
+        if "baseline" in rows_summary:
+            fitnet = rows_summary.get("fitnet", {}).get("mean", {}).get("AP")
+            lines += ["| row | gain over baseline (AP) | gap closed | beats FITNET | seeds' AP |", "|---|---|---|---|---|"]
+            for r, v in rows_summary.items():
+                if r == "baseline":
                     continue
-                beats_fitnet = "-" if fitnet is None or m == "fitnet" else ("yes" if v["mean"]["AP"] > fitnet else "no")
-                lines.append(f"| {m.upper()} | {v['gain_AP']:+.2f} | {'yes' if v['gain_AP'] >= 2 else 'no'} | {beats_fitnet} |")
-            lines.append("")
+                beats = "-" if fitnet is None or r == "fitnet" else ("yes" if v["mean"]["AP"] > fitnet else "no")
+                gap = "-" if v.get("gap_closed") is None else f"{100 * v['gap_closed']:.0f} %"
+                seeds = ", ".join(f"{m['AP']:.1f}" for m in v["runs"])
+                lines.append(f"| {row_label(r)} | {v['gain_AP']:+.2f} | {gap} | {beats} | {seeds} |")
+            lines += ["", "Gap closed = (row AP - baseline AP) / (teacher AP - baseline AP).", ""]
     with open(output + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

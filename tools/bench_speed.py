@@ -1,16 +1,26 @@
 #!/usr/bin/env python
-"""Distillation overhead: time per iteration and peak memory of student training, teacher
-inference and distillation training per method, with a breakdown of the distillation step.
+"""Distillation overhead: time per iteration of each method against the floor (student
+training step + teacher inference), peak memory, the step's breakdown, and scaling.
 Writes benchmarks/speed.md and benchmarks/speed.json.
 
-    python tools/bench_speed.py                  # make bench-speed
-    python tools/bench_speed.py --iters 20 --sizes 128 256 --batches 1 2 4
+    python tools/bench_speed.py                                   # make bench-speed
+    python tools/bench_speed.py --device cuda --precision fp32 amp
+    python tools/bench_speed.py --rounds 9 --no-scaling
     python tools/bench_speed.py --methods TBD --no-scaling --opts DISTILL.TBD.LOG_PERIOD 1
 
-Each measurement runs in its own process (peak RSS is per process); times are medians of
---iters iterations after --warmup. Models use random weights: speed does not depend on them.
+Ratios: one process builds the student, the teacher and every method's model, then runs
+--rounds rounds; in each round every kind trains --iters steps, in an order rotated from
+round to round, and each method's step time is divided by the floor measured in the same
+round. The table gives the median ratio over rounds and its range, so that a drift of the
+machine's speed during the run cancels out. Peak memory and the breakdown of the step come
+from one process per kind (peak RSS growth on the CPU, torch.cuda.max_memory_allocated on
+CUDA). On CUDA every timed region ends with torch.cuda.synchronize().
+
+Precision "amp" is what SOLVER.AMP.ENABLED and DISTILL.TEACHER.AMP give: float16 autocast
+with a grad scaler on CUDA; bfloat16 autocast on the CPU (slow where the CPU lacks bf16 units).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,19 +31,16 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# label -> (DISTILL.LOSSES, extra config options)
+# label -> DISTILL.LOSSES
 METHODS = {
-    "FITNET": (["FITNET"], []),
-    "FGFI": (["FGFI"], []),
-    "TID": (["TID"], []),
-    "TBD": (["TBD"], []),
-    "BCKD": (["BCKD"], []),
-    "BCKD+TID": (["BCKD", "TID"], []),
-    # bfloat16 autocast on CPU (float16 on CUDA): worth it only where the CPU has bf16 units;
-    # not in the default run (on this machine, without them, a first teacher forward took 96 s).
-    "TID, bf16 teacher": (["TID"], ["DISTILL.TEACHER.AMP", "True"]),
+    "FITNET": ["FITNET"],
+    "FGFI": ["FGFI"],
+    "TID": ["TID"],
+    "TBD": ["TBD"],
+    "BCKD": ["BCKD"],
+    "BCKD+TID": ["BCKD", "TID"],
 }
-DEFAULT_METHODS = [m for m in METHODS if "bf16" not in m]
+FLOOR = ("student", "teacher")
 
 
 def rss_mb():
@@ -45,98 +52,187 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(kind, losses, size, batch, iters, warmup, detector, opts=()):
-    """One measurement in this process: {'step': s, 'breakdown': {...}, 'peak_mb': MB}."""
-    import torch
+class Bench:
+    """The models and the synthetic batch of one measurement process."""
 
-    import d2_taskdistill  # noqa: F401
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from detectron2.structures import Boxes, Instances
-    from detectron2.utils.events import EventStorage
+    def __init__(self, args):
+        import torch
 
-    from d2_taskdistill import load_config
-    from d2_taskdistill.modeling.dense_outputs import run_dense_detector
+        import d2_taskdistill  # noqa: F401
+        from detectron2.structures import Boxes, Instances
 
-    torch.manual_seed(0)
-    base_rss = rss_mb()
-    digits = os.path.join(ROOT, "configs", "digits")
-    sizes = ["INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", size, "MODEL.DEVICE", "cpu"]
-    batch_inputs = []
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(batch):
-        inst = Instances((size, size))
-        xy = torch.rand(4, 2, generator=gen) * size * 0.7
-        wh = torch.rand(4, 2, generator=gen) * size * 0.3 + 8
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
-        inst.gt_classes = torch.randint(0, 10, (4,), generator=gen)
-        batch_inputs.append({"image": torch.rand(3, size, size, generator=gen) * 255, "instances": inst})
+        self.torch = torch
+        self.args = args
+        self.device = torch.device(args.device)
+        self.amp = args.precision == "amp"
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        torch.manual_seed(0)
+        size = args.size
+        gen = torch.Generator().manual_seed(0)
+        self.batch = []
+        for _ in range(args.batch):
+            inst = Instances((size, size))
+            xy = torch.rand(4, 2, generator=gen) * size * 0.7
+            wh = torch.rand(4, 2, generator=gen) * size * 0.3 + 8
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+            inst.gt_classes = torch.randint(0, 10, (4,), generator=gen)
+            image = torch.rand(3, size, size, generator=gen) * 255
+            self.batch.append({"image": image.to(self.device), "instances": inst.to(self.device)})
+        self.gt = [x["instances"] for x in self.batch]
 
-    times = {}
+    def opts(self):
+        a = self.args
+        return ["INPUT.MIN_SIZE_TRAIN", f"({a.size},)", "INPUT.MAX_SIZE_TRAIN", a.size, "MODEL.DEVICE", a.device]
 
-    def timed(name, fn):
+    def config(self, name, opts=()):
+        from d2_taskdistill import load_config
+
+        return load_config(os.path.join(ROOT, "configs", "digits", name), [*self.opts(), *opts])
+
+    def teacher_weights(self):
+        """Random teacher weights, saved once: speed does not depend on the values."""
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+
+        detector = self.args.detector
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_speed_{detector}_teacher")
+        if not os.path.exists(path + ".pth"):
+            teacher = build_model(self.config(f"{detector}_R34_FPN_teacher.yaml"))
+            DetectionCheckpointer(teacher, save_dir=os.path.dirname(path)).save(os.path.basename(path))
+        return path + ".pth"
+
+    def build(self, kind):
+        """A step function for ``kind``: 'student', 'teacher' or a METHODS label."""
+        from detectron2.modeling import build_model
+
+        from d2_taskdistill.modeling.dense_outputs import run_dense_detector
+
+        torch, detector = self.torch, self.args.detector
+        if kind == "teacher":
+            model = build_model(self.config(f"{detector}_R34_FPN_teacher.yaml")).eval()
+
+            @torch.no_grad()
+            def step(timed):
+                with self.autocast():
+                    run_dense_detector(model, self.batch, self.gt)
+            return step
+        if kind == "student":
+            model = build_model(self.config(f"{detector}_R18_FPN_student.yaml"))
+        else:
+            model = build_model(self.config(
+                f"{detector}_R34-R18_tid.yaml",
+                ["DISTILL.LOSSES", METHODS[kind], "DISTILL.TEACHER.WEIGHTS", self.teacher_weights(),
+                 "DISTILL.TEACHER.OPTS", self.opts(), "DISTILL.TEACHER.AMP", self.amp, *self.args.opts]))
+        model.train()
+        # lr 0: the step costs the same, and random-weight models cannot diverge.
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+
+        def forward(timed):
+            if timed is None or kind == "student":
+                return model(self.batch)
+            # The distillation forward in its parts (TaskDistillDetector.forward, timed).
+            student = timed("student forward",
+                            lambda: run_dense_detector(model.student, self.batch, self.gt, model.fcos_thresholds))
+            teacher = timed("teacher forward", lambda: model.run_teacher(self.batch, self.gt))
+            with torch.autocast(self.device.type, enabled=False):
+                student.to_float32()
+                losses = timed("student losses", lambda: dict(student.detector_losses()))
+                for name, module in model.distill_losses.items():
+                    losses.update(timed(f"masks + loss {name}", lambda: module(student, teacher)))
+            return losses
+
+        def step(timed):
+            with self.autocast():
+                total = sum(forward(timed).values())
+            optimizer.zero_grad()
+
+            def backward():
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            (timed or (lambda name, fn: fn()))("backward + step", backward)
+        return step
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def clock(self, fn):
+        self.sync()
         start = time.perf_counter()
         out = fn()
-        times.setdefault(name, []).append(time.perf_counter() - start)
-        return out
+        self.sync()
+        return out, time.perf_counter() - start
 
-    if kind == "teacher":
-        cfg = load_config(os.path.join(digits, f"{detector}_R34_FPN_teacher.yaml"), sizes)
-        model = build_model(cfg).eval()
-        step = lambda: timed("step", lambda: torch.no_grad()(run_dense_detector)(model, batch_inputs))
-    else:
-        if kind == "student":
-            cfg = load_config(os.path.join(digits, f"{detector}_R18_FPN_student.yaml"), sizes)
-            model = build_model(cfg)
-        else:
-            teacher_cfg = load_config(os.path.join(digits, f"{detector}_R34_FPN_teacher.yaml"), sizes)
-            weights = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_speed_{detector}_teacher")
-            if not os.path.exists(weights + ".pth"):
-                DetectionCheckpointer(build_model(teacher_cfg), save_dir=os.path.dirname(weights)).save(
-                    os.path.basename(weights))
-            cfg = load_config(os.path.join(digits, f"{detector}_R34-R18_tid.yaml"),
-                              [*sizes, "DISTILL.LOSSES", losses, "DISTILL.TEACHER.WEIGHTS", weights + ".pth",
-                               "DISTILL.TEACHER.OPTS", sizes, *opts])
-            model = build_model(cfg)
-        model.train()
-        # lr 0: the step costs the same, and random-weight models cannot diverge over the iterations.
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
-        def distill_forward():
-            gt = [x["instances"] for x in batch_inputs]
-            student = timed("student forward", lambda: run_dense_detector(model.student, batch_inputs, gt, model.fcos_thresholds))
-            teacher = timed("teacher forward", lambda: model.run_teacher(batch_inputs, gt))
-            loss = timed("student losses", lambda: dict(student.detector_losses()))
-            for name, module in model.distill_losses.items():
-                loss.update(timed(f"masks + loss {name}", lambda: module(student, teacher)))
-            return loss
-
-        forward = model if kind == "student" else distill_forward
-
-        def train_step():
-            losses = forward(batch_inputs) if kind == "student" else forward()
-            total = sum(losses.values())
-            optimizer.zero_grad()
-            timed("backward + step", lambda: (total.backward(), optimizer.step()))
-
-        step = lambda: timed("step", train_step)
+def child_rounds(args):
+    """Interleaved rounds in one process: {kind: [median step time of each round]}."""
+    bench = Bench(args)
+    kinds = [*FLOOR, *args.methods]
+    steps = {kind: bench.build(kind) for kind in kinds}
+    from detectron2.utils.events import EventStorage
 
     with EventStorage(0):
-        for i in range(warmup + iters):
-            if i == warmup:
-                times.clear()
-            step()
-    result = {name: statistics.median(v) for name, v in times.items()}
-    return {"step": result.pop("step"), "breakdown": result, "peak_mb": peak_rss_mb() - base_rss}
+        for kind in kinds:
+            for _ in range(args.warmup):
+                steps[kind](None)
+        rounds = {kind: [] for kind in kinds}
+        for r in range(args.rounds):
+            shift = r % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                times = [bench.clock(lambda: steps[kind](None))[1] for _ in range(args.iters)]
+                rounds[kind].append(statistics.median(times))
+    return {"rounds": rounds}
 
 
-def run_child(args, kind, losses, size, batch, opts=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--losses", *(losses or ["-"]),
-           "--size", str(size), "--batch", str(batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--detector", args.detector, "--opts", *opts]
+def child_profile(args, kind):
+    """One kind alone in this process: median step, its breakdown, and peak memory."""
+    torch_mod = __import__("torch")
+    base_rss = rss_mb()
+    bench = Bench(args)
+    step = bench.build(kind)
+    from detectron2.utils.events import EventStorage
+
+    if bench.device.type == "cuda":
+        torch_mod.cuda.reset_peak_memory_stats()
+    parts = {}
+
+    def timed(name, fn):
+        out, seconds = bench.clock(fn)
+        parts.setdefault(name, []).append(seconds)
+        return out
+
+    steps = []
+    with EventStorage(0):
+        for i in range(args.warmup + args.iters):
+            if i == args.warmup:
+                parts.clear()
+            seconds = bench.clock(lambda: step(timed))[1]
+            if i >= args.warmup:
+                steps.append(seconds)
+    if bench.device.type == "cuda":
+        peak = torch_mod.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = peak_rss_mb() - base_rss
+    return {"step": statistics.median(steps), "breakdown": {k: statistics.median(v) for k, v in parts.items()},
+            "peak_mb": peak}
+
+
+def run_child(args, mode, kind="-", size=None, batch=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--kind", kind,
+           "--size", str(size or args.size), "--batch", str(batch or args.batch),
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+           "--detector", args.detector, "--device", args.device, "--precision", args.precision,
+           "--methods", *args.methods, "--opts", *args.opts]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"measurement {kind} {losses} {size}px x{batch} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"measurement {mode} {kind} ({' '.join(cmd)}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -150,90 +246,127 @@ def fitted_exponent(points):
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
+def ratio_summary(rounds, kind):
+    """Per-round ratio of ``kind`` to the floor of the same round: median, min, max."""
+    floor = [s + t for s, t in zip(rounds["student"], rounds["teacher"])]
+    ratios = [k / f for k, f in zip(rounds[kind], floor)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_round": ratios}
+
+
+def measure_precision(args, precision, log):
+    """Rounds and per-kind profiles at the reference point for one precision."""
+    args = argparse.Namespace(**{**vars(args), "precision": precision})
+    rounds = run_child(args, "rounds")["rounds"]
+    profiles = {kind: run_child(args, "profile", kind) for kind in [*FLOOR, *args.methods]}
+    floor_mem = profiles["student"]["peak_mb"] + profiles["teacher"]["peak_mb"]
+    result = {"rounds": rounds, "profiles": profiles, "methods": {}}
+    floor_median = statistics.median(s + t for s, t in zip(rounds["student"], rounds["teacher"]))
+    log(f"[speed] {precision}: floor {floor_median:.4f} s (student {statistics.median(rounds['student']):.4f} + "
+        f"teacher {statistics.median(rounds['teacher']):.4f}), {floor_mem:.0f} MB")
+    for kind in args.methods:
+        ratio = ratio_summary(rounds, kind)
+        prof = profiles[kind]
+        masks = sum(v for k, v in prof["breakdown"].items() if k.startswith("masks"))
+        result["methods"][kind] = {
+            "step": statistics.median(rounds[kind]), "ratio": ratio, "peak_mb": prof["peak_mb"],
+            "memory_ratio": prof["peak_mb"] / floor_mem, "masks_share": masks / prof["step"],
+            "breakdown": prof["breakdown"]}
+        log(f"[speed] {precision} {kind:9s} {statistics.median(rounds[kind]):.4f} s, x{ratio['median']:.3f} "
+            f"[{ratio['min']:.3f}-{ratio['max']:.3f}], {prof['peak_mb']:.0f} MB")
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "amp"])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for the ratios")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per kind per round (and per profile)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="reference point: image size (px)")
+    parser.add_argument("--batch", type=int, default=4, help="reference point: images per batch")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                        help="distillation runs at the goal point (batch 4, 256 px)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-scaling", action="store_true", help="skip the batch / size sweep")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config options added to every distillation run, e.g. DISTILL.TBD.LOG_PERIOD 1")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "speed"))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--losses", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["rounds", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        losses = [] if args.losses == ["-"] else args.losses
-        print(json.dumps(measure(args.child, losses, args.size, args.batch, args.iters, args.warmup, args.detector,
-                                 args.opts)))
-        return 0
-
     import torch
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.child:
+        args.precision = args.precision[0]
+        out = child_rounds(args) if args.child == "rounds" else child_profile(args, args.kind)
+        print(json.dumps(out))
+        return 0
+
     start = time.perf_counter()
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads", "detector": args.detector, "points": []}
+              "device": device_name, "torch": torch.__version__, "detector": args.detector,
+              "reference": {"size": args.size, "batch": args.batch}, "rounds": args.rounds,
+              "iters": args.iters, "precision": {}}
+    log = lambda line: print(line, flush=True)
+    precisions = args.precision
+    for precision in precisions:
+        report["precision"][precision] = measure_precision(args, precision, log)
 
-    def record(kind, losses, size, batch, opts=(), label=None):
-        opts = [*opts, *args.opts] if kind == "distill" else []
-        point = run_child(args, kind, losses, size, batch, opts)
-        label = label or "+".join(losses) or "-"
-        point.update(kind=kind, losses=losses, label=label, opts=opts, size=size, batch=batch)
-        report["points"].append(point)
-        print(f"[speed] {kind:8s} {label:18s} {size:4d}px x{batch}: "
-              f"{point['step']:.3f} s, peak +{point['peak_mb']:.0f} MB", flush=True)
-        return point
-
-    # Methods at the goal point (batch 4, 256 px), then scaling of student, teacher and TID.
-    goal = (256, 4)
-    student = record("student", [], *goal)
-    teacher = record("teacher", [], *goal)
-    floor_time = student["step"] + teacher["step"]
-    floor_mem = student["peak_mb"] + teacher["peak_mb"]
-    rows = []
-    for label in args.methods:
-        losses, opts = METHODS[label]
-        p = record("distill", losses, *goal, opts=opts, label=label)
-        masks = sum(v for k, v in p["breakdown"].items() if k.startswith("masks"))
-        rows.append((label, p, p["step"] / floor_time, p["peak_mb"] / floor_mem, masks / p["step"]))
     scaling = {}
-    for kind, losses in () if args.no_scaling else (("student", []), ("teacher", []), ("distill", ["TID"])):
+    for kind in () if args.no_scaling else ("student", "teacher", "TID"):
         pts = []
         for size in args.sizes:
-            for batch in args.batches if size == 256 else [4]:
-                p = student if (kind, size, batch) == ("student", *goal) else (
-                    teacher if (kind, size, batch) == ("teacher", *goal) else record(kind, losses, size, batch))
+            for batch in args.batches if size == args.size else [args.batch]:
+                fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+                p = run_child(fp32, "profile", kind, size, batch)
+                log(f"[speed] scaling {kind:8s} {size:4d}px x{batch}: {p['step']:.3f} s")
                 pts.append((batch * size * size, p["step"]))
         scaling[kind] = {"points": pts, "exponent": fitted_exponent(pts)}
     report["scaling"] = scaling
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    write_report(args, report)
+    return 0
 
+
+def write_report(args, report):
+    unit = "allocated (torch.cuda.max_memory_allocated)" if args.device.startswith("cuda") else "RSS growth"
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",
-             f"Machine: {report['machine']}  ", f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
-             f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights; "
-             f"median of {args.iters} iterations after {args.warmup} warm-up; peak = RSS growth of a fresh "
-             "process over its size after imports." + (f" Options on every distillation run: `{' '.join(args.opts)}`."
-                                                       if args.opts else ""), "",
-             f"At batch 4, 256 px: student step {student['step']:.3f} s (+{student['peak_mb']:.0f} MB), "
-             f"teacher inference {teacher['step']:.3f} s (+{teacher['peak_mb']:.0f} MB); floor "
-             f"{floor_time:.3f} s, {floor_mem:.0f} MB.", "",
-             "| losses | step (s) | / floor | peak (MB) | / floor | masks + losses share | breakdown (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for label, p, t_ratio, m_ratio, share in rows:
-        breakdown = ", ".join(f"{k} {v:.3f}" for k, v in p["breakdown"].items())
-        lines.append(f"| {label} | {p['step']:.3f} | {t_ratio:.2f} | {p['peak_mb']:.0f} | "
-                     f"{m_ratio:.2f} | {100 * share:.1f} % | {breakdown} |")
-    if scaling:
-        lines += ["", "Scaling (time against batch x pixels; fitted exponent of a power law):", "",
+             f"Device: {report['device']}, torch {report['torch']}  ",
+             f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
+             f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights, "
+             f"batch {args.batch} x {args.size} px. Ratio = method step / (student step + teacher inference) "
+             f"of the same round; median over {args.rounds} interleaved rounds of {args.iters} steps, "
+             f"[min-max] over rounds. Peak memory: {unit}, one process per kind."
+             + (f" Options on every distillation run: `{' '.join(args.opts)}`." if args.opts else ""), ""]
+    for precision, res in report["precision"].items():
+        rounds, prof = res["rounds"], res["profiles"]
+        floor_mem = prof["student"]["peak_mb"] + prof["teacher"]["peak_mb"]
+        lines += [f"## {precision}", "",
+                  f"Floor: student step {statistics.median(rounds['student']):.4f} s "
+                  f"({prof['student']['peak_mb']:.0f} MB), teacher inference "
+                  f"{statistics.median(rounds['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
+                  f"{floor_mem:.0f} MB together.", "",
+                  "| losses | step (s) | / floor, median [min-max] | peak (MB) | / floor | masks + losses share "
+                  "| breakdown (s) |", "|---|---|---|---|---|---|---|"]
+        for kind, m in res["methods"].items():
+            r = m["ratio"]
+            breakdown = ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())
+            lines.append(f"| {kind} | {m['step']:.4f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | "
+                         f"{m['peak_mb']:.0f} | {m['memory_ratio']:.2f} | {100 * m['masks_share']:.1f} % | "
+                         f"{breakdown} |")
+        lines.append("")
+    if report["scaling"]:
+        lines += ["Scaling, fp32 (time against batch x pixels; fitted exponent of a power law):", "",
                   "| run | points (pixels, s) | exponent |", "|---|---|---|"]
-    for kind, s in scaling.items():
+    for kind, s in report["scaling"].items():
         pts = "; ".join(f"{px}: {t:.3f}" for px, t in s["points"])
         exponent = "-" if s["exponent"] is None else f"{s['exponent']:.2f}"
         lines.append(f"| {kind} | {pts} | {exponent} |")
@@ -243,7 +376,6 @@ def main():
     with open(args.output + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def top_fraction_mask(values, fraction, candidates=None, population=None):
     counts = candidates.sum(dim=1)
     k = torch.clamp((population.sum(dim=1).float() * fraction).ceil().long(), min=1)
     k = torch.minimum(k, torch.clamp(counts, min=1))
-    ranked = masked.sort(dim=1, descending=True).values
+    # topk of the largest k, not a full sort: fractions are small (a few % of P).
+    ranked = masked.topk(int(k.max()), dim=1).values
     kth = ranked.gather(1, (k - 1)[:, None])  # (N, 1)
     return candidates & (masked >= kth) & (counts[:, None] > 0)
 
