@@ -34,6 +34,16 @@ def same_run_config(saved_text, cfg):
     return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() if k != "OUTPUT_DIR")
 
 
+def ap_curve(output_dir):
+    """[(iteration, box AP)] of the evaluations during training (TEST.EVAL_PERIOD), from metrics.json."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return [(e["iteration"] + 1, round(e[k], 3)) for e in entries for k in e if k.endswith("bbox/AP")]
+
+
 def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     """Train ``config_file`` into ``output_dir`` and evaluate on DATASETS.TEST.
 
@@ -70,6 +80,7 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     trainer.train()
     result = {
         "config_file": config_file,
+        "ap_curve": ap_curve(output_dir),
         "opts": list(opts),
         "metrics": bbox_metrics(trainer.last_eval_results),
         "teacher_metrics": (

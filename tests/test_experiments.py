@@ -20,3 +20,14 @@ def test_same_run_config():
     without_key = saved.replace("    LOG_PERIOD: 20\n", "")
     assert without_key != saved
     assert same_run_config(without_key, student_cfg("SEED", 1))
+
+
+def test_ap_curve_reads_the_evaluations_of_metrics_json(tmp_path):
+    from d2_taskdistill.experiments import ap_curve
+
+    lines = ['{"iteration": 19, "total_loss": 1.5}',
+             '{"iteration": 499, "bbox/AP": 12.25, "bbox/AP50": 30.0, "total_loss": 0.9}',
+             '{"iteration": 999, "bbox/AP": 20.5, "bbox/AP50": 41.0}', ""]
+    (tmp_path / "metrics.json").write_text("\n".join(lines))
+    assert ap_curve(str(tmp_path)) == [(500, 12.25), (1000, 20.5)]
+    assert ap_curve(str(tmp_path / "missing")) == []

@@ -63,9 +63,9 @@ SCHEDULES = {
     # so that its neck and head can start from the teacher's (the +init rows).
     "trained": (
         ["SEED", 0, "SOLVER.MAX_ITER", 6000, "SOLVER.STEPS", (4800, 5600), "SOLVER.WARMUP_ITERS", 200,
-         "SOLVER.BASE_LR", 0.001],
+         "SOLVER.BASE_LR", 0.001, "TEST.EVAL_PERIOD", 500],
         ["MODEL.FPN.OUT_CHANNELS", 128, "SOLVER.MAX_ITER", 1500, "SOLVER.STEPS", (1200, 1400),
-         "SOLVER.WARMUP_ITERS", 100],
+         "SOLVER.WARMUP_ITERS", 100, "TEST.EVAL_PERIOD", 500],
     ),
 }
 
@@ -150,6 +150,7 @@ class Teacher:
         if not record_matches(record, self.cfg) or not result["reused"]:
             record = {"detector": self.det, "config_file": rel(self.config_file), "opts": [str(o) for o in self.opts],
                       "config": self.cfg.dump(), "config_sha": self.sha, "metrics": result["metrics"],
+                      "ap_curve": result.get("ap_curve", []),
                       "iterations": result["iterations"], "seconds": result["seconds"], "machine": machine()}
             write_record(self.record_path, record)
         return record
@@ -264,6 +265,7 @@ def main():
             write_record(run.record_path, {
                 "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
                 "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
+                "ap_curve": result.get("ap_curve", []),
                 "iterations": result["iterations"], "seconds": result["seconds"], "machine": machine(),
                 "teacher": {"config_sha": teacher_rec["config_sha"], "AP": teacher_rec["metrics"]["AP"]}})
             if args.git_commit:

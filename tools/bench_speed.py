@@ -5,16 +5,18 @@ Writes benchmarks/speed.md and benchmarks/speed.json.
 
     python tools/bench_speed.py                                   # make bench-speed
     python tools/bench_speed.py --device cuda --precision fp32 amp
-    python tools/bench_speed.py --rounds 9 --no-scaling
+    python tools/bench_speed.py --rounds 40 --no-scaling
     python tools/bench_speed.py --methods TBD --no-scaling --opts DISTILL.TBD.LOG_PERIOD 1
 
 Ratios: one process builds the student, the teacher and every method's model, then runs
---rounds rounds; in each round every kind trains --iters steps, in an order rotated from
-round to round, and each method's step time is divided by the floor measured in the same
-round. The table gives the median ratio over rounds and its range, so that a drift of the
-machine's speed during the run cancels out. Peak memory and the breakdown of the step come
-from one process per kind (peak RSS growth on the CPU, torch.cuda.max_memory_allocated on
-CUDA). On CUDA every timed region ends with torch.cuda.synchronize().
+--rounds rounds; in each round every method's training step is timed right next to a student
+step and a teacher inference (order reversed every other round, methods rotated), and the
+ratio method / (student + teacher) is taken within that triple. The table gives the median
+over rounds and its quartiles: a drift of the machine's speed, which moves single steps by
+tens of percent on a shared VM, touches the three steps of a triple alike. Peak memory and
+the breakdown of the step come from one process per kind (peak RSS growth on the CPU,
+torch.cuda.max_memory_allocated on CUDA). On CUDA every timed region ends with
+torch.cuda.synchronize().
 
 Precision "amp" is what SOLVER.AMP.ENABLED and DISTILL.TEACHER.AMP give: float16 autocast
 with a grad scaler on CUDA; bfloat16 autocast on the CPU (slow where the CPU lacks bf16 units).
@@ -172,23 +174,29 @@ class Bench:
 
 
 def child_rounds(args):
-    """Interleaved rounds in one process: {kind: [median step time of each round]}."""
+    """Interleaved rounds in one process. In each round every method's step is timed next to
+    a student step and a teacher step (order reversed every other round), so that each ratio
+    compares steps a few seconds apart. Returns {"ratios": {method: [...]}, "steps": {kind: [...]}}."""
     bench = Bench(args)
     kinds = [*FLOOR, *args.methods]
     steps = {kind: bench.build(kind) for kind in kinds}
     from detectron2.utils.events import EventStorage
 
+    ratios = {kind: [] for kind in args.methods}
+    times = {kind: [] for kind in kinds}
     with EventStorage(0):
         for kind in kinds:
             for _ in range(args.warmup):
                 steps[kind](None)
-        rounds = {kind: [] for kind in kinds}
         for r in range(args.rounds):
-            shift = r % len(kinds)
-            for kind in kinds[shift:] + kinds[:shift]:
-                times = [bench.clock(lambda: steps[kind](None))[1] for _ in range(args.iters)]
-                rounds[kind].append(statistics.median(times))
-    return {"rounds": rounds}
+            shift = r % len(args.methods)
+            for method in args.methods[shift:] + args.methods[:shift]:
+                order = [*FLOOR, method] if r % 2 == 0 else [method, *reversed(FLOOR)]
+                seconds = {kind: bench.clock(lambda: steps[kind](None))[1] for kind in order}
+                ratios[method].append(seconds[method] / (seconds["student"] + seconds["teacher"]))
+                for kind, t in seconds.items():
+                    times[kind].append(t)
+    return {"ratios": ratios, "steps": times}
 
 
 def child_profile(args, kind):
@@ -229,6 +237,7 @@ def run_child(args, mode, kind="-", size=None, batch=None):
            "--size", str(size or args.size), "--batch", str(batch or args.batch),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
            "--detector", args.detector, "--device", args.device, "--precision", args.precision,
+           *(["--threads", str(args.threads)] if args.threads else []),
            "--methods", *args.methods, "--opts", *args.opts]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -246,33 +255,33 @@ def fitted_exponent(points):
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def ratio_summary(rounds, kind):
-    """Per-round ratio of ``kind`` to the floor of the same round: median, min, max."""
-    floor = [s + t for s, t in zip(rounds["student"], rounds["teacher"])]
-    ratios = [k / f for k, f in zip(rounds[kind], floor)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_round": ratios}
+def ratio_summary(ratios):
+    """Median of the per-round ratios, their quartiles and range."""
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios),
+            "per_round": ratios}
 
 
 def measure_precision(args, precision, log):
     """Rounds and per-kind profiles at the reference point for one precision."""
     args = argparse.Namespace(**{**vars(args), "precision": precision})
-    rounds = run_child(args, "rounds")["rounds"]
+    rounds = run_child(args, "rounds")
     profiles = {kind: run_child(args, "profile", kind) for kind in [*FLOOR, *args.methods]}
+    steps = {kind: statistics.median(v) for kind, v in rounds["steps"].items()}
     floor_mem = profiles["student"]["peak_mb"] + profiles["teacher"]["peak_mb"]
-    result = {"rounds": rounds, "profiles": profiles, "methods": {}}
-    floor_median = statistics.median(s + t for s, t in zip(rounds["student"], rounds["teacher"]))
-    log(f"[speed] {precision}: floor {floor_median:.4f} s (student {statistics.median(rounds['student']):.4f} + "
-        f"teacher {statistics.median(rounds['teacher']):.4f}), {floor_mem:.0f} MB")
+    result = {"steps": rounds["steps"], "profiles": profiles, "methods": {}}
+    log(f"[speed] {precision}: floor {steps['student'] + steps['teacher']:.4f} s (student {steps['student']:.4f} + "
+        f"teacher {steps['teacher']:.4f}), {floor_mem:.0f} MB")
     for kind in args.methods:
-        ratio = ratio_summary(rounds, kind)
+        ratio = ratio_summary(rounds["ratios"][kind])
         prof = profiles[kind]
         masks = sum(v for k, v in prof["breakdown"].items() if k.startswith("masks"))
         result["methods"][kind] = {
-            "step": statistics.median(rounds[kind]), "ratio": ratio, "peak_mb": prof["peak_mb"],
+            "step": steps[kind], "ratio": ratio, "peak_mb": prof["peak_mb"],
             "memory_ratio": prof["peak_mb"] / floor_mem, "masks_share": masks / prof["step"],
             "breakdown": prof["breakdown"]}
-        log(f"[speed] {precision} {kind:9s} {statistics.median(rounds[kind]):.4f} s, x{ratio['median']:.3f} "
-            f"[{ratio['min']:.3f}-{ratio['max']:.3f}], {prof['peak_mb']:.0f} MB")
+        log(f"[speed] {precision} {kind:9s} {steps[kind]:.4f} s, x{ratio['median']:.3f} "
+            f"[{ratio['q1']:.3f}-{ratio['q3']:.3f}], {prof['peak_mb']:.0f} MB")
     return result
 
 
@@ -281,9 +290,10 @@ def main():
     parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "amp"])
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for the ratios")
-    parser.add_argument("--iters", type=int, default=5, help="timed steps per kind per round (and per profile)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (one ratio per method each)")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps of each kind's profile")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--size", type=int, default=256, help="reference point: image size (px)")
     parser.add_argument("--batch", type=int, default=4, help="reference point: images per batch")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -302,6 +312,8 @@ def main():
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         args.precision = args.precision[0]
         out = child_rounds(args) if args.child == "rounds" else child_profile(args, args.kind)
@@ -342,24 +354,26 @@ def write_report(args, report):
              f"Device: {report['device']}, torch {report['torch']}  ",
              f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
              f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights, "
-             f"batch {args.batch} x {args.size} px. Ratio = method step / (student step + teacher inference) "
-             f"of the same round; median over {args.rounds} interleaved rounds of {args.iters} steps, "
-             f"[min-max] over rounds. Peak memory: {unit}, one process per kind."
+             f"batch {args.batch} x {args.size} px. Ratio = method step / (student step + teacher inference), "
+             f"the three steps timed one after the other; median over {args.rounds} interleaved rounds "
+             f"[quartiles] (range). Step times: medians over the rounds. Peak memory and breakdown: one "
+             f"process per kind ({args.iters} steps), peak {unit}."
              + (f" Options on every distillation run: `{' '.join(args.opts)}`." if args.opts else ""), ""]
     for precision, res in report["precision"].items():
-        rounds, prof = res["rounds"], res["profiles"]
+        steps, prof = res["steps"], res["profiles"]
         floor_mem = prof["student"]["peak_mb"] + prof["teacher"]["peak_mb"]
         lines += [f"## {precision}", "",
-                  f"Floor: student step {statistics.median(rounds['student']):.4f} s "
+                  f"Floor: student step {statistics.median(steps['student']):.4f} s "
                   f"({prof['student']['peak_mb']:.0f} MB), teacher inference "
-                  f"{statistics.median(rounds['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
+                  f"{statistics.median(steps['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
                   f"{floor_mem:.0f} MB together.", "",
-                  "| losses | step (s) | / floor, median [min-max] | peak (MB) | / floor | masks + losses share "
-                  "| breakdown (s) |", "|---|---|---|---|---|---|---|"]
+                  "| losses | step (s) | / floor: median [quartiles] (range) | peak (MB) | / floor "
+                  "| masks + losses share | breakdown (s) |", "|---|---|---|---|---|---|---|"]
         for kind, m in res["methods"].items():
             r = m["ratio"]
             breakdown = ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())
-            lines.append(f"| {kind} | {m['step']:.4f} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | "
+            lines.append(f"| {kind} | {m['step']:.4f} | {r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}] "
+                         f"({r['min']:.3f}-{r['max']:.3f}) | "
                          f"{m['peak_mb']:.0f} | {m['memory_ratio']:.2f} | {100 * m['masks_share']:.1f} % | "
                          f"{breakdown} |")
         lines.append("")
