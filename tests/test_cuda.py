@@ -1,0 +1,70 @@
+"""CUDA paths: SOLVER.AMP.ENABLED (detectron2's AMPTrainer, float16) with every method, the
+teacher in float16 under DISTILL.TEACHER.AMP, and the speed benchmark's CUDA measurements.
+Skipped where torch sees no GPU (the CPU runs the same code with bfloat16 in
+tests/test_mixed_precision.py)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, distill_cfg, make_teacher_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tiny_batch):
+    root = tmp_path_factory.mktemp("cuda_teachers")
+    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), tiny_batch) for d in ("retinanet", "fcos")}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_amp_training_every_method(detector, method, teachers, tiny_dataset, tmp_path):
+    from detectron2.engine import AMPTrainer
+
+    from d2_taskdistill.engine import DistillTrainer
+
+    cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path,
+                      opts=["MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "DISTILL.TEACHER.AMP", True])
+    trainer = DistillTrainer(cfg)
+    assert isinstance(trainer._trainer, AMPTrainer)
+    teacher_dtypes = []
+    trainer.model.teacher.backbone.register_forward_hook(
+        lambda module, args, out: teacher_dtypes.extend(v.dtype for v in out.values()))
+    trainer.train()
+    history = trainer.storage.histories()
+    losses = [k for k in history if k.startswith("loss_")]
+    assert any(k.startswith("loss_distill") for k in losses)
+    for k in losses:
+        assert all(math.isfinite(v) for v, _ in history[k].values()), k
+    # The grad scaler is logged every iteration; a step counts as skipped exactly where the
+    # scale fell (from AMPTrainer's GradScaler default of 2**16 at the start).
+    scales = [v for v, _ in history["amp/grad_scale"].values()]
+    assert len(scales) == cfg.SOLVER.MAX_ITER
+    fell = [s < before for s, before in zip(scales, [2.0**16] + scales[:-1])]
+    assert [v for v, _ in history["amp/skipped_steps"].values()] == [sum(fell[: i + 1]) for i in range(len(fell))]
+    # DISTILL.TEACHER.AMP: the teacher's features come out in float16 on CUDA.
+    assert teacher_dtypes and set(teacher_dtypes) == {torch.float16}
+
+
+def test_speed_benchmark_cuda_path(tmp_path):
+    out = tmp_path / "speed"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_speed.py"), "--device", "cuda", "--no-scaling",
+           "--rounds", "2", "--iters", "2", "--warmup", "1", "--size", "128", "--methods", "TID",
+           "--precision", "fp32", "amp", "--output", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["device"] == torch.cuda.get_device_name(0)
+    for precision in ("fp32", "amp"):
+        res = report["precision"][precision]
+        # Peak memory from torch.cuda.max_memory_allocated: at least the weights of the models.
+        assert all(p["peak_mb"] > 1 for p in res["profiles"].values())
+        assert res["methods"]["TID"]["ratio"]["median"] > 0
