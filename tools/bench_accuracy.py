@@ -192,8 +192,13 @@ def train_student(run):
 
 
 def git_commit(paths, message):
-    subprocess.run(["git", "add", *paths], cwd=ROOT, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=ROOT, check=True)
+    """Commit the records only; a failure (e.g. another git command holding the index) is
+    reported, not fatal: the record stays on disk for the next commit."""
+    for cmd in (["git", "add", *paths], ["git", "commit", "-q", "-m", message, "--", *paths]):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[bench] not committed ({' '.join(cmd[:2])}): {proc.stderr.strip()}", flush=True)
+            return
 
 
 def summarize(results):
