@@ -62,8 +62,8 @@ SCHEDULES = {
     # of it. The student keeps the teacher's FPN width and head (as R50 and R101 do on COCO),
     # so that its neck and head can start from the teacher's (the +init rows).
     "trained": (
-        ["SEED", 0, "SOLVER.MAX_ITER", 6000, "SOLVER.STEPS", (4800, 5600), "SOLVER.WARMUP_ITERS", 200,
-         "SOLVER.BASE_LR", 0.001, "TEST.EVAL_PERIOD", 500],
+        ["SEED", 0, "SOLVER.MAX_ITER", 4000, "SOLVER.STEPS", (3200, 3700), "SOLVER.WARMUP_ITERS", 200,
+         "TEST.EVAL_PERIOD", 500],
         ["MODEL.FPN.OUT_CHANNELS", 128, "SOLVER.MAX_ITER", 1500, "SOLVER.STEPS", (1200, 1400),
          "SOLVER.WARMUP_ITERS", 100, "TEST.EVAL_PERIOD", 500],
     ),
