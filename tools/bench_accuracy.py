@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The accuracy table: every method and the baseline, same schedule, several seeds, on the
-embedded digits dataset. Writes benchmarks/accuracy.md and benchmarks/accuracy.json.
+embedded digits dataset. Writes benchmarks/accuracy_<schedule>.md and .json.
 
     python tools/bench_accuracy.py --jobs 2              # the full table (make bench-accuracy)
     python tools/bench_accuracy.py --detectors retinanet --seeds 1 --rows baseline tid
@@ -228,7 +228,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("--work-dir", default=None, help="default output/bench_accuracy_<schedule>[_<eval>]")
     parser.add_argument("--records", default=None, help="default benchmarks/accuracy_runs_<schedule>[_<eval>]")
-    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "accuracy"))
+    parser.add_argument("--output", default=None, help="default benchmarks/accuracy_<schedule>[_<eval>]")
     parser.add_argument("--report-only", action="store_true", help="write the table from the records; train nothing")
     parser.add_argument("--git-commit", action="store_true", help="commit each record as its run finishes")
     args = parser.parse_args()
@@ -237,6 +237,7 @@ def main():
     suffix = args.schedule + ("" if args.eval_dataset == DEFAULT_EVAL_DATASET else f"_{args.eval_dataset}")
     args.work_dir = args.work_dir or os.path.join("output", f"bench_accuracy_{suffix}")
     args.records = args.records or os.path.join("benchmarks", f"accuracy_runs_{suffix}")
+    args.output = args.output or os.path.join("benchmarks", f"accuracy_{suffix}")
     start = time.perf_counter()
     teachers = {det: Teacher(args, det) for det in args.detectors}
     fixed_rows = args.rows or ["baseline", *METHODS, "baseline" + INIT]

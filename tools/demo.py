@@ -20,7 +20,7 @@ from d2_taskdistill.experiments import digits_config, digits_teacher_dir, train_
 from d2_taskdistill.report import bar_chart, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The best method of benchmarks/accuracy.md (RetinaNet 3 seeds: TBD 5.5, TID 5.2, BCKD 5.1 AP;
+# The best method of benchmarks/accuracy_short.md (RetinaNet 3 seeds: TBD 5.5, TID 5.2, BCKD 5.1 AP;
 # FCOS 2 seeds: TBD 5.5, TID 5.4).
 DEFAULT_METHOD = "tbd"
 
