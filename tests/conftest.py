@@ -87,6 +87,12 @@ SMALL_TEACHER_OPTS = ["MODEL.RESNETS.DEPTH", 34, "MODEL.RESNETS.RES2_OUT_CHANNEL
                       "MODEL.FPN.OUT_CHANNELS", 96]
 
 
+def make_teachers(tmp_path_factory, batches, name):
+    """One small teacher checkpoint per detector (RetinaNet, FCOS) in a new temp dir ``name``."""
+    root = tmp_path_factory.mktemp(name)
+    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), batches) for d in ("retinanet", "fcos")}
+
+
 def make_teacher_checkpoint(detector, path, batches, opts=()):
     """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, distill_cfg, make_teacher_checkpoint
+from conftest import ROOT, distill_cfg, make_teachers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -21,8 +21,7 @@ METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch):
-    root = tmp_path_factory.mktemp("cuda_teachers")
-    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), tiny_batch) for d in ("retinanet", "fcos")}
+    return make_teachers(tmp_path_factory, tiny_batch, "cuda_teachers")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import distill_cfg, make_teacher_checkpoint
+from conftest import distill_cfg, make_teachers
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
 # bfloat16 keeps 8 bits of mantissa. Measured at this test's point (relative to float32):
@@ -19,8 +19,7 @@ RELATIVE_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch):
-    root = tmp_path_factory.mktemp("amp_teachers")
-    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), tiny_batch) for d in ("retinanet", "fcos")}
+    return make_teachers(tmp_path_factory, tiny_batch, "amp_teachers")
 
 
 @pytest.mark.parametrize("method", METHODS)
