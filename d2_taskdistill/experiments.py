@@ -34,14 +34,15 @@ def same_run_config(saved_text, cfg):
     return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() if k != "OUTPUT_DIR")
 
 
-def ap_curve(output_dir):
-    """[(iteration, box AP)] of the evaluations during training (TEST.EVAL_PERIOD), from metrics.json."""
+def ap_curve(output_dir, max_iter):
+    """[(iteration, box AP)] of the evaluations during training (TEST.EVAL_PERIOD), from metrics.json.
+    A periodic evaluation is written at iteration N - 1, the one after training at max_iter."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         entries = [json.loads(line) for line in f if line.strip()]
-    return [(e["iteration"] + 1, round(e[k], 3)) for e in entries for k in e if k.endswith("bbox/AP")]
+    return [(min(e["iteration"] + 1, max_iter), round(e[k], 3)) for e in entries for k in e if k.endswith("bbox/AP")]
 
 
 def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
@@ -80,7 +81,7 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     trainer.train()
     result = {
         "config_file": config_file,
-        "ap_curve": ap_curve(output_dir),
+        "ap_curve": ap_curve(output_dir, cfg.SOLVER.MAX_ITER),
         "opts": list(opts),
         "metrics": bbox_metrics(trainer.last_eval_results),
         "teacher_metrics": (

@@ -27,7 +27,8 @@ def test_ap_curve_reads_the_evaluations_of_metrics_json(tmp_path):
 
     lines = ['{"iteration": 19, "total_loss": 1.5}',
              '{"iteration": 499, "bbox/AP": 12.25, "bbox/AP50": 30.0, "total_loss": 0.9}',
-             '{"iteration": 999, "bbox/AP": 20.5, "bbox/AP50": 41.0}', ""]
+             '{"iteration": 999, "bbox/AP": 20.5, "bbox/AP50": 41.0}',
+             '{"iteration": 1000, "bbox/AP": 20.5, "bbox/AP50": 41.0}', ""]  # the evaluation after training
     (tmp_path / "metrics.json").write_text("\n".join(lines))
-    assert ap_curve(str(tmp_path)) == [(500, 12.25), (1000, 20.5)]
-    assert ap_curve(str(tmp_path / "missing")) == []
+    assert ap_curve(str(tmp_path), 1000) == [(500, 12.25), (1000, 20.5), (1000, 20.5)]
+    assert ap_curve(str(tmp_path / "missing"), 1000) == []
