@@ -36,21 +36,42 @@ def same_run_config(saved_text, cfg):
 
 def ap_curve(output_dir, max_iter):
     """[(iteration, box AP)] of the evaluations during training (TEST.EVAL_PERIOD), from metrics.json.
-    A periodic evaluation is written at iteration N - 1, the one after training at max_iter."""
+    A periodic evaluation is written at iteration N - 1, the one after training at max_iter.
+    An iteration evaluated twice (a resumed run) counts once, with its last value."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         entries = [json.loads(line) for line in f if line.strip()]
-    return [(min(e["iteration"] + 1, max_iter), round(e[k], 3)) for e in entries for k in e if k.endswith("bbox/AP")]
+    curve = {min(e["iteration"] + 1, max_iter): round(e[k], 3) for e in entries for k in e if k.endswith("bbox/AP")}
+    return sorted(curve.items())
+
+
+def interrupted_at(output_dir, cfg):
+    """The iteration an unfinished run of ``cfg`` in ``output_dir`` can resume from (its last
+    checkpoint), or None: no checkpoint, or one written with another config."""
+    config_path = os.path.join(output_dir, "config.yaml")
+    last = os.path.join(output_dir, "last_checkpoint")
+    if not (os.path.exists(config_path) and os.path.exists(last)):
+        return None
+    with open(config_path) as f:
+        if not same_run_config(f.read(), cfg):
+            return None
+    with open(last) as f:
+        name = f.read().strip()
+    if name == "model_final.pth" or not os.path.exists(os.path.join(output_dir, name)):
+        return None
+    return int(name[len("model_"):-len(".pth")]) + 1
 
 
 def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
     """Train ``config_file`` into ``output_dir`` and evaluate on DATASETS.TEST.
 
     With ``reuse``, a run whose final model and evaluation exist, trained with the same config,
-    is not trained again.
-    Returns a dict with the box metrics, the wall time and whether it was reused.
+    is not trained again, and an interrupted one resumes from its last checkpoint (the data
+    order after a resume is not the uninterrupted run's: detectron2 restarts the sampler).
+    Returns a dict with the box metrics, the wall time, whether it was reused and the
+    iteration it resumed from (None: trained from the start).
     """
     result_path = os.path.join(output_dir, RESULT_FILE)
     config_path = os.path.join(output_dir, "config.yaml")
@@ -66,18 +87,21 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
             result["reused"] = True
             return result
         logger.info(f"{output_dir} was trained with another config: training it again")
+    resume_iter = interrupted_at(output_dir, cfg) if reuse else None
     if cfg.SEED >= 0:  # as detectron2's default_setup does; the data sampler draws from it
         seed_all_rng(cfg.SEED)
     os.makedirs(output_dir, exist_ok=True)
     # detectron2's writers append: a previous run's log would be read as this one's.
     for name in os.listdir(output_dir):
-        if name in (RESULT_FILE, "metrics.json") or name.startswith("events.out.tfevents"):
+        if name == RESULT_FILE or (resume_iter is None and (name == "metrics.json" or name.startswith("events.out"))):
             os.remove(os.path.join(output_dir, name))
+    if resume_iter is not None:
+        logger.info(f"{output_dir}: resuming an interrupted run at iteration {resume_iter}")
     with open(config_path, "w") as f:
         f.write(cfg.dump())
     start = time.perf_counter()
     trainer = DistillTrainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume_iter is not None)
     trainer.train()
     result = {
         "config_file": config_file,
@@ -89,6 +113,7 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
         ),
         "seconds": round(time.perf_counter() - start, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
+        "resumed_from": resume_iter,
     }
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -2,7 +2,7 @@
 from d2_taskdistill import load_config
 from d2_taskdistill.experiments import same_run_config
 
-from conftest import config_path
+from conftest import config_path, tiny_run_opts
 
 
 def student_cfg(*opts):
@@ -30,5 +30,35 @@ def test_ap_curve_reads_the_evaluations_of_metrics_json(tmp_path):
              '{"iteration": 999, "bbox/AP": 20.5, "bbox/AP50": 41.0}',
              '{"iteration": 1000, "bbox/AP": 20.5, "bbox/AP50": 41.0}', ""]  # the evaluation after training
     (tmp_path / "metrics.json").write_text("\n".join(lines))
-    assert ap_curve(str(tmp_path), 1000) == [(500, 12.25), (1000, 20.5), (1000, 20.5)]
+    # The periodic evaluation at 999 and the one after training name the same model.
+    assert ap_curve(str(tmp_path), 1000) == [(500, 12.25), (1000, 20.5)]
     assert ap_curve(str(tmp_path / "missing"), 1000) == []
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    from d2_taskdistill.engine import DistillTrainer
+    from d2_taskdistill.experiments import interrupted_at, train_and_evaluate
+
+    config = config_path("digits", "retinanet_R18_FPN_student.yaml")
+    opts = tiny_run_opts(tmp_path, max_iter=4)  # checkpoints after iterations 2 and 4
+    first = train_and_evaluate(config, str(tmp_path), opts)
+    assert first["resumed_from"] is None and not first["reused"]
+    assert train_and_evaluate(config, str(tmp_path), opts)["reused"]
+
+    # Stopped after the checkpoint of iteration 2: no final model, no evaluation.
+    (tmp_path / "model_final.pth").unlink()
+    (tmp_path / "final_eval.json").unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    cfg = load_config(config, [*opts, "OUTPUT_DIR", str(tmp_path)])
+    assert interrupted_at(str(tmp_path), cfg) == 2
+    other = load_config(config, [*opts, "SEED", 7, "OUTPUT_DIR", str(tmp_path)])
+    assert interrupted_at(str(tmp_path), other) is None  # another config trains from the start
+
+    start_iters = []
+    train = DistillTrainer.train
+    monkeypatch.setattr(DistillTrainer, "train", lambda self: (start_iters.append(self.start_iter), train(self))[1])
+    resumed = train_and_evaluate(config, str(tmp_path), opts)
+    assert start_iters == [2]
+    assert resumed["resumed_from"] == 2 and not resumed["reused"]
+    assert set(resumed["metrics"]) >= {"AP", "AP50"}
+    assert (tmp_path / "model_final.pth").exists()
