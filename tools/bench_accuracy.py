@@ -196,6 +196,9 @@ def train_student(run):
 def git_commit(paths, message):
     """Commit the records only; a failure (e.g. another git command holding the index) is
     reported, not fatal: the record stays on disk for the next commit."""
+    changed = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=ROOT, capture_output=True, text=True)
+    if changed.returncode == 0 and not changed.stdout.strip():
+        return  # the committed record is this one (a reused teacher)
     for cmd in (["git", "add", *paths], ["git", "commit", "-q", "-m", message, "--", *paths]):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:

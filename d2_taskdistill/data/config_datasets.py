@@ -149,13 +149,10 @@ def _num_classes(cfg):
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "TaskDistillDetector":
         arch = cfg.DISTILL.STUDENT_ARCHITECTURE
-    key = {"RetinaNet": "MODEL.RETINANET.NUM_CLASSES", "FCOS": "MODEL.FCOS.NUM_CLASSES"}.get(arch)
-    if key is None:
+    head = {"RetinaNet": "RETINANET", "FCOS": "FCOS"}.get(arch)
+    if head is None:
         return None, None
-    node = cfg
-    for part in key.split(".")[:-1]:
-        node = node[part]
-    return key, node[key.split(".")[-1]]
+    return f"MODEL.{head}.NUM_CLASSES", cfg.MODEL[head].NUM_CLASSES
 
 
 def check_voc_annotations_for_evaluation(name):
