@@ -132,6 +132,20 @@ def test_fgfi_imitation_mask():
     assert imitation_mask(Outputs, 0.5).tolist() == [[True, False, True], [False, False, False]]
 
 
+def test_fgfi_region_on_fcos_point_boxes_skips_the_level_fcos_uses():
+    # FCOS's "anchors" are stride-sized boxes. A 24 x 24 GT box around a position's centre
+    # (FCOS puts it on P3, stride 8: it is under P3's regression range): the P3 box (8 x 8)
+    # has IoU 64/576 = 0.111, P4's (16 x 16) 256/576 = 0.444, P5's (32 x 32) 576/1024 = 0.5625.
+    # Threshold 0.5 * 0.5625: FGFI imitates P4 and P5 there, not P3 (benchmarks/fgfi_regions.md).
+    class Outputs:
+        anchors_flat = Boxes(torch.tensor([[28.0, 28, 36, 36], [24.0, 24, 40, 40], [16.0, 16, 48, 48]]))
+
+    gt = Instances((64, 64))
+    gt.gt_boxes = Boxes(torch.tensor([[20.0, 20, 44, 44]]))
+    Outputs.gt_instances = [gt]
+    assert imitation_mask(Outputs, 0.5).tolist() == [[False, True, True]]
+
+
 def test_fitnet_hand_value():
     cfg = load_config(config_path("digits", "retinanet_R34-R18_fitnet.yaml"))
     fitnet = FITNET(cfg, [ShapeSpec(channels=2)] * 2, [ShapeSpec(channels=2)] * 2)
