@@ -134,9 +134,9 @@ class Bench:
             if timed is None or kind == "student":
                 return model(self.batch)
             # The distillation forward in its parts (TaskDistillDetector.forward, timed).
+            teacher = timed("teacher forward", lambda: model.run_teacher(self.batch, self.gt))
             student = timed("student forward",
                             lambda: run_dense_detector(model.student, self.batch, self.gt, model.fcos_thresholds))
-            teacher = timed("teacher forward", lambda: model.run_teacher(self.batch, self.gt))
             with torch.autocast(self.device.type, enabled=False):
                 student.to_float32()
                 losses = timed("student losses", lambda: dict(student.detector_losses()))

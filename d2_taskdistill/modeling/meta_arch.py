@@ -115,11 +115,13 @@ class TaskDistillDetector(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        # The teacher first: its activations are freed before the student's exist, so the
+        # step's peak memory is the larger of the two, not their sum.
+        teacher_out = self.run_teacher(batched_inputs, gt_instances)
         # The student runs under the caller's autocast (SOLVER.AMP.ENABLED); its losses, the
         # distillation losses and the masks that feed them run in float32: exp, log, softmax
         # and IoU overflow or lose the small values they compare at half precision.
         student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds)
-        teacher_out = self.run_teacher(batched_inputs, gt_instances)
         with torch.autocast(device_type=self.device.type, enabled=False):
             student_out.to_float32()
             losses = dict(student_out.detector_losses())
