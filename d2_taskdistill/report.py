@@ -1,4 +1,5 @@
 """Tables and charts of evaluation results (demo report, accuracy benchmark)."""
+import json
 import math
 import os
 
@@ -44,3 +45,13 @@ def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_report_files(output, data, lines):
+    """A benchmark's results: ``output``.json (``data``) and ``output``.md (``lines``, also printed)."""
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    with open(output + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

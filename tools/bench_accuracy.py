@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from d2_taskdistill.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
-from d2_taskdistill.report import bar_chart, markdown_table
+from d2_taskdistill.report import bar_chart, markdown_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
@@ -353,9 +353,6 @@ def row_label(row):
 
 
 def write_report(report, output):
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output + ".json", "w") as f:
-        json.dump(report, f, indent=1)
     students_on_val = report["eval_dataset"] == DEFAULT_EVAL_DATASET
     lines = ["# Accuracy on the embedded digits dataset", "", f"Command: `{report['command']}`  ",
              f"Schedule: `{report['schedule']}`; teacher options `{' '.join(report['schedule_opts']['teacher'])}`, "
@@ -393,9 +390,7 @@ def write_report(report, output):
                 seeds = ", ".join(f"{m['AP']:.1f}" for m in v["runs"])
                 lines.append(f"| {row_label(r)} | {v['gain_AP']:+.2f} | {gap} | {beats} | {seeds} |")
             lines += ["", "Gap closed = (row AP - baseline AP) / (teacher AP - baseline AP).", ""]
-    with open(output + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report_files(output, report, lines)
 
 
 if __name__ == "__main__":

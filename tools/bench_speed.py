@@ -349,6 +349,8 @@ def main():
 
 
 def write_report(args, report):
+    from d2_taskdistill.report import write_report_files
+
     unit = "allocated (torch.cuda.max_memory_allocated)" if args.device.startswith("cuda") else "RSS growth"
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",
              f"Device: {report['device']}, torch {report['torch']}  ",
@@ -384,12 +386,7 @@ def write_report(args, report):
         pts = "; ".join(f"{px}: {t:.3f}" for px, t in s["points"])
         exponent = "-" if s["exponent"] is None else f"{s['exponent']:.2f}"
         lines.append(f"| {kind} | {pts} | {exponent} |")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(args.output + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report_files(args.output, report, lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ FCOS assigns the box to a level by its regression range. Whether the two agree i
 measures. No training, no teacher: masks depend on the student's anchors and the GT only.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill import load_config
 from d2_taskdistill.losses import imitation_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
+from d2_taskdistill.report import write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,12 +82,7 @@ def main():
         lines.append(f"| {det} | {r['anchors_per_position']} | {r['fgfi_positions_per_gt']} | "
                      f"{sum(r['fgfi_positions_per_gt']):.2f} | {r['positive_positions_per_gt']} | "
                      f"{sum(r['positive_positions_per_gt']):.2f} | {100 * r['positives_inside_fgfi']:.0f} % |")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(args.output + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report_files(args.output, results, lines)
 
 
 if __name__ == "__main__":
