@@ -2,7 +2,7 @@
 """The embedded default pipeline: teacher, student baseline and distilled student on the
 digits dataset, evaluated with COCO metrics, reported as a table, report.md and a bar chart.
 
-    python tools/demo.py [--detector retinanet|fcos] [--method tid] [--output output/demo]
+    python tools/demo.py [--detector retinanet|fcos] [--method tid] [--student-init neck+head] [--output output/demo]
 
 The teacher is trained into its config's OUTPUT_DIR (output/digits/<detector>_R34_FPN_teacher)
 and reused from there when its checkpoint and evaluation exist.
@@ -16,6 +16,7 @@ import time
 import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
+from d2_taskdistill import load_config
 from d2_taskdistill.experiments import digits_config, digits_teacher_dir, train_and_evaluate
 from d2_taskdistill.report import bar_chart, markdown_table
 
@@ -25,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_METHOD = "tbd"
 
 
-def write_maps(config_file, run_dir, teacher_dir, output_dir, num_images=2):
-    """Distillation maps of the trained distilled student on validation images."""
+def write_maps(config_file, opts, run_dir, output_dir, num_images=2):
+    """Distillation maps of the trained distilled student (``config_file`` with ``opts``, which
+    name the teacher's weights) on validation images."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -37,8 +39,7 @@ def write_maps(config_file, run_dir, teacher_dir, output_dir, num_images=2):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from visualize_distill import inputs_from_dataset
 
-    cfg = resolve_device(load_config(config_file, [
-        "DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth")]))
+    cfg = resolve_device(load_config(config_file, list(opts)))
     cfg.DISTILL.LOSSES = list(dict.fromkeys([*cfg.DISTILL.LOSSES, *VISUALIZED_LOSSES]))
     model = build_model(cfg)
     DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
@@ -52,6 +53,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
     parser.add_argument("--method", default=DEFAULT_METHOD, help="tid, bckd, tbd, fitnet, fgfi, bckd_tid")
+    parser.add_argument("--student-init", default="none", choices=["none", "neck", "head", "neck+head"],
+                        help="DISTILL.STUDENT_INIT of the distilled student; both students then take the "
+                             "teacher's FPN width, so that the baseline differs from it by distillation and "
+                             "inheritance only")
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     args = parser.parse_args()
     setup_logger(name="detectron2")
@@ -59,13 +64,19 @@ def main():
     out = os.path.abspath(args.output)
     det = args.detector
     teacher_dir = digits_teacher_dir(ROOT, det)
+    teacher_config = digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml")
+    inherit = args.student_init != "none"
+    width = ["MODEL.FPN.OUT_CHANNELS", load_config(teacher_config).MODEL.FPN.OUT_CHANNELS] if inherit else []
+    suffix = f"_init_{args.student_init.replace('+', '_')}" if inherit else ""
     stages = [
-        ("teacher", digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml"), teacher_dir, []),
-        ("student", digits_config(ROOT, f"{det}_R18_FPN_student.yaml"), os.path.join(out, f"{det}_student"), []),
-        (f"student + {args.method.upper()}", digits_config(ROOT, f"{det}_R34-R18_{args.method}.yaml"),
-         os.path.join(out, f"{det}_{args.method}"),
+        ("teacher", teacher_config, teacher_dir, []),
+        ("student", digits_config(ROOT, f"{det}_R18_FPN_student.yaml"),
+         os.path.join(out, f"{det}_student{'_wide' if inherit else ''}"), width),
+        (f"student + {args.method.upper()}" + (f" ({args.student_init} from teacher)" if inherit else ""),
+         digits_config(ROOT, f"{det}_R34-R18_{args.method}.yaml"), os.path.join(out, f"{det}_{args.method}{suffix}"),
          ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
-          "DISTILL.TEACHER.EVAL_AT_START", False]),
+          "DISTILL.TEACHER.EVAL_AT_START", False, *width,
+          *(["DISTILL.STUDENT_INIT", args.student_init] if inherit else [])]),
     ]
     start = time.perf_counter()
     results = []
@@ -100,7 +111,8 @@ def main():
         "",
         f"Wall time of this demo: {elapsed:.0f} s.",
     ])
-    maps = write_maps(results[2][1]["config_file"], os.path.join(out, f"{det}_{args.method}"), teacher_dir,
+    _, distilled_config, distilled_dir, distilled_opts = stages[2]
+    maps = write_maps(distilled_config, distilled_opts, distilled_dir,
                       os.path.join(out, "maps"))
     report += "\n\n## Where the student is taught\n\n" + "\n".join(
         f"- [{os.path.relpath(p, out)}]({os.path.relpath(p, out)})" for p in maps) + "\n"
