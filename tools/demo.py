@@ -67,12 +67,13 @@ def main():
     teacher_config = digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml")
     inherit = args.student_init != "none"
     width = ["MODEL.FPN.OUT_CHANNELS", load_config(teacher_config).MODEL.FPN.OUT_CHANNELS] if inherit else []
+    method_name = args.method.upper().replace("_", "+")  # bckd_tid: the losses BCKD and TID
     suffix = f"_init_{args.student_init.replace('+', '_')}" if inherit else ""
     stages = [
         ("teacher", teacher_config, teacher_dir, []),
         ("student", digits_config(ROOT, f"{det}_R18_FPN_student.yaml"),
          os.path.join(out, f"{det}_student{'_wide' if inherit else ''}"), width),
-        (f"student + {args.method.upper()}" + (f" ({args.student_init} from teacher)" if inherit else ""),
+        (f"student + {method_name}" + (f" ({args.student_init} from teacher)" if inherit else ""),
          digits_config(ROOT, f"{det}_R34-R18_{args.method}.yaml"), os.path.join(out, f"{det}_{args.method}{suffix}"),
          ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
           "DISTILL.TEACHER.EVAL_AT_START", False, *width,
@@ -93,7 +94,7 @@ def main():
     chart = bar_chart(rows, os.path.join(out, "accuracy.png"))
     gain = results[2][1]["metrics"]["AP"] - results[1][1]["metrics"]["AP"]
     report = "\n".join([
-        f"# d2-taskdistill demo: {det}, {args.method.upper()}",
+        f"# d2-taskdistill demo: {det}, {method_name}",
         "",
         f"Teacher R34-FPN, student R18-FPN, {det} on the embedded digits dataset "
         "(COCO metrics on digits_det_val).",
