@@ -49,7 +49,8 @@ def ap_curve(output_dir, max_iter):
 
 def interrupted_at(output_dir, cfg):
     """The iteration an unfinished run of ``cfg`` in ``output_dir`` can resume from (its last
-    checkpoint), or None: no checkpoint, or one written with another config."""
+    checkpoint), or None: no checkpoint, or one written with another config. A run stopped
+    during its final evaluation resumes at MAX_ITER: it evaluates model_final, trains nothing."""
     config_path = os.path.join(output_dir, "config.yaml")
     last = os.path.join(output_dir, "last_checkpoint")
     if not (os.path.exists(config_path) and os.path.exists(last)):
@@ -59,8 +60,10 @@ def interrupted_at(output_dir, cfg):
             return None
     with open(last) as f:
         name = f.read().strip()
-    if name == "model_final.pth" or not os.path.exists(os.path.join(output_dir, name)):
+    if not os.path.exists(os.path.join(output_dir, name)):
         return None
+    if name == "model_final.pth":
+        return cfg.SOLVER.MAX_ITER
     return int(name[len("model_"):-len(".pth")]) + 1
 
 

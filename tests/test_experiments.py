@@ -1,4 +1,6 @@
 """Reuse of finished runs by the demo and the accuracy benchmark."""
+import json
+
 from d2_taskdistill import load_config
 from d2_taskdistill.experiments import same_run_config
 
@@ -62,3 +64,13 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_dataset, tmp_p
     assert resumed["resumed_from"] == 2 and not resumed["reused"]
     assert set(resumed["metrics"]) >= {"AP", "AP50"}
     assert (tmp_path / "model_final.pth").exists()
+
+    # Stopped during the final evaluation: model_final is evaluated, nothing is trained again.
+    (tmp_path / "final_eval.json").unlink()
+    final_weights = (tmp_path / "model_final.pth").read_bytes()
+    assert interrupted_at(str(tmp_path), cfg) == 4
+    evaluated = train_and_evaluate(config, str(tmp_path), opts)
+    assert start_iters == [2, 4] and evaluated["resumed_from"] == 4
+    assert (tmp_path / "model_final.pth").read_bytes() == final_weights
+    # Per-class APs of absent classes are NaN: compare as JSON text.
+    assert json.dumps(evaluated["metrics"], sort_keys=True) == json.dumps(resumed["metrics"], sort_keys=True)
