@@ -47,6 +47,10 @@ def add_distill_config(cfg):
     # Run the teacher under autocast: float16 on CUDA, bfloat16 on CPU.
     cfg.DISTILL.TEACHER.AMP = False
 
+    # Every loss is tested for finiteness on the device each iteration; the result is read
+    # (a host-device sync) and raised every N iterations, naming the first bad iteration.
+    cfg.DISTILL.FINITE_CHECK_PERIOD = 20
+
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0
 
@@ -57,6 +61,9 @@ def add_distill_config(cfg):
     add_tid_config(cfg)
     add_bckd_config(cfg)
     add_tbd_config(cfg)
+    add_fgd_config(cfg)
+    add_pkd_config(cfg)
+    add_cwd_config(cfg)
 
 
 def add_tid_config(cfg):
@@ -148,3 +155,45 @@ def add_tbd_config(cfg):
     # Log the diagnostic every N iterations (detectron2's writer period): it matches every
     # predicted box of both models to the GT, which nothing else needs for the student.
     c.LOG_PERIOD = 20
+
+
+def add_fgd_config(cfg):
+    """FGD (Yang et al., CVPR 2022); defaults from the authors' RetinaNet configs
+    (github.com/yzd-v/FGD, configs/distillers/fgd/fgd_retina_*.py). See losses/fgd.py."""
+    c = cfg.DISTILL.FGD = CN()
+    c.TEMPERATURE = 0.5  # T of the attention maps (FCOS config: 0.8)
+    c.FG_WEIGHT = 0.001  # alpha (FCOS config: 0.0016)
+    c.BG_WEIGHT = 0.0005  # beta (FCOS config: 0.0008)
+    c.ATTENTION_WEIGHT = 0.0005  # gamma; the loss class's own default is 0.001 (FCOS config: 0.0008)
+    c.GLOBAL_WEIGHT = 0.000005  # lambda (FCOS config: 0.000008)
+    # The GcBlock global relation term and its learned blocks; False: focal terms only (ours).
+    c.GLOBAL = True
+    # Distil the finest NUM_LEVELS FPN levels; 0 (or more than there are): all. The public
+    # configs distil all five.
+    c.NUM_LEVELS = 0
+
+
+def add_pkd_config(cfg):
+    """PKD (Cao et al., NeurIPS 2022); defaults from mmrazor's RetinaNet-student configs
+    (configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py). See losses/pkd.py."""
+    c = cfg.DISTILL.PKD = CN()
+    c.WEIGHT = 10.0  # mmrazor's RetinaNet and FCOS teachers; 6 for its Faster R-CNN and Swin ones
+    # Standardise each channel over "batch_hw" (N, H, W: the public code) or "hw" (each
+    # sample on its own: ours, the paper leaves the axes open).
+    c.NORMALIZE_OVER = "batch_hw"
+    # The finest NUM_LEVELS levels; 0: all. mmrazor's configs distil fpn0..fpn3 (P3-P6).
+    c.NUM_LEVELS = 4
+
+
+def add_cwd_config(cfg):
+    """CWD (Shu et al., ICCV 2021); defaults from the authors' RetinaNet config
+    (github.com/pppppM/mmdetection-distiller, configs/distillers/cwd/
+    cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py). See losses/cwd.py."""
+    c = cfg.DISTILL.CWD = CN()
+    c.WEIGHT = 5.0  # authors' config; mmrazor's RetinaNet config: 10 on five levels
+    c.TAU = 1.0  # both public configs
+    # "channel": softmax over positions per channel (the paper's method); "spatial": softmax
+    # over channels per position (the paper's point of comparison; ours as an option).
+    c.NORMALIZE = "channel"
+    # The finest NUM_LEVELS levels; 0: all. The authors' config distils P3-P6.
+    c.NUM_LEVELS = 4

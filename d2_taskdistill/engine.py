@@ -60,32 +60,56 @@ def resolve_device(cfg):
 _D2_SAVES_OPTIMIZER = "state_dict" in DefaultTrainer.__dict__
 
 
+# detectron2's DefaultTrainer writes metrics every 20 iterations (its PeriodicWriter).
+WRITER_PERIOD = 20
+
+
 class GradScalerMonitor(HookBase):
-    """Logs the AMP grad scaler: its scale each iteration and the optimizer steps it skipped.
+    """Logs the AMP grad scaler: its scale and the optimizer steps it skipped.
 
     detectron2's AMPTrainer skips a step silently when float16 gradients overflow; the scaler
     then lowers its scale (by its backoff factor), which is how a skipped step is seen here.
+    The comparison runs on the device every step; the host reads the count every ``period``
+    iterations and at the last one (reading the scale each step would stall the GPU).
     """
 
-    def __init__(self, grad_scaler):
+    def __init__(self, grad_scaler, period=WRITER_PERIOD):
         self.grad_scaler = grad_scaler
+        self.period = period
         self.skipped_steps = 0
+        self._skipped_on_device = 0
         self._scale_before = None
+        self._first_iter_of_period = 0
+
+    def _scale(self):
+        # The scale tensor itself (GradScaler.get_scale() reads it to the host); None until
+        # the scaler's first scale() call, when it is still its initial value.
+        scale = self.grad_scaler._get_scale_async()
+        return self.grad_scaler.get_scale() if scale is None else scale.detach().clone()
 
     def before_step(self):
-        self._scale_before = self.grad_scaler.get_scale()
+        self._scale_before = self._scale()
 
     def after_step(self):
-        scale = self.grad_scaler.get_scale()
+        scale = self._scale()
+        self._skipped_on_device = self._skipped_on_device + (torch.as_tensor(scale) < self._scale_before).long()
         storage = get_event_storage()
-        if scale < self._scale_before:
-            self.skipped_steps += 1
+        it = storage.iter
+        trainer = getattr(self, "trainer", None)  # None when used outside a trainer
+        last = trainer is not None and it + 1 == trainer.max_iter
+        if (it + 1) % self.period and not last:
+            return
+        skipped = int(self._skipped_on_device)  # the host reads, once per period
+        scale = float(scale)
+        if skipped > self.skipped_steps:
             logger.warning(
-                "Iteration %d: float16 gradients overflowed; the grad scaler skipped the optimizer "
-                "step and lowered its scale to %g (%d steps skipped in this run).",
-                storage.iter, scale, self.skipped_steps)
+                "Iterations %d-%d: float16 gradients overflowed; the grad scaler skipped %d optimizer "
+                "step(s) and lowered its scale to %g (%d steps skipped in this run).",
+                self._first_iter_of_period, it, skipped - self.skipped_steps, scale, skipped)
+        self.skipped_steps = skipped
+        self._first_iter_of_period = it + 1
         storage.put_scalar("amp/grad_scale", scale, smoothing_hint=False)
-        storage.put_scalar("amp/skipped_steps", self.skipped_steps, smoothing_hint=False)
+        storage.put_scalar("amp/skipped_steps", skipped, smoothing_hint=False)
 
 
 def unwrap(model):

@@ -29,12 +29,14 @@ def teachers(tmp_path_factory, tiny_batch):
 def test_amp_training_every_method(detector, method, teachers, tiny_dataset, tmp_path):
     from detectron2.engine import AMPTrainer
 
-    from d2_taskdistill.engine import DistillTrainer
+    from d2_taskdistill.engine import DistillTrainer, GradScalerMonitor
 
     cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path,
                       opts=["MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "DISTILL.TEACHER.AMP", True])
     trainer = DistillTrainer(cfg)
     assert isinstance(trainer._trainer, AMPTrainer)
+    monitor = next(h for h in trainer._hooks if isinstance(h, GradScalerMonitor))
+    monitor.period = 1  # a value each iteration (the default writes every 20)
     teacher_dtypes = []
     trainer.model.teacher.backbone.register_forward_hook(
         lambda module, args, out: teacher_dtypes.extend(v.dtype for v in out.values()))

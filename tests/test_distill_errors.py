@@ -127,10 +127,26 @@ def test_no_losses(teacher_ckpt, tmp_path):
 
 def test_non_finite_loss_names_term_and_iteration(teacher_ckpt, tmp_path, tiny_batch):
     cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path,
-                      opts=["DISTILL.LOSSES", ["FITNET", "TEST_NAN"]])
+                      opts=["DISTILL.LOSSES", ["FITNET", "TEST_NAN"], "DISTILL.FINITE_CHECK_PERIOD", 1])
     model = build(cfg).train()
     with EventStorage(7), pytest.raises(FloatingPointError, match=r"at iteration 7: \{'loss_distill_nan': nan\}"):
         model(tiny_batch[:2])
+
+
+def test_non_finite_loss_is_read_every_period_and_names_the_first_iteration(teacher_ckpt, tmp_path, tiny_batch):
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path,
+                      opts=["DISTILL.LOSSES", ["FITNET", "TEST_NAN"], "DISTILL.FINITE_CHECK_PERIOD", 4])
+    model = build(cfg).train()
+    with EventStorage(5) as storage:
+        for _ in range(2):  # iterations 5 and 6: not read yet
+            model(tiny_batch[:2])
+            storage.step()
+        with pytest.raises(FloatingPointError, match=r"at iteration 5: \{'loss_distill_nan': nan\}"):
+            model(tiny_batch[:2])  # iteration 7 ends a period of 4
+    cfg.defrost()
+    cfg.DISTILL.FINITE_CHECK_PERIOD = 0
+    with pytest.raises(ValueError, match="DISTILL.FINITE_CHECK_PERIOD=0"):
+        build(cfg)
 
 
 def test_optimizer_choice(teacher_ckpt, tmp_path):

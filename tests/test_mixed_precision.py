@@ -60,14 +60,16 @@ def test_autocast_losses_are_float32_and_close(detector, method, dtype, teachers
         assert abs(v.item() - reference) <= RELATIVE_TOLERANCE * abs(reference) + 1e-4, (k, v.item(), reference)
 
 
-def test_grad_scaler_monitor_logs_skipped_steps(caplog):
-    """A real GradScaler: the step whose gradient overflows is skipped and shows in the log."""
+@pytest.mark.parametrize("period", [1, 3])
+def test_grad_scaler_monitor_logs_skipped_steps(caplog, period):
+    """A real GradScaler: the step whose gradient overflows is skipped and shows in the log,
+    which the monitor writes every ``period`` iterations (reading the device then only)."""
     from d2_taskdistill.engine import GradScalerMonitor
 
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, backoff_factor=0.5)
-    monitor = GradScalerMonitor(scaler)
+    monitor = GradScalerMonitor(scaler, period=period)
     overflow_at = 1
     with EventStorage(0) as storage, caplog.at_level("WARNING", logger="d2_taskdistill.engine"):
         for it in range(3):
@@ -83,9 +85,15 @@ def test_grad_scaler_monitor_logs_skipped_steps(caplog):
         history = storage.histories()
     # Steps 0 and 2 moved the weight by lr * 1 each; step 1 was skipped.
     assert torch.allclose(weight.detach(), torch.full((2,), 0.8))
-    assert [v for v, _ in history["amp/grad_scale"].values()] == [1024.0, 512.0, 512.0]
-    assert [v for v, _ in history["amp/skipped_steps"].values()] == [0, 1, 1]
-    assert len(caplog.records) == 1 and "Iteration 1:" in caplog.text and "scale to 512" in caplog.text
+    scales = [v for v, _ in history["amp/grad_scale"].values()]
+    skipped = [v for v, _ in history["amp/skipped_steps"].values()]
+    if period == 1:
+        assert scales == [1024.0, 512.0, 512.0] and skipped == [0, 1, 1]
+        assert "Iterations 1-1:" in caplog.text
+    else:  # one write, at iteration 2, for iterations 0-2
+        assert scales == [512.0] and skipped == [1]
+        assert "Iterations 0-2:" in caplog.text
+    assert len(caplog.records) == 1 and "skipped 1 optimizer step(s)" in caplog.text and "scale to 512" in caplog.text
 
 
 def test_amp_on_cpu_is_refused_with_the_setting(teachers, tiny_dataset, tmp_path):

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from fvcore.nn import giou_loss
 
 from detectron2.utils import comm
 
+from .box_ops import giou_loss
 from .registry import DISTILL_LOSS_REGISTRY
 
 
@@ -31,17 +31,6 @@ def binary_distillation(student_logits, teacher_probs, beta=1.0):
     """Elementwise BCE_with_logits(z_S, p_T) * |p_T - sigmoid(z_S)|^beta."""
     bce = F.binary_cross_entropy_with_logits(student_logits, teacher_probs, reduction="none")
     return bce * (teacher_probs - student_logits.sigmoid()).abs().pow(beta)
-
-
-def checked_giou_loss(student_boxes, target_boxes):
-    """fvcore's 1 - GIoU per box pair, after checking that the boxes are finite (fvcore would
-    fail on them with an unexplained 'bad box' assertion)."""
-    if not bool(torch.isfinite(student_boxes).all()):
-        raise FloatingPointError(
-            "The student's predicted boxes are not finite: its box regression diverged. "
-            "Lower SOLVER.BASE_LR or the distillation weights (DISTILL.*), or enable SOLVER.CLIP_GRADIENTS."
-        )
-    return giou_loss(student_boxes, target_boxes)
 
 
 def positive_normalizer(num_positives):
@@ -79,8 +68,8 @@ class BCKD(nn.Module):
         loss_cls = (cls.sum(dim=2) * valid).sum() / normalizer
 
         weights = self.weights(student, teacher)
-        giou = checked_giou_loss(student.pred_boxes.reshape(-1, 4), teacher.pred_boxes.detach().reshape(-1, 4))
-        loss_loc = (giou.view(weights.shape) * weights).sum() / normalizer
+        giou = giou_loss(student.pred_boxes, teacher.pred_boxes.detach())
+        loss_loc = (giou * weights).sum() / normalizer
 
         losses = {
             "loss_distill_bckd_cls": self.cls_weight * loss_cls,

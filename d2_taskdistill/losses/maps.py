@@ -1,6 +1,8 @@
 """Per-location maps shared by the mask-based losses: flattening across FPN
 levels, top-fraction selection, spatial NMS and distances to GT boxes.
 All functions are batched tensor code without Python loops over locations."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +34,11 @@ def top_fraction_mask(values, fraction, candidates=None, population=None):
     counts = candidates.sum(dim=1)
     k = torch.clamp((population.sum(dim=1).float() * fraction).ceil().long(), min=1)
     k = torch.minimum(k, torch.clamp(counts, min=1))
-    # topk of the largest k, not a full sort: fractions are small (a few % of P).
-    ranked = masked.topk(int(k.max()), dim=1).values
+    # topk of a bound on k known from the shape, not k.max(): no host read on the GPU, and
+    # not a full sort: fractions are small (a few % of P). The sorted prefix is the same.
+    # +1: k above is rounded in float32, this bound in float64.
+    k_bound = min(values.shape[1], math.ceil(values.shape[1] * fraction) + 1)
+    ranked = masked.topk(k_bound, dim=1).values
     kth = ranked.gather(1, (k - 1)[:, None])  # (N, 1)
     return candidates & (masked >= kth) & (counts[:, None] > 0)
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from detectron2.utils.events import get_event_storage
 
 from .adapters import FeatureAdapter, fpn_channels
-from .bckd import checked_giou_loss, positive_normalizer
+from .bckd import positive_normalizer
+from .box_ops import aligned_iou, giou_loss
 from .fitnet import masked_sum_loss
 from .registry import DISTILL_LOSS_REGISTRY, check_choices
 
@@ -47,19 +48,8 @@ def assigned_quality(outputs, gt_labels, gt_boxes):
     classes = gt_labels.clamp(max=outputs.num_classes - 1).clamp(min=0)
     s = outputs.scores_flat.gather(2, classes[..., None])[..., 0]
     boxes = outputs.pred_boxes.detach()
-    u = _aligned_iou(boxes.reshape(-1, 4), gt_boxes.reshape(-1, 4)).view(s.shape)
+    u = aligned_iou(boxes, gt_boxes)
     return s, u
-
-
-def _aligned_iou(a, b):
-    # Not detectron2's matched_pairwise_iou: that divides 0 by 0 for the zero-size boxes of
-    # background locations, and the NaN would survive the positive mask (NaN * 0).
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / torch.clamp(area_a + area_b - inter, min=1e-12)
 
 
 def dense_harmony_score(outputs):
@@ -80,10 +70,8 @@ def dense_harmony_score(outputs):
 
 def harmonious_share(hs, positive_mask, threshold=0.5):
     """Share of the positive locations whose HS reaches ``threshold`` (nan without positives)."""
-    count = positive_mask.sum()
-    if count == 0:
-        return float("nan")
-    return float(((hs >= threshold) & positive_mask).sum()) / float(count)
+    # One host read (0 / 0 is nan); called at TBD.LOG_PERIOD only.
+    return (((hs >= threshold) & positive_mask).sum() / positive_mask.sum()).item()
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -131,7 +119,7 @@ class TBD(nn.Module):
         qfl = qfl * (hs_t - z.sigmoid()).abs().pow(self.qfl_beta)
         loss_cls = (hs_t * qfl * positive).sum() / normalizer
         target = teacher.pred_boxes.detach() if self.box_target == "teacher" else gt_boxes
-        giou = checked_giou_loss(student.pred_boxes.reshape(-1, 4), target.reshape(-1, 4)).view(hs_t.shape)
+        giou = giou_loss(student.pred_boxes, target)
         loss_box = (hs_t * giou * positive).sum() / normalizer
         self.log_harmony(student, teacher, positive)
         return {

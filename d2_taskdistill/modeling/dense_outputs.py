@@ -17,16 +17,18 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
 
 
-def run_dense_detector(detector, batched_inputs, gt_instances=None, thresholds_fcos=(0.4, 0.5)):
+def run_dense_detector(detector, batched_inputs, gt_instances=None, thresholds_fcos=(0.4, 0.5), image_sizes=None):
     """Run ``detector`` (RetinaNet or FCOS) up to its head outputs.
 
     Each detector preprocesses the batch its own way (pixel mean/std, padding).
+    image_sizes: the batch's (N, 2) heights and widths already on the device, shared by
+    teacher and student so that they are copied there once (default: from the ImageList).
     """
     images = detector.preprocess_image(batched_inputs)
     features = detector.backbone(images.tensor)
     features = [features[f] for f in detector.head_in_features]
     predictions = detector.head(features)
-    return DenseOutputs(detector, images, features, predictions, gt_instances, thresholds_fcos)
+    return DenseOutputs(detector, images, features, predictions, gt_instances, thresholds_fcos, image_sizes)
 
 
 def sample_thresholds(detector, thresholds_fcos):
@@ -58,9 +60,10 @@ def _cached_with_grad(fn):
 class DenseOutputs:
     """Head outputs and lazily computed, cached derived quantities."""
 
-    def __init__(self, detector, images, features, predictions, gt_instances, thresholds_fcos):
+    def __init__(self, detector, images, features, predictions, gt_instances, thresholds_fcos, image_sizes=None):
         self.detector = detector
         self.images = images
+        self.image_sizes = image_sizes
         self.features = features  # L x (N, C, H, W)
         self.cls_logits = predictions[0]  # L x (N, A*K, H, W)
         self.box_reg = predictions[1]  # L x (N, A*4, H, W)
@@ -133,7 +136,8 @@ class DenseOutputs:
     def valid_mask(self):
         """(N, R) bool: the location's anchor centre lies inside the image, not in padding."""
         centers = self.anchors_flat.get_centers()  # (R, 2)
-        sizes = torch.as_tensor(self.images.image_sizes, device=centers.device, dtype=centers.dtype)
+        sizes = self.images.image_sizes if self.image_sizes is None else self.image_sizes
+        sizes = torch.as_tensor(sizes, device=centers.device, dtype=centers.dtype)
         return (centers[None, :, 0] < sizes[:, None, 1]) & (centers[None, :, 1] < sizes[:, None, 0])
 
     # --- ground-truth matching -------------------------------------------------------------

@@ -1,6 +1,5 @@
 """TaskDistillDetector: a frozen teacher and a trainable student, side by side."""
 import logging
-import math
 
 import torch
 import torch.nn as nn
@@ -64,6 +63,56 @@ def loss_weights(cfg, name):
     return f"{name} ({', '.join(f'{k}={v}' for k, v in weights.items())})"
 
 
+class FiniteLossCheck:
+    """Raises on a non-finite loss without reading a value back from the device every step.
+
+    Each step's losses are tested on the device, where the first iteration at which each loss
+    was not finite, and its value then, are kept; the host reads them every ``period``
+    iterations of a training loop (detectron2's event storage), and at once outside one.
+    """
+
+    NEVER, OUTSIDE_TRAINING = -2, -1
+
+    def __init__(self, period):
+        if period < 1:
+            raise ValueError(f"DISTILL.FINITE_CHECK_PERIOD={period}; use 1 (every iteration) or more")
+        self.period = period
+        self.names = None
+
+    def update(self, losses):
+        try:
+            iteration = get_event_storage().iter
+        except AssertionError:
+            iteration = None
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if list(losses) != self.names:
+            self.names = list(losses)
+            self.first_bad_iter = torch.full(values.shape, self.NEVER, dtype=torch.long, device=values.device)
+            self.first_bad_value = torch.zeros_like(values)
+        new = ~torch.isfinite(values) & (self.first_bad_iter == self.NEVER)
+        at = self.OUTSIDE_TRAINING if iteration is None else iteration
+        self.first_bad_iter = torch.where(new, at, self.first_bad_iter)
+        self.first_bad_value = torch.where(new, values, self.first_bad_value)
+        if iteration is None or (iteration + 1) % self.period == 0:
+            self.raise_if_bad()
+
+    def raise_if_bad(self):
+        first_iter = self.first_bad_iter.tolist()  # the one host read
+        bad = [i for i, it in enumerate(first_iter) if it != self.NEVER]
+        if not bad:
+            return
+        earliest = min(first_iter[i] for i in bad)
+        values = self.first_bad_value.tolist()
+        terms = {self.names[i]: values[i] for i in bad if first_iter[i] == earliest}
+        self.names = None  # start afresh if the caller goes on
+        where = "outside a training loop" if earliest == self.OUTSIDE_TRAINING else f"at iteration {earliest}"
+        hint = ""
+        if any("loc" in k or "box" in k for k in terms):
+            hint = (" The student's box regression diverged: lower SOLVER.BASE_LR or the distillation "
+                    "weights (DISTILL.*), or enable SOLVER.CLIP_GRADIENTS.")
+        raise FloatingPointError(f"Non-finite loss {where}: {terms}.{hint}")
+
+
 @META_ARCH_REGISTRY.register()
 class TaskDistillDetector(nn.Module):
     """Student + frozen teacher + distillation losses from ``DISTILL.LOSSES``.
@@ -101,6 +150,7 @@ class TaskDistillDetector(nn.Module):
         logger.info("Distillation losses: %s", "; ".join(loss_weights(cfg, name) for name in cfg.DISTILL.LOSSES))
         needs_layout = [n for n, l in self.distill_losses.items() if l.needs_same_layout]
         check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(cfg.DISTILL.LOSSES))
+        self.finite_check = FiniteLossCheck(cfg.DISTILL.FINITE_CHECK_PERIOD)
 
     @property
     def device(self):
@@ -115,23 +165,32 @@ class TaskDistillDetector(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        image_sizes = self.image_sizes_on_device(batched_inputs)
         # The teacher first: its activations are freed before the student's exist, so the
         # step's peak memory is the larger of the two, not their sum.
-        teacher_out = self.run_teacher(batched_inputs, gt_instances)
+        teacher_out = self.run_teacher(batched_inputs, gt_instances, image_sizes)
         # The student runs under the caller's autocast (SOLVER.AMP.ENABLED); its losses, the
         # distillation losses and the masks that feed them run in float32: exp, log, softmax
         # and IoU overflow or lose the small values they compare at half precision.
-        student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds)
+        student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds, image_sizes)
         with torch.autocast(device_type=self.device.type, enabled=False):
             student_out.to_float32()
             losses = dict(student_out.detector_losses())
             for loss in self.distill_losses.values():
                 losses.update(loss(student_out, teacher_out))
-        self.check_finite(losses)
+        self.finite_check.update(losses)
         return losses
 
+    def image_sizes_on_device(self, batched_inputs):
+        """(N, 2) image heights and widths on the model's device: one copy per step for both
+        detectors, from pinned memory on CUDA so that it does not block."""
+        sizes = torch.tensor([tuple(x["image"].shape[-2:]) for x in batched_inputs])
+        if self.device.type == "cuda":
+            sizes = sizes.pin_memory()
+        return sizes.to(self.device, non_blocking=True)
+
     @torch.no_grad()
-    def run_teacher(self, batched_inputs, gt_instances):
+    def run_teacher(self, batched_inputs, gt_instances, image_sizes=None):
         if self.teacher.training:  # someone called teacher.train(): the teacher stays frozen
             self.teacher.eval()
         inputs = self.teacher_inputs(batched_inputs)
@@ -139,16 +198,6 @@ class TaskDistillDetector(nn.Module):
         # DISTILL.TEACHER.AMP alone decides the teacher's precision, not the student's autocast.
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.teacher_amp)):
-            outputs = run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds)
+            outputs = run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds, image_sizes)
         return outputs.to_float32()
 
-    def check_finite(self, losses):
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        if bool(torch.isfinite(values).all()):
-            return
-        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
-        try:
-            where = f"at iteration {get_event_storage().iter}"
-        except AssertionError:
-            where = "outside a training loop"
-        raise FloatingPointError(f"Non-finite loss {where}: {bad}")
