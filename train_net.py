@@ -10,7 +10,7 @@ import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports i
 from d2_taskdistill import load_config
 from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import DistillTrainer, resolve_device, setup_project_logger
-from d2_taskdistill.launch import launch
+from d2_taskdistill.launch import config_device, launch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -53,6 +53,8 @@ def invoke_main():
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        # MODEL.DEVICE cpu: gloo CPU workers, also on a machine with GPUs.
+        device=config_device(args.config_file, args.opts),
     )
 
 

@@ -123,14 +123,14 @@ def launch_supports_cpu_workers():
 
 def create_local_process_group(num_workers_per_machine):
     """The per-machine process group that ``comm.get_local_rank()`` reads, for the CPU workers
-    launch.py starts on v0.6 only (upstream's launch() makes it itself): v0.6 keeps the group
-    in a module global that only its own (CUDA-only) worker sets."""
+    launch.py starts: upstream's ``comm`` makes it; v0.6 keeps the group in a module global that
+    only its own (CUDA-only) worker sets, so it is made here."""
     import torch.distributed as dist
 
     from detectron2.utils import comm
 
     if launch_supports_cpu_workers():
-        raise RuntimeError("this detectron2's launch() starts CPU workers itself: use it")
+        return comm.create_local_process_group(num_workers_per_machine)
     num_machines = dist.get_world_size() // num_workers_per_machine
     machine_rank = dist.get_rank() // num_workers_per_machine
     for i in range(num_machines):  # every rank must create every group

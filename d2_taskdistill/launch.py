@@ -1,8 +1,10 @@
 """detectron2's ``launch()``, made to start CPU workers (gloo) on every supported detectron2.
 
-Upstream detectron2 starts gloo workers itself when CUDA is absent; v0.6 asserts
-CUDA. There, and only there, the workers are started here: same arguments, same
-``dist_url`` forms, same process groups, so ``detectron2.utils.comm`` works as usual.
+detectron2 picks its backend from ``torch.cuda.is_available()``: NCCL wherever a GPU exists,
+even for workers that train on the CPU (``MODEL.DEVICE cpu``), where NCCL fails; v0.6 also
+asserts CUDA. CPU workers are therefore started here, on both detectron2s: same arguments,
+same ``dist_url`` forms, same process groups, so ``detectron2.utils.comm`` works as usual.
+GPU workers are detectron2's own.
 """
 import functools
 import logging
@@ -23,17 +25,20 @@ logger = logging.getLogger(__name__)
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None,
-           args=(), timeout=DEFAULT_TIMEOUT):
+           args=(), timeout=DEFAULT_TIMEOUT, device=None):
     """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on this machine
-    (one per GPU, or per CPU worker without CUDA), as :func:`detectron2.engine.launch`."""
+    (one per GPU, or per CPU worker), as :func:`detectron2.engine.launch`.
+
+    device: the MODEL.DEVICE the workers train on; "cpu" starts gloo CPU workers even where
+    CUDA exists. Default: CUDA where torch sees it.
+    """
     world_size = num_machines * num_gpus_per_machine
-    if world_size > 1 and not torch.cuda.is_available():
-        # CPU workers share this machine's cores: torch would give each all of them.
-        threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
-        main_func = functools.partial(_with_threads, main_func, threads)
-    if world_size == 1 or torch.cuda.is_available() or compat.launch_supports_cpu_workers():
+    if world_size == 1 or not uses_cpu_workers(device):
         return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                          machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    # CPU workers share this machine's cores: torch would give each all of them.
+    threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
+    main_func = functools.partial(_with_threads, main_func, threads)
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError(
@@ -50,6 +55,20 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
     )
+
+
+def uses_cpu_workers(device):
+    """Whether workers for MODEL.DEVICE ``device`` (None: the default) train on the CPU."""
+    if device is None or str(device).startswith("cuda"):
+        return not torch.cuda.is_available()  # cuda without a GPU: resolve_device falls back to cpu
+    return True
+
+
+def config_device(config_file, opts):
+    """MODEL.DEVICE of a yacs config and its KEY VALUE overrides, read before workers start."""
+    from .config import load_config
+
+    return load_config(config_file, opts).MODEL.DEVICE
 
 
 def _with_threads(main_func, threads, *args):

@@ -58,7 +58,7 @@ def test_amp_training_every_method(detector, method, teachers, tiny_dataset, tmp
 
 def test_speed_benchmark_cuda_path(tmp_path):
     out = tmp_path / "speed"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_speed.py"), "--device", "cuda", "--no-scaling",
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_speed.py"), "--device", "cuda:0", "--no-scaling",
            "--rounds", "2", "--iters", "2", "--warmup", "1", "--size", "128", "--methods", "TID",
            "--precision", "fp32", "amp", "--output", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, TMPDIR=str(tmp_path)))

@@ -112,6 +112,31 @@ def test_two_workers_every_method_then_resume(teachers, tiny_dataset, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def _report_backend(out_dir):
+    import torch.distributed as dist
+    import detectron2.utils.comm as comm
+
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+        json.dump({"backend": str(dist.get_backend()), "world_size": comm.get_world_size(),
+                   "local_rank": comm.get_local_rank()}, f)
+
+
+def test_cpu_workers_use_gloo_where_cuda_exists(tmp_path, monkeypatch):
+    """MODEL.DEVICE cpu on a machine with GPUs: detectron2's launch() would pick NCCL from
+    torch.cuda.is_available(); the project's starts gloo workers."""
+    import d2_taskdistill.launch as project_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    detectron2_launches = []  # detectron2's launch() picks NCCL inside its workers there
+    monkeypatch.setattr(project_launch, "d2_launch", lambda *a, **k: detectron2_launches.append(k))
+    launch(_report_backend, 2, dist_url="auto", args=(str(tmp_path),), device="cuda")
+    assert len(detectron2_launches) == 1
+    launch(_report_backend, 2, dist_url="auto", args=(str(tmp_path),), device="cpu")
+    assert len(detectron2_launches) == 1
+    reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert reports == [{"backend": "gloo", "world_size": 2, "local_rank": r} for r in range(2)]
+
+
 def _run_train_net(args, env, log):
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *args]
     with open(log, "w") as f:

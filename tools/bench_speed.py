@@ -66,6 +66,12 @@ class Bench:
         self.torch = torch
         self.args = args
         self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            # "cuda" is the current device; "cuda:1" must become it, or synchronize() and the
+            # peak-memory counters would look at another GPU than the one that computes.
+            self.device = torch.device("cuda", torch.cuda.current_device() if self.device.index is None
+                                       else self.device.index)
+            torch.cuda.set_device(self.device)
         self.amp = args.precision == "amp"
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         torch.manual_seed(0)
@@ -163,7 +169,7 @@ class Bench:
 
     def sync(self):
         if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize(self.device)
 
     def clock(self, fn):
         self.sync()
@@ -208,7 +214,7 @@ def child_profile(args, kind):
     from detectron2.utils.events import EventStorage
 
     if bench.device.type == "cuda":
-        torch_mod.cuda.reset_peak_memory_stats()
+        torch_mod.cuda.reset_peak_memory_stats(bench.device)
     parts = {}
 
     def timed(name, fn):
@@ -225,7 +231,7 @@ def child_profile(args, kind):
             if i >= args.warmup:
                 steps.append(seconds)
     if bench.device.type == "cuda":
-        peak = torch_mod.cuda.max_memory_allocated() / 2**20
+        peak = torch_mod.cuda.max_memory_allocated(bench.device) / 2**20
     else:
         peak = peak_rss_mb() - base_rss
     return {"step": statistics.median(steps), "breakdown": {k: statistics.median(v) for k, v in parts.items()},
@@ -321,7 +327,7 @@ def main():
         return 0
 
     start = time.perf_counter()
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
+    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else (
         f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
               "device": device_name, "torch": torch.__version__, "detector": args.detector,
