@@ -16,7 +16,11 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # Accuracy-table runs trained at the same time (one thread each on this 2-core machine).
 BENCH_JOBS ?= 2
 
-.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv
+# The offline GPU check (README, "Checking on a GPU"): its bundle, built here, travels with the tree.
+GPU_BUNDLE ?= gpu_bundle
+GPU_CHECK_OUT ?= output/gpu_check_cpu
+
+.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv gpu-bundle gpu-check-cpu
 
 setup: $(STAMP)
 
@@ -59,6 +63,16 @@ bench-accuracy: setup
 
 bench-speed: setup
 	$(PY) tools/bench_speed.py
+
+gpu-bundle: setup
+	@test -n "$(D2_TASKDISTILL_DETECTRON2_SOURCE)" || { echo "make gpu-bundle: set D2_TASKDISTILL_DETECTRON2_SOURCE to upstream detectron2 (a source dir or archive)"; exit 2; }
+	$(PY) tools/gpu_bundle.py --out $(GPU_BUNDLE)
+
+# The check's CPU mode, as .ci/run runs it: the GPU bundle built and checked (Python 3.12), then
+# the same check with a bundle for this Python, the registry's v0.6 installed from it.
+gpu-check-cpu: gpu-bundle
+	$(PY) tools/gpu_bundle.py --out $(GPU_CHECK_OUT)/bundle --python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	$(PY) tools/gpu_check.py --bundle $(GPU_CHECK_OUT)/bundle --out $(GPU_CHECK_OUT) --device cpu --detectron2 registry
 
 clean-venv:
 	rm -rf $(VENV) $(UPSTREAM_VENV)

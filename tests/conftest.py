@@ -12,6 +12,10 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 torch.set_num_threads(2)
 
+# Where the tests build their models: "cpu", or "cuda" for the GPU check (tools/gpu_check.py).
+# Tests about CPU paths (gloo workers, bfloat16 autocast) pass device="cpu" themselves.
+TEST_DEVICE = os.environ.get("D2_TASKDISTILL_TEST_DEVICE", "cpu")
+
 # Checkpoints crossing detectron2 versions need the other version's venv (make test-upstream).
 collect_ignore = [] if os.environ.get("D2_TASKDISTILL_OTHER_PYTHON") else ["test_cross_version.py"]
 
@@ -69,10 +73,10 @@ def tiny_dataset(tmp_path_factory):
     return TINY_TRAIN
 
 
-def tiny_run_opts(output_dir, max_iter=3):
+def tiny_run_opts(output_dir, max_iter=3, device=None):
     """Overrides that make any digits config train a few 128 px iterations on the tiny set."""
     return [
-        "MODEL.DEVICE", "cpu",
+        "MODEL.DEVICE", device or TEST_DEVICE,
         "DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_TRAIN}',)",
         "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
         "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
@@ -97,7 +101,8 @@ def make_teacher_checkpoint(detector, path, batches, opts=()):
     """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
 
     Weights are random; BatchNorm statistics are calibrated on ``batches`` so that
-    features have the scale of a trained network's.
+    features have the scale of a trained network's. Built on the CPU whatever TEST_DEVICE:
+    a file that loads anywhere, as a user's checkpoint does.
     """
 
     from detectron2.checkpoint import DetectionCheckpointer
@@ -119,12 +124,12 @@ def make_teacher_checkpoint(detector, path, batches, opts=()):
     return path
 
 
-def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=(), max_iter=3):
+def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=(), max_iter=3, device=None):
     from d2_taskdistill import load_config
 
     return load_config(
         config_path("digits", config_file),
-        [*tiny_run_opts(output_dir, max_iter),
+        [*tiny_run_opts(output_dir, max_iter, device),
          "DISTILL.TEACHER.WEIGHTS", teacher_weights,
          "DISTILL.TEACHER.OPTS", [*SMALL_TEACHER_OPTS, *teacher_opts],
          "DISTILL.TEACHER.EVAL_AT_START", False, *opts],

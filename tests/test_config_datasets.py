@@ -15,7 +15,7 @@ from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
 from d2_taskdistill.data.config_datasets import check_datasets, check_voc_annotations_for_evaluation
 from d2_taskdistill.engine import build_evaluator
 from d2_taskdistill.modeling.teacher import TeacherConfig
-from conftest import config_path
+from conftest import config_path, TEST_DEVICE
 
 STUDENT = config_path("digits", "retinanet_R18_FPN_student.yaml")
 
@@ -28,7 +28,7 @@ def coco_dir(tmp_path):
 
 
 def declare(name, json_path, image_root, *opts):
-    return load_config(STUDENT, ["MODEL.DEVICE", "cpu", "DATASETS.COCO", str([(name, json_path, image_root)]),
+    return load_config(STUDENT, ["MODEL.DEVICE", TEST_DEVICE, "DATASETS.COCO", str([(name, json_path, image_root)]),
                                  "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)", *opts])
 
 

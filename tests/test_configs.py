@@ -15,7 +15,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.engine import build_evaluator
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.teacher import build_teacher_config
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, TEST_DEVICE
 
 MODEL_CONFIGS = sorted(
     os.path.relpath(p, CONFIGS)
@@ -52,7 +52,7 @@ def test_config_list_covers_all_kinds():
 @pytest.mark.parametrize("config", MODEL_CONFIGS)
 def test_config_builds(config, teacher_checkpoints, monkeypatch):
     monkeypatch.chdir(ROOT)  # teacher config paths are relative to the project root
-    cfg = load_config(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(os.path.join(CONFIGS, config), ["MODEL.DEVICE", TEST_DEVICE])
     if cfg.MODEL.META_ARCHITECTURE == "TaskDistillDetector":
         cfg.DISTILL.TEACHER.WEIGHTS = teacher_checkpoints(cfg)
     with torch.no_grad():

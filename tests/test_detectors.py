@@ -9,7 +9,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from d2_taskdistill import load_config
-from conftest import config_path
+from conftest import config_path, TEST_DEVICE
 
 # An untrained model scores below the default thresholds: keep every candidate.
 DETECTORS = {
@@ -23,7 +23,7 @@ DETECTORS = {
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_train_step_and_inference(name, tiny_batch):
     config_file, loss_names, opts = DETECTORS[name]
-    cfg = load_config(config_path("digits", config_file), ["MODEL.DEVICE", "cpu", *opts])
+    cfg = load_config(config_path("digits", config_file), ["MODEL.DEVICE", TEST_DEVICE, *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
     num_classes = 10
@@ -58,7 +58,7 @@ def test_train_step_and_inference(name, tiny_batch):
 
 
 def test_fcos_trains_on_image_without_boxes(tiny_batch):
-    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", TEST_DEVICE])
     model = build_model(cfg).train()
     empty = dict(tiny_batch[0])
     empty["instances"] = tiny_batch[0]["instances"][:0]
@@ -75,7 +75,7 @@ def test_fcos_empty_image_guard_only_where_detectron2_lacks_it(tiny_batch):
 
     from d2_taskdistill import compat
 
-    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(config_path("digits", "fcos_R18_FPN_student.yaml"), ["MODEL.DEVICE", TEST_DEVICE])
     model = build_model(cfg)
     images = model.preprocess_image(tiny_batch[:2])
     features = model.backbone(images.tensor)

@@ -68,7 +68,7 @@ def _configs(teachers, root, max_iter):
             # 3 iterations: DDP reports a parameter left without gradient at the next forward.
             # Only model_final is written (resumed from); checkpoints are 140 MB each.
             cfgs[name] = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], root / name,
-                                     opts=["SOLVER.CHECKPOINT_PERIOD", 1000], max_iter=max_iter)
+                                     opts=["SOLVER.CHECKPOINT_PERIOD", 1000], max_iter=max_iter, device="cpu")
     return cfgs
 
 
@@ -149,7 +149,7 @@ def cli_opts(teacher, output_dir, max_iter):
 
     root = os.environ[TINY_ROOT_ENV]
     declared = [("tiny_cli", os.path.join(root, "train.json"), os.path.join(root, "train"))]
-    opts = [*tiny_run_opts(output_dir, max_iter), "DATASETS.COCO", str(declared),
+    opts = [*tiny_run_opts(output_dir, max_iter, device="cpu"), "DATASETS.COCO", str(declared),
             "DATASETS.TRAIN", "('tiny_cli',)", "DATASETS.TEST", "('tiny_cli',)",
             "DISTILL.TEACHER.WEIGHTS", teacher,
             "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS), "DISTILL.TEACHER.EVAL_AT_START", "True"]

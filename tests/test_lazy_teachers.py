@@ -15,7 +15,7 @@ from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
 from d2_taskdistill.modeling.teacher import build_teacher_config, load_teacher_weights
-from conftest import config_path
+from conftest import config_path, TEST_DEVICE
 
 ZOO = {"fcos": "COCO-Detection/fcos_R_50_FPN_1x.py", "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.py"}
 STUDENTS = {"fcos": "fcos_R101-R50_1x_tid.yaml", "retinanet": "retinanet_R101-R50_1x_tid.yaml"}
@@ -50,7 +50,7 @@ def head_outputs(detector, batch):
 
 def distill_cfg_with_lazy_teacher(detector, weights, opts=()):
     return load_config(config_path("COCO-Detection", STUDENTS[detector]), [
-        "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.CONFIG_FILE", ZOO[detector],
+        "MODEL.DEVICE", TEST_DEVICE, "DISTILL.TEACHER.CONFIG_FILE", ZOO[detector],
         "DISTILL.TEACHER.WEIGHTS", weights, *opts])
 
 
@@ -85,7 +85,7 @@ def test_yaml_fcos_loads_the_zoo_lazyconfig_fcos_checkpoint(image_batch, tmp_pat
     saved = zoo_model("fcos")
     weights = save_like_the_zoo(saved, tmp_path / "model_final.pkl")
     cfg = load_config(config_path("COCO-Detection", "fcos_R_101_FPN_1x_teacher.yaml"),
-                      ["MODEL.RESNETS.DEPTH", 50, "MODEL.DEVICE", "cpu"])
+                      ["MODEL.RESNETS.DEPTH", 50, "MODEL.DEVICE", TEST_DEVICE])
     yaml_fcos = build_model(cfg).eval()
     load_teacher_weights(yaml_fcos, weights)  # raises on any missing, unexpected or reshaped key
     with torch.no_grad():

@@ -28,7 +28,7 @@ def teachers(tmp_path_factory, tiny_batch):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_autocast_losses_are_float32_and_close(detector, method, dtype, teachers, tiny_batch, tmp_path):
-    cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path)
+    cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path, device="cpu")
     torch.manual_seed(0)
     model = build_model(cfg).train()
     seen = []
@@ -99,7 +99,7 @@ def test_grad_scaler_monitor_logs_skipped_steps(caplog, period):
 def test_amp_on_cpu_is_refused_with_the_setting(teachers, tiny_dataset, tmp_path):
     from d2_taskdistill.engine import DistillTrainer
 
-    cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path,
+    cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path, device="cpu",
                       opts=["SOLVER.AMP.ENABLED", True])
     with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True with MODEL.DEVICE=cpu.*SOLVER.AMP.ENABLED False"):
         DistillTrainer(cfg)

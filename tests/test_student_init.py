@@ -6,7 +6,7 @@ import torch
 
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.modeling.inherit import inherit_from_teacher
-from conftest import distill_cfg, make_teacher_checkpoint
+from conftest import distill_cfg, make_teacher_checkpoint, TEST_DEVICE
 
 # The teacher with the student's FPN width (64) and head depth (2): R34 body, R18 student.
 SAME_NECK = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RETINANET.NUM_CONVS", 2]
@@ -88,9 +88,9 @@ def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):
     from d2_taskdistill import load_config
     from conftest import SMALL_TEACHER_OPTS, config_path
 
-    student = build_model(load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"]))
+    student = build_model(load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), ["MODEL.DEVICE", TEST_DEVICE]))
     teacher = build_model(load_config(config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
-                                      ["MODEL.DEVICE", "cpu", *SMALL_TEACHER_OPTS]))
+                                      ["MODEL.DEVICE", TEST_DEVICE, *SMALL_TEACHER_OPTS]))
     assert student.state_dict()["head.cls_score.bias"].shape == teacher.state_dict()["head.cls_score.bias"].shape
     with pytest.raises(ValueError, match="copies nothing"):
         inherit_from_teacher(student, teacher, "head")

@@ -15,7 +15,7 @@ from d2_taskdistill.losses.tid import (
     regression_score,
     tier_mask,
 )
-from conftest import config_path, distill_cfg, finite_positive_history, train_tiny
+from conftest import config_path, distill_cfg, finite_positive_history, train_tiny, TEST_DEVICE
 
 
 def test_regression_score_at_and_around_thresholds():
@@ -168,7 +168,7 @@ def test_tid_ablation_switches():
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_tid_zero_when_student_matches_teacher(detector, tiny_batch, tmp_path):
     # The teacher is the student's own config and weights, the adapter the identity.
-    student_cfg = load_config(config_path("digits", f"{detector}_R18_FPN_student.yaml"), ["MODEL.DEVICE", "cpu"])
+    student_cfg = load_config(config_path("digits", f"{detector}_R18_FPN_student.yaml"), ["MODEL.DEVICE", TEST_DEVICE])
     torch.manual_seed(0)
     twin = build_model(student_cfg)
     from detectron2.checkpoint import DetectionCheckpointer

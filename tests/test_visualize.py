@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.visualize import VISUALIZED_LOSSES, distill_maps, plot_metrics, read_metrics, visualize_batch
-from conftest import ROOT, config_path, distill_cfg, make_teacher_checkpoint
+from conftest import ROOT, config_path, distill_cfg, make_teacher_checkpoint, TEST_DEVICE
 
 MAPS = ["tid_key_area", "tid_weak_area", "tid_value", "tbd_harmony_teacher", "tbd_harmony_student",
         "tbd_tfd_cls", "tbd_tfd_reg", "bckd_weight"]
@@ -60,7 +60,7 @@ def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
     image = os.path.join(tiny_digits[1], "000001.png")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "visualize_distill.py"),
            "--config-file", config_path("digits", "fcos_R34-R18_bckd.yaml"), "--input", image,
-           "--output", str(tmp_path / "vis"), "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.WEIGHTS", teacher,
+           "--output", str(tmp_path / "vis"), "MODEL.DEVICE", TEST_DEVICE, "DISTILL.TEACHER.WEIGHTS", teacher,
            "DISTILL.TEACHER.OPTS", "['MODEL.RESNETS.DEPTH', 34, 'MODEL.FPN.OUT_CHANNELS', 96]",
            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
