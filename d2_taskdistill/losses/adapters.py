@@ -21,3 +21,12 @@ def fpn_channels(shapes):
     if len(channels) != 1:
         raise ValueError(f"FPN levels must share one channel count, got {sorted(channels)}")
     return channels.pop()
+
+
+def width_adapter(student_shapes, teacher_shapes):
+    """A FeatureAdapter when the student's and teacher's FPN widths differ, else an identity:
+    for losses whose public code aligns channels only when it has to (FGD, PKD, CWD)."""
+    student_channels, teacher_channels = fpn_channels(student_shapes), fpn_channels(teacher_shapes)
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return FeatureAdapter(student_channels, teacher_channels)

@@ -26,3 +26,12 @@ def check_choices(node, node_name, choices):
     for key, allowed in choices.items():
         if node[key] not in allowed:
             raise ValueError(f"{node_name}.{key}={node[key]!r}; choose one of {allowed}")
+
+
+def check_num_levels(node, node_name, available):
+    """``node.NUM_LEVELS`` as a count of FPN levels, finest first: 0, or more than the
+    ``available`` levels, means all of them. Raise a ValueError naming the key when negative."""
+    num_levels = node.NUM_LEVELS
+    if num_levels < 0:
+        raise ValueError(f"{node_name}.NUM_LEVELS={num_levels}; choose 0 (all levels) or more")
+    return min(num_levels, available) or available
