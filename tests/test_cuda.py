@@ -16,7 +16,7 @@ from conftest import ROOT, distill_cfg, make_teachers
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 
 
 @pytest.fixture(scope="module")

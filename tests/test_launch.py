@@ -16,7 +16,7 @@ import d2_taskdistill  # noqa: F401  (first: spawned workers import this module 
 from d2_taskdistill.launch import launch
 from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, make_teacher_checkpoint, register_tiny_dataset
 
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 RESUMED = ["retinanet_tbd", "fcos_tid"]
 
 

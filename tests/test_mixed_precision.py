@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import distill_cfg, make_teachers
 
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 # Measured at this test's point (relative to float32): detector losses < 0.06 % in both;
 # distillation terms <= 3.3 % with bfloat16 (8 bits of mantissa; TBD on FCOS), <= 0.9 % with
 # float16 (TID on RetinaNet). 5 % allowed.

@@ -39,7 +39,7 @@ from d2_taskdistill.experiments import METRICS, digits_config, same_run_config, 
 from d2_taskdistill.report import bar_chart, markdown_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SEEDS = {"retinanet": 3, "fcos": 2}
@@ -141,8 +141,11 @@ class Teacher:
         self.output_dir = os.path.join(rel(os.path.join(ROOT, base.OUTPUT_DIR)) + f"_{args.schedule}")
         self.weights = os.path.join(self.output_dir, "model_final.pth")
         self.cfg = load_config(self.config_file, [*self.opts, "OUTPUT_DIR", self.output_dir])
-        self.sha = config_sha(self.cfg)
         self.record_path = os.path.join(args.records, det, "teacher.json")
+        # Config keys added to the code since the committed teacher was trained change the dump,
+        # not the teacher: its recorded identity stands while the configs agree on shared keys.
+        committed = read_record(self.record_path)
+        self.sha = committed["config_sha"] if record_matches(committed, self.cfg) else config_sha(self.cfg)
 
     def train(self):
         """Train (or reuse the local weights of) this teacher; returns its record."""
