@@ -41,6 +41,9 @@ METHODS = {
     "TBD": ["TBD"],
     "BCKD": ["BCKD"],
     "BCKD+TID": ["BCKD", "TID"],
+    "FGD": ["FGD"],
+    "PKD": ["PKD"],
+    "CWD": ["CWD"],
 }
 FLOOR = ("student", "teacher")
 
