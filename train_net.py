@@ -6,11 +6,13 @@
     python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # gloo CPU workers
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
 """
+import logging
+
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
 from d2_taskdistill import load_config
 from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import DistillTrainer, resolve_device, setup_project_logger
-from d2_taskdistill.launch import config_device, launch
+from d2_taskdistill.launch import config_device, free_dist_url, launch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -28,6 +30,16 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    try:
+        return run(cfg, args)
+    except Exception as e:
+        # Into log.txt (every rank's), not only to the console below the config dump.
+        logging.getLogger("d2_taskdistill").error("%s stopped: %s: %s", "Evaluation" if args.eval_only else "Training",
+                                                  type(e).__name__, e, exc_info=True)
+        raise
+
+
+def run(cfg, args):
     if args.eval_only:
         check_datasets(cfg, train=False)
         model = DistillTrainer.build_model(cfg)
@@ -44,8 +56,10 @@ def main(args):
 
 
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
+    args.dist_url = free_dist_url(args.dist_url, parser.get_default("dist_url"), args.num_gpus, args.num_machines)
     launch(
         main,
         args.num_gpus,

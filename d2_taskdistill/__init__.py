@@ -1,5 +1,9 @@
 """d2_taskdistill: task-aware knowledge distillation for Detectron2 dense detectors."""
-from . import compat
+from .known_warnings import ignore_known_warnings
+
+ignore_known_warnings()  # before compat imports detectron2, which warns at import
+
+from . import compat  # noqa: E402
 
 compat.apply()
 

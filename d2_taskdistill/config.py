@@ -36,7 +36,11 @@ def add_distill_config(cfg):
     cfg.DISTILL.FCOS_IOU_THRESHOLDS = [0.4, 0.5]
 
     cfg.DISTILL.TEACHER = CN()
-    # A detectron2 model-zoo config name or a path to a yaml file.
+    # The OUTPUT_DIR of the teacher's own train_net.py run: its config.yaml builds the teacher and
+    # its last checkpoint (last_checkpoint, else model_final.pth) loads. Set, it replaces
+    # CONFIG_FILE and WEIGHTS, so the teacher's classes and datasets are the ones it trained on.
+    cfg.DISTILL.TEACHER.RUN = ""
+    # A detectron2 model-zoo config name or a path to a yaml or LazyConfig .py file.
     cfg.DISTILL.TEACHER.CONFIG_FILE = ""
     # .pth (detectron2/fvcore checkpoint) or model-zoo .pkl; every key must load.
     cfg.DISTILL.TEACHER.WEIGHTS = ""
@@ -112,6 +116,10 @@ def add_dataset_config(cfg):
     cfg.DATASETS.COCO = []
     # [[name, dirname, split, year, [class names]], ...]: Pascal VOC layout (evaluator "pascal_voc").
     cfg.DATASETS.VOC = []
+    # Images of the datasets declared above that are decoded before training: "sample" (32 spread
+    # over each dataset: cheap), "all" (every image: a truncated file anywhere is found), "none".
+    # An image that fails later in the data loader is named in the error either way.
+    cfg.DATASETS.CHECK_IMAGES = "sample"
 
 
 def load_config(config_file, opts=()):

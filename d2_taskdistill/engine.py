@@ -8,7 +8,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.events import get_event_storage
@@ -112,6 +117,23 @@ class GradScalerMonitor(HookBase):
         storage.put_scalar("amp/skipped_steps", skipped, smoothing_hint=False)
 
 
+class FileNamingMapper(DatasetMapper):
+    """detectron2's DatasetMapper; an image it cannot read or map is named in the error (PIL's
+    'image file is truncated' names none), with the datasets it may come from."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except Exception as e:
+            message = (f"{e} [image {dataset_dict.get('file_name')}: fix or remove it; DATASETS.CHECK_IMAGES "
+                       "'all' decodes every image of DATASETS.COCO/VOC before training]")
+            try:
+                named = type(e)(message)
+            except Exception:  # an exception type whose constructor takes other arguments
+                named = RuntimeError(message)
+            raise named from e
+
+
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -134,6 +156,10 @@ class DistillTrainer(DefaultTrainer):
         return hooks
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=FileNamingMapper(cfg, is_train=False))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
@@ -153,7 +179,8 @@ class DistillTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """detectron2's loader, with every dataset checked before training starts."""
         check_registered(cfg.DATASETS.TRAIN)
-        loader = super().build_train_loader(cfg)  # loads (and checks) the training sets
+        # Loads (and checks) the training sets.
+        loader = build_detection_train_loader(cfg, mapper=FileNamingMapper(cfg, is_train=True))
         teacher_cfg = None
         if cfg.MODEL.META_ARCHITECTURE == "TaskDistillDetector":
             teacher_cfg = build_teacher_config(cfg)

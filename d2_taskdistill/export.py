@@ -33,13 +33,40 @@ def drop_keys_missing_from(cfg, reference, keep=(), prefix=""):
             drop_keys_missing_from(cfg[key], reference[key], keep, name + ".")
 
 
+def check_weights_fit(student_cfg, weights_path, source):
+    """Build the plain student of ``student_cfg`` on the CPU and load ``weights_path`` into it;
+    every key must load (class count, head and FPN shapes), or the export is an error naming
+    both sides, never a model that silently predicts nothing."""
+    from detectron2.modeling import build_model
+
+    from .modeling.teacher import weight_problems
+
+    probe = student_cfg.clone()
+    probe.MODEL.DEVICE = "cpu"
+    probe.MODEL.WEIGHTS = ""
+    problems = weight_problems(build_model(probe), weights_path)
+    if problems:
+        os.remove(weights_path)
+        raise ValueError(
+            f"The student weights in {source!r} do not fit the config being exported "
+            f"({probe.MODEL.META_ARCHITECTURE}, {_num_classes_text(probe)}): " + "; ".join(problems)
+            + ". Export with the config the weights were trained with: the run's own config.yaml "
+            "(tools/export_student.py --run <its OUTPUT_DIR>, or --config-file <OUTPUT_DIR>/config.yaml).")
+
+
+def _num_classes_text(cfg):
+    head = "FCOS" if cfg.MODEL.META_ARCHITECTURE == "FCOS" else "RETINANET"
+    return f"MODEL.{head}.NUM_CLASSES={cfg.MODEL[head].NUM_CLASSES}"
+
+
 def export_student(cfg, weights, output_dir, device="cpu"):
     """Write ``model_final.pth``, ``config.yaml`` and ``metadata.json`` of the student to
     ``output_dir``.
 
     ``MODEL.DEVICE`` is set to ``device`` (the CPU unless asked: a training config says
     cuda, which fails on a machine without a GPU). ``metadata.json`` holds the class names
-    (``thing_classes``) of the training dataset, for DefaultPredictor + Visualizer.
+    (``thing_classes``) of the training dataset, for DefaultPredictor + Visualizer. The
+    weights must load completely into the student the config builds (ValueError otherwise).
 
     The config keeps only keys of detectron2's ``get_cfg()`` (project keys such as
     DISTILL and SOLVER.OPTIMIZER are dropped), so RetinaNet configs load with
@@ -61,6 +88,7 @@ def export_student(cfg, weights, output_dir, device="cpu"):
     drop_keys_missing_from(out_cfg, get_cfg(), keep)
     out_cfg.MODEL.WEIGHTS = weights_path
     out_cfg.MODEL.DEVICE = device
+    check_weights_fit(out_cfg, weights_path, weights)
     config_path = os.path.join(output_dir, "config.yaml")
     with open(config_path, "w") as f:
         f.write(out_cfg.dump())

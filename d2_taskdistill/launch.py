@@ -33,9 +33,25 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     CUDA exists. Default: CUDA where torch sees it.
     """
     world_size = num_machines * num_gpus_per_machine
-    if world_size == 1 or not uses_cpu_workers(device):
-        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
-                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    try:
+        if world_size == 1 or not uses_cpu_workers(device):
+            return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                             machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+        return _launch_cpu_workers(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
+                                   args, timeout)
+    except Exception as e:
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise RuntimeError(
+                f"--dist-url {dist_url}: its port is in use on this machine, so the processes cannot meet "
+                "there. " + ("Give every machine the same --dist-url tcp://HOST:PORT with a free port on "
+                             "machine 0 (HOST)." if num_machines > 1 else
+                             "Use --dist-url auto, which picks a free port, or another port.")
+            ) from e
+        raise
+
+
+def _launch_cpu_workers(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
+    world_size = num_machines * num_gpus_per_machine
     # CPU workers share this machine's cores: torch would give each all of them.
     threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
     main_func = functools.partial(_with_threads, main_func, threads)
@@ -55,6 +71,23 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
     )
+
+
+def free_dist_url(dist_url, default_url, num_gpus_per_machine, num_machines):
+    """"auto" (a free port) where ``dist_url`` is detectron2's fixed per-user default, one machine
+    starts several processes, and that port is taken (e.g. by a second run of the same user);
+    else ``dist_url`` unchanged."""
+    if dist_url != default_url or num_machines != 1 or num_gpus_per_machine < 2:
+        return dist_url
+    host, port = dist_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            logger.warning("Port %s of the default --dist-url %s is in use (another run?): using a free one",
+                           port, dist_url)
+            return "auto"
+    return dist_url
 
 
 def uses_cpu_workers(device):

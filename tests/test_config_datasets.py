@@ -127,7 +127,7 @@ def test_class_lists_and_num_classes_are_checked(coco_dir, tmp_path):
     teacher_cfg = TeacherConfig(None, "teacher.yaml", "", "cpu", train_datasets=["cfg_coco_renamed"])
     cfg.DATASETS.TEST = ("cfg_coco_cls",)
     check_datasets(cfg)
-    with pytest.raises(ValueError, match="teacher was trained on 'cfg_coco_renamed'.*digit_0"):
+    with pytest.raises(ValueError, match=r"teacher's config 'teacher.yaml' trains on 'cfg_coco_renamed'.*digit_0.*DISTILL.TEACHER.RUN"):
         check_datasets(cfg, teacher_cfg)
 
 

@@ -6,9 +6,12 @@ every tool and every launch worker (which loads the config itself) sees them.
 detectron2's ``register_coco_instances`` / ``register_pascal_voc`` do the
 registering; the loader is wrapped with the checks below.
 """
+import json
 import logging
 import os
 import xml.etree.ElementTree as ET
+
+from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
@@ -38,14 +41,22 @@ def _register_once(name, key, entry, register):
     _DECLARED[name] = entry
 
 
+IMAGE_CHECKS = ("sample", "all", "none")
+IMAGE_SAMPLE = 32
+
+
 def register_datasets_from_config(cfg):
     """Register every dataset of ``DATASETS.COCO`` and ``DATASETS.VOC``; idempotent."""
+    image_check = cfg.DATASETS.CHECK_IMAGES
+    if image_check not in IMAGE_CHECKS:
+        raise ValueError(f"DATASETS.CHECK_IMAGES={image_check!r}; choose one of {IMAGE_CHECKS}")
     for entry in cfg.DATASETS.COCO:
         name, json_file, image_root = _entry(entry, "DATASETS.COCO", ["name", "json_file", "image_root"])
 
         def register(name=name, json_file=json_file, image_root=image_root):
             register_coco_instances(name, {}, json_file, image_root)
-            _wrap_loader(name, lambda: _check_coco_files(name, json_file, image_root))
+            _wrap_loader(name, lambda: _check_coco_files(name, json_file, image_root), image_check,
+                         lambda: _unknown_categories(name, json_file))
 
         _register_once(name, "DATASETS.COCO", (json_file, image_root), register)
     for entry in cfg.DATASETS.VOC:
@@ -58,15 +69,46 @@ def register_datasets_from_config(cfg):
             register_pascal_voc(name, dirname, split, int(year), list(class_names))
             # detectron2's register_pascal_voc leaves evaluator_type unset.
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
-            _wrap_loader(name, lambda: _check_voc_files(name, dirname, split))
+            _wrap_loader(name, lambda: _check_voc_files(name, dirname, split), image_check)
 
         _register_once(name, "DATASETS.VOC", (dirname, split, int(year), tuple(class_names)), register)
 
 
-def _wrap_loader(name, check_files):
+def _wrap_loader(name, check_files, image_check="sample", explain_key_error=None):
     load = DatasetCatalog[name]  # the loader detectron2 registered (DatasetCatalog is a dict)
     DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: checked_dicts(name, load, check_files))
+    DatasetCatalog.register(name, lambda: checked_dicts(name, load, check_files, image_check, explain_key_error))
+
+
+def _unknown_categories(name, json_file):
+    """detectron2 fails with a bare KeyError on an annotation whose category_id is not among
+    the json's categories: the message it should have given, naming dataset and annotations."""
+    with open(json_file) as f:
+        data = json.load(f)
+    known = {c["id"] for c in data.get("categories", [])}
+    bad = [(a.get("id"), a.get("category_id")) for a in data.get("annotations", []) if a.get("category_id") not in known]
+    if not bad:
+        return None
+    return ValueError(
+        f"dataset {name!r} ({json_file}): {len(bad)} annotations have a category_id that is not in its "
+        f"'categories' {sorted(known)}, e.g. (annotation id, category_id) {bad[:_EXAMPLES]}; fix or drop them")
+
+
+def check_images(name, dicts, mode):
+    """Decode the dataset's images ("sample": IMAGE_SAMPLE spread over it, "all", "none"): an
+    unreadable or truncated file is an error naming it, before training starts."""
+    if mode == "none":
+        return
+    step = 1 if mode == "all" else max(1, len(dicts) // IMAGE_SAMPLE)
+    for record in dicts[::step]:
+        try:
+            with Image.open(record["file_name"]) as image:
+                image.load()  # decodes: a truncated file fails here, not at its header
+        except Exception as e:
+            raise ValueError(
+                f"dataset {name!r}: image {record['file_name']} cannot be read ({type(e).__name__}: {e}); "
+                "fix or remove it. DATASETS.CHECK_IMAGES 'all' decodes every image before training "
+                f"(now {mode!r})") from None
 
 
 def _check_coco_files(name, json_file, image_root):
@@ -87,10 +129,16 @@ def _check_voc_files(name, dirname, split):
             )
 
 
-def checked_dicts(name, load, check_files):
+def checked_dicts(name, load, check_files, image_check="sample", explain_key_error=None):
     """``load()``'s records after the checks: files first, then images, then boxes."""
     check_files()
-    dicts = load()
+    try:
+        dicts = load()
+    except KeyError:
+        problem = explain_key_error() if explain_key_error else None
+        if problem is None:
+            raise
+        raise problem from None
     if not dicts:
         raise ValueError(f"dataset {name!r} has no images")
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
@@ -99,6 +147,7 @@ def checked_dicts(name, load, check_files):
             f"dataset {name!r}: {len(missing)} of {len(dicts)} images are missing, e.g. "
             f"{missing[:_EXAMPLES]}; check the image root / directory the dataset was declared with"
         )
+    check_images(name, dicts, image_check)
     return drop_invalid_boxes(name, dicts)
 
 
@@ -205,7 +254,12 @@ def check_datasets(cfg, teacher_cfg=None, train=True):
     names = (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST)
     check_registered(names)
     for name in cfg.DATASETS.TEST:
-        DatasetCatalog.get(name)  # up front, not at the first evaluation
+        dicts = DatasetCatalog.get(name)  # up front, not at the first evaluation
+        if not any(record.get("annotations") for record in dicts):
+            raise ValueError(
+                f"dataset {name!r} (DATASETS.TEST) has no annotations: AP cannot be computed on it. "
+                "Evaluate on a labelled set, or set DATASETS.TEST () to train without evaluation; "
+                "for predictions on unlabelled images use DefaultPredictor (README).")
     classes = {name: thing_classes(name) for name in names}
     reference_name = names[0]
     reference = classes[reference_name]
@@ -225,19 +279,23 @@ def check_datasets(cfg, teacher_cfg=None, train=True):
         if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
             check_voc_annotations_for_evaluation(name)
     if teacher_cfg is not None:
-        _check_teacher_classes(teacher_cfg.train_datasets, reference_name, reference)
+        _check_teacher_classes(teacher_cfg, reference_name, reference)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
 
 
-def _check_teacher_classes(teacher_datasets, student_dataset, student_classes):
-    for name in teacher_datasets:
+def _check_teacher_classes(teacher_cfg, student_dataset, student_classes):
+    for name in teacher_cfg.train_datasets:
         classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
         if classes is None:
             logger.info("Teacher's dataset %r: class names unknown here; only the class count is checked", name)
             continue
         if list(classes) != student_classes:
             raise ValueError(
-                f"The teacher was trained on {name!r} (its config's training dataset) with classes {list(classes)}, "
-                f"the student's dataset {student_dataset!r} has {student_classes}: the teacher's class "
-                "outputs would be compared with the wrong classes. Use a teacher trained on these classes."
+                f"The teacher's config {teacher_cfg.config_file!r} trains on {name!r} (its DATASETS.TRAIN) with "
+                f"classes {list(classes)}; the student's dataset {student_dataset!r} has {student_classes}: the "
+                "teacher's class outputs would be compared with the wrong classes. If the teacher was trained "
+                f"on {student_dataset!r}, build it from that run's own config: DISTILL.TEACHER.RUN "
+                "<the teacher run's OUTPUT_DIR> (or DISTILL.TEACHER.CONFIG_FILE <that dir>/config.yaml, or "
+                f"DATASETS.TRAIN \"('{student_dataset}',)\" and its NUM_CLASSES in DISTILL.TEACHER.OPTS). "
+                "Otherwise use a teacher trained on these classes."
             )

@@ -38,6 +38,37 @@ def resolve_teacher_config_file(name):
         ) from None
 
 
+def run_files(run_dir, setting):
+    """(config.yaml, checkpoint) of a train_net.py run directory: the checkpoint its
+    ``last_checkpoint`` names, else model_final.pth. ``setting`` names the option in errors."""
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(
+            f"{setting}={run_dir!r}: no config.yaml there; name the OUTPUT_DIR of a train_net.py run "
+            f"(relative to {os.getcwd()})")
+    last = os.path.join(run_dir, "last_checkpoint")
+    name = "model_final.pth"
+    if os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+    weights = os.path.join(run_dir, name)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{setting}={run_dir!r}: no checkpoint {name} there; has the run trained?")
+    if name != "model_final.pth":
+        logger.warning("%s=%r has not finished training: using its last checkpoint %s", setting, run_dir, name)
+    return config, weights
+
+
+def teacher_sources(cfg):
+    """(config file, weights, the setting they come from): DISTILL.TEACHER.RUN's config.yaml and
+    checkpoint when it is set, else DISTILL.TEACHER.CONFIG_FILE and WEIGHTS."""
+    run = cfg.DISTILL.TEACHER.RUN
+    if run:
+        config, weights = run_files(run, "DISTILL.TEACHER.RUN")
+        return config, weights, f"DISTILL.TEACHER.RUN={run!r} (checkpoint {os.path.basename(weights)})"
+    return cfg.DISTILL.TEACHER.CONFIG_FILE, cfg.DISTILL.TEACHER.WEIGHTS, "DISTILL.TEACHER.WEIGHTS"
+
+
 @dataclass
 class TeacherConfig:
     """What the project needs of a teacher's config, yaml or LazyConfig alike."""
@@ -48,6 +79,7 @@ class TeacherConfig:
     device: str
     input_format: str = "BGR"
     train_datasets: list = field(default_factory=list)
+    weights_setting: str = "DISTILL.TEACHER.WEIGHTS"  # where the weights come from, for messages
 
     @property
     def is_lazy(self):
@@ -76,24 +108,24 @@ class TeacherConfig:
 def build_teacher_config(cfg):
     """The teacher's :class:`TeacherConfig`: a yaml config with DISTILL.TEACHER.OPTS as KEY VALUE
     pairs, or a LazyConfig .py with them as key=value overrides."""
-    name = cfg.DISTILL.TEACHER.CONFIG_FILE
+    name, weights, weights_setting = teacher_sources(cfg)
     path = resolve_teacher_config_file(name)
     if path.endswith(".py"):
-        return _lazy_teacher_config(cfg, name, path)
+        return _lazy_teacher_config(cfg, name, path, weights, weights_setting)
     teacher_cfg = load_config(path, cfg.DISTILL.TEACHER.OPTS)
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher_cfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
+    teacher_cfg.MODEL.WEIGHTS = weights
     arch = teacher_cfg.MODEL.META_ARCHITECTURE
     if arch not in DENSE_ARCHITECTURES:
         raise ValueError(
             f"Teacher config {name!r} has MODEL.META_ARCHITECTURE={arch!r}; "
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
-    return TeacherConfig(teacher_cfg, name, cfg.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DEVICE,
-                         teacher_cfg.INPUT.FORMAT, list(teacher_cfg.DATASETS.TRAIN))
+    return TeacherConfig(teacher_cfg, name, weights, cfg.MODEL.DEVICE,
+                         teacher_cfg.INPUT.FORMAT, list(teacher_cfg.DATASETS.TRAIN), weights_setting)
 
 
-def _lazy_teacher_config(cfg, name, path):
+def _lazy_teacher_config(cfg, name, path, weights, weights_setting):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
@@ -118,9 +150,9 @@ def _lazy_teacher_config(cfg, name, path):
     dataset = lazy.get("dataloader", {}).get("train", {}).get("dataset", {})
     names = dataset.get("names", [])
     return TeacherConfig(
-        lazy, name, cfg.DISTILL.TEACHER.WEIGHTS, cfg.MODEL.DEVICE,
+        lazy, name, weights, cfg.MODEL.DEVICE,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
-        train_datasets=[names] if isinstance(names, str) else list(names),
+        train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
     )
 
 
@@ -135,27 +167,15 @@ class _RecordingCheckpointer(DetectionCheckpointer):
         return self.incompatible
 
 
-def load_teacher_weights(teacher, weights):
-    """Load every key of ``weights`` into ``teacher``; anything that does not load is an error."""
-    if not weights:
-        raise ValueError(
-            "DISTILL.TEACHER.WEIGHTS is empty: a teacher without trained weights has nothing to "
-            "teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl)."
-        )
-    try:
-        local = PathManager.get_local_path(weights)
-    except Exception as e:  # download failures surface with the setting named
-        raise FileNotFoundError(f"DISTILL.TEACHER.WEIGHTS={weights!r} could not be fetched: {e}") from e
-    if not os.path.isfile(local):
-        raise FileNotFoundError(
-            f"DISTILL.TEACHER.WEIGHTS={weights!r}: no such file. Train the teacher first "
-            "(train_net.py with its config) or point to its checkpoint."
-        )
-    checkpointer = _RecordingCheckpointer(teacher)
-    checkpointer.load(local, checkpointables=[])
+def weight_problems(model, path):
+    """What does not load when every key of the checkpoint at ``path`` must: a list of
+    'missing keys: ...', 'unexpected keys: ...', 'shape mismatches: ...' (empty: all loaded).
+    The matching weights are loaded into ``model``."""
+    checkpointer = _RecordingCheckpointer(model)
+    checkpointer.load(path, checkpointables=[])
     incompatible = checkpointer.incompatible
     if incompatible is None:
-        raise KeyError(f"DISTILL.TEACHER.WEIGHTS={weights!r} holds no model weights")
+        return ["no model weights in the file"]
     problems = []
     wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
     missing = sorted(set(incompatible.missing_keys) - wrong_shape)
@@ -166,10 +186,36 @@ def load_teacher_weights(teacher, weights):
     if incompatible.incorrect_shapes:
         shapes = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
         problems.append(f"shape mismatches: {shapes}")
+    return problems
+
+
+def load_teacher_weights(teacher, weights, setting="DISTILL.TEACHER.WEIGHTS"):
+    """Load every key of ``weights`` into ``teacher``; anything that does not load is an error
+    naming ``setting``, where the weights come from."""
+    if not weights:
+        raise ValueError(
+            "DISTILL.TEACHER.WEIGHTS is empty: a teacher without trained weights has nothing to "
+            "teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl), or DISTILL.TEACHER.RUN "
+            "to the teacher's train_net.py output directory."
+        )
+    try:
+        local = PathManager.get_local_path(weights)
+    except Exception as e:  # download failures surface with the setting named
+        raise FileNotFoundError(f"{setting}={weights!r} could not be fetched: {e}") from e
+    if not os.path.isfile(local):
+        raise FileNotFoundError(
+            f"{setting}={weights!r}: no such file. Train the teacher first "
+            "(train_net.py with its config) or point to its checkpoint."
+        )
+    problems = weight_problems(teacher, local)
     if problems:
+        hint = ""
+        if setting == "DISTILL.TEACHER.WEIGHTS":
+            hint = (" If the weights come from a train_net.py run, set DISTILL.TEACHER.RUN to that run's "
+                    "OUTPUT_DIR instead: its own config.yaml then builds the teacher.")
         raise KeyError(
-            f"Teacher weights DISTILL.TEACHER.WEIGHTS={weights!r} do not match the teacher built from "
-            "DISTILL.TEACHER.CONFIG_FILE (and DISTILL.TEACHER.OPTS): " + "; ".join(problems)
+            f"Teacher weights {setting}={weights!r} do not match the teacher built from "
+            "DISTILL.TEACHER.CONFIG_FILE (and DISTILL.TEACHER.OPTS): " + "; ".join(problems) + "." + hint
         )
     num_tensors = len(teacher.state_dict())
     logger.info("Loaded teacher weights from %s (%d tensors)", weights, num_tensors)
@@ -186,5 +232,5 @@ def build_teacher(cfg):
     """The teacher of ``cfg``: built, loaded, frozen and in eval mode, with its TeacherConfig."""
     teacher_cfg = build_teacher_config(cfg)
     teacher = teacher_cfg.build_model()
-    load_teacher_weights(teacher, teacher_cfg.weights)
+    load_teacher_weights(teacher, teacher_cfg.weights, teacher_cfg.weights_setting)
     return freeze(teacher), teacher_cfg
