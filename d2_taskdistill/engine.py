@@ -119,7 +119,7 @@ class GradScalerMonitor(HookBase):
 
 class FileNamingMapper(DatasetMapper):
     """detectron2's DatasetMapper; an image it cannot read or map is named in the error (PIL's
-    'image file is truncated' names none), with the datasets it may come from."""
+    'image file is truncated' names none)."""
 
     def __call__(self, dataset_dict):
         try:
