@@ -69,3 +69,14 @@ def test_speed_benchmark_cuda_path(tmp_path):
         # Peak memory from torch.cuda.max_memory_allocated: at least the weights of the models.
         assert all(p["peak_mb"] > 1 for p in res["profiles"].values())
         assert res["methods"]["TID"]["ratio"]["median"] > 0
+
+
+def test_model_built_on_the_cpu_moves_with_its_teacher(teachers, tiny_dataset, tmp_path):
+    """What LazyConfig training does: instantiate, then model.to(device)."""
+    from detectron2.modeling import build_model
+
+    cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path, device="cpu")
+    model = build_model(cfg).to("cuda")
+    assert {p.device.type for p in model.teacher.parameters()} == {"cuda"}
+    assert {b.device.type for b in model.teacher.buffers()} == {"cuda"}
+    assert model.device.type == "cuda"

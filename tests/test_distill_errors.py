@@ -163,3 +163,16 @@ def test_optimizer_choice(teacher_ckpt, tmp_path):
     cfg.SOLVER.OPTIMIZER = "LAMB"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='LAMB'"):
         DistillTrainer.build_optimizer(cfg, model)
+
+
+def test_teacher_follows_to_but_stays_out_of_the_module_tree(teacher_ckpt, tmp_path):
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher_ckpt, tmp_path)
+    model = build(cfg)
+    assert model.to(torch.float64) is model
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.float64}
+    assert {p.dtype for p in model.student.parameters()} == {torch.float64}
+    teacher_params = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert all(k.startswith(("student.", "distill_losses.")) for k in model.state_dict())
+    model.train()
+    assert not model.teacher.training

@@ -119,7 +119,8 @@ class TaskDistillDetector(nn.Module):
 
     The teacher is held outside the module tree: it is not in ``parameters()``,
     ``state_dict()`` (so not in checkpoints), the optimizer or DDP, and ``train()``
-    does not reach it. Inference runs the student alone.
+    does not reach it; ``.to()`` and the like move it with the student. Inference runs the
+    student alone.
     """
 
     def __init__(self, cfg):
@@ -155,6 +156,13 @@ class TaskDistillDetector(nn.Module):
     @property
     def device(self):
         return self.student.device
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .float() ... reach the teacher too (LazyConfig training moves the model
+        # after building it), though it is outside the module tree.
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
 
     def teacher_inputs(self, batched_inputs):
         if not self.teacher_needs_bgr_flip:
