@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from d2_taskdistill import load_config
-from d2_taskdistill.losses.bckd import BCKD, binary_distillation, positive_normalizer
+from d2_taskdistill.losses.bckd import BCKD, binary_distillation
+from d2_taskdistill.losses.normalizers import global_mean
 from fvcore.nn import giou_loss
 from conftest import config_path, finite_positive_history, train_tiny
 
@@ -49,8 +50,8 @@ def test_giou_term_identical_disjoint_nested():
 
 
 def test_normalizer_floors_zero_positives():
-    assert positive_normalizer(torch.tensor(0)).item() == 1.0
-    assert positive_normalizer(torch.tensor(7)).item() == 7.0
+    assert global_mean(torch.tensor(0)).item() == 1.0
+    assert global_mean(torch.tensor(7)).item() == 7.0
 
 
 class ToyOutputs:

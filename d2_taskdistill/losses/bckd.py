@@ -7,8 +7,10 @@ RetinaNet and FCOS.
 - Localization: 1 - GIoU(student box, teacher box) at every valid location, both
   decoded at the same anchors / points by the student's own box coder, weighted by
   max_k |p_T - p_S| (detached).
-- Both are summed and divided by the number of the student's positives, averaged
-  over workers and floored at 1 (as the authors do).
+- Both are summed and divided by the number of the student's positives averaged over
+  workers (as the authors do); ours: the floor at 1 applies to the total over workers, not
+  to the average, so that the loss does not depend on how the batch is split
+  (losses/normalizers.py).
 
 Our choices: a location is valid when its anchor centre lies in the image (not in
 batch padding), anchors that stick out of the image included; FCOS's centerness
@@ -16,14 +18,11 @@ is distilled with the same binary term (FCOS ranks detections by
 sqrt(score * centerness), so the teacher's ranking depends on both), weighted by
 CENTERNESS_WEIGHT.
 """
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detectron2.utils import comm
-
 from .box_ops import giou_loss
+from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY
 
 
@@ -31,16 +30,6 @@ def binary_distillation(student_logits, teacher_probs, beta=1.0):
     """Elementwise BCE_with_logits(z_S, p_T) * |p_T - sigmoid(z_S)|^beta."""
     bce = F.binary_cross_entropy_with_logits(student_logits, teacher_probs, reduction="none")
     return bce * (teacher_probs - student_logits.sigmoid()).abs().pow(beta)
-
-
-def positive_normalizer(num_positives):
-    """Student positives averaged over workers, at least 1."""
-    count = torch.as_tensor(num_positives, dtype=torch.float32)
-    if comm.get_world_size() > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-        count = count / comm.get_world_size()
-    return torch.clamp(count, min=1.0)
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -62,7 +51,7 @@ class BCKD(nn.Module):
 
     def forward(self, student, teacher):
         valid = student.valid_mask.to(student.logits_flat.dtype)  # (N, R)
-        normalizer = positive_normalizer(student.positive_mask.sum())
+        normalizer = global_mean(student.positive_mask.sum())
 
         cls = binary_distillation(student.logits_flat, teacher.scores_flat.detach(), self.beta)
         loss_cls = (cls.sum(dim=2) * valid).sum() / normalizer

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import width_adapter
+from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY, check_choices, check_num_levels
 
 
@@ -37,13 +38,15 @@ def softmax_kl(student_logits, teacher_logits, tau, dim):
     return tau * tau * (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
 
 
-def channel_wise_divergence(student, teacher, tau, normalize="channel"):
-    """One level's CWD term, (N, C, H, W) features; see the module docstring."""
+def channel_wise_divergence(student, teacher, tau, normalize="channel", batch=None):
+    """One level's CWD term, (N, C, H, W) features; see the module docstring. ``batch``
+    replaces N in the normaliser (the batch averaged over processes)."""
     n, c, h, w = student.shape
     student, teacher = student.reshape(n, c, h * w), teacher.reshape(n, c, h * w)
+    batch = n if batch is None else batch
     if normalize == "channel":
-        return softmax_kl(student, teacher, tau, dim=2) / (n * c)
-    return softmax_kl(student, teacher, tau, dim=1) / (n * h * w)
+        return softmax_kl(student, teacher, tau, dim=2) / (batch * c)
+    return softmax_kl(student, teacher, tau, dim=1) / (batch * h * w)
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -64,7 +67,8 @@ class CWD(nn.Module):
 
     def forward(self, student, teacher):
         levels = slice(0, self.num_levels)
+        batch = global_mean(teacher.features[0].shape[0], device=teacher.features[0].device)
         total = 0.0
         for fs, ft in zip(self.adapter(student.features[levels]), teacher.features[levels]):
-            total = total + channel_wise_divergence(fs, ft, self.tau, self.normalize)
+            total = total + channel_wise_divergence(fs, ft, self.tau, self.normalize, batch)
         return {"loss_distill_cwd": self.weight * total}

@@ -9,7 +9,8 @@ features (N, C, H, W), T the temperature and the teacher's attention
     L_global = sum_{n,c,h,w} (F_T + G_T(F_T) - F_S - G_S(F_S))^2 / N  (G: a GcBlock context)
 and loss = sum over levels of alpha L_fg + beta L_bg + gamma L_at + lambda L_global, each
 term logged on its own. The normaliser N is the batch size, as in the public code: the sums
-run over channels and positions, so the weights are tuned for its 256-channel FPN.
+run over channels and positions, so the weights are tuned for its 256-channel FPN. (With
+several processes, N is averaged over them: losses/normalizers.py.)
 
 From the paper: the four terms, the foreground scale 1 / (H_r W_r) of a GT box r (the
 smallest box wins where boxes overlap), the background normalised by its position count, the
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from .adapters import fpn_channels, width_adapter
 from .maps import padded_gt_boxes
+from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY, check_num_levels
 
 
@@ -80,18 +82,19 @@ def fgd_attention(features, temperature):
     return spatial.reshape(n, h, w), channel
 
 
-def focal_feature_losses(student, teacher, fg_mask, bg_mask, spatial_t, channel_t):
+def focal_feature_losses(student, teacher, fg_mask, bg_mask, spatial_t, channel_t, batch=None):
     """(L_fg, L_bg): squared errors weighted by the teacher's attention and the scale masks,
-    summed over channels and positions, divided by the batch size N."""
+    summed over channels and positions, divided by the batch size (``batch``, default N)."""
     attention = spatial_t[:, None] * channel_t[:, :, None, None]
     per_position = ((student - teacher).pow(2) * attention).sum(dim=1)  # (N, H, W)
-    n = student.shape[0]
+    n = student.shape[0] if batch is None else batch
     return (per_position * fg_mask).sum() / n, (per_position * bg_mask).sum() / n
 
 
-def attention_loss(spatial_s, channel_s, spatial_t, channel_t):
-    """L1 between the student's and teacher's attention maps, summed, divided by N."""
-    n = spatial_s.shape[0]
+def attention_loss(spatial_s, channel_s, spatial_t, channel_t, batch=None):
+    """L1 between the student's and teacher's attention maps, summed, divided by the batch
+    size (``batch``, default N)."""
+    n = spatial_s.shape[0] if batch is None else batch
     return ((channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()) / n
 
 
@@ -121,9 +124,11 @@ class GlobalContext(nn.Module):
         return x + self.transform(self.context(x))[:, :, None, None]
 
 
-def global_loss(student_context, teacher_context):
-    """Squared error of the two models' context-enhanced features, summed, divided by N."""
-    return (student_context - teacher_context).pow(2).sum() / student_context.shape[0]
+def global_loss(student_context, teacher_context, batch=None):
+    """Squared error of the two models' context-enhanced features, summed, divided by the
+    batch size (``batch``, default N)."""
+    n = student_context.shape[0] if batch is None else batch
+    return (student_context - teacher_context).pow(2).sum() / n
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -154,17 +159,18 @@ class FGD(nn.Module):
         strides = student.detector.anchor_generator.strides[levels]
         with torch.no_grad():
             gt_boxes, gt_valid = padded_gt_boxes(student.gt_instances, teacher_features[0].device)
+        batch = global_mean(teacher_features[0].shape[0], device=teacher_features[0].device)
         terms = {name: 0.0 for name in self.weights if name != "global" or self.use_global}
         for level, (fs, ft, stride) in enumerate(zip(student_features, teacher_features, strides)):
             with torch.no_grad():
                 fg_mask, bg_mask = gt_scale_masks(gt_boxes, gt_valid, stride, ft.shape[-2:])
                 spatial_t, channel_t = fgd_attention(ft, self.temperature)
             spatial_s, channel_s = fgd_attention(fs, self.temperature)
-            fg, bg = focal_feature_losses(fs, ft, fg_mask, bg_mask, spatial_t, channel_t)
+            fg, bg = focal_feature_losses(fs, ft, fg_mask, bg_mask, spatial_t, channel_t, batch)
             terms["fg"] = terms["fg"] + fg
             terms["bg"] = terms["bg"] + bg
-            terms["attention"] = terms["attention"] + attention_loss(spatial_s, channel_s, spatial_t, channel_t)
+            terms["attention"] = terms["attention"] + attention_loss(spatial_s, channel_s, spatial_t, channel_t, batch)
             if self.use_global:
                 terms["global"] = terms["global"] + global_loss(
-                    self.student_context[level](fs), self.teacher_context[level](ft))
+                    self.student_context[level](fs), self.teacher_context[level](ft), batch)
         return {f"loss_distill_fgd_{name}": self.weights[name] * value for name, value in terms.items()}

@@ -16,6 +16,9 @@ outputs only (fpn0..fpn3: P3-P6 of RetinaNet), as every one of those configs.
 Ours (DISTILL.PKD keys in config.py):
 - NORMALIZE_OVER "hw" takes each sample's statistics apart (the paper's description leaves
   the axes open; the public code pools the batch: "batch_hw");
+- the mean over N * C * H * W takes its count averaged over processes (losses/normalizers.py);
+  with NORMALIZE_OVER "batch_hw" the statistics themselves are each process's own batch's,
+  as in the public code, so only "hw" gives the same loss however the batch is split;
 - a 1x1 adapter on the student when the FPN widths differ (the public configs use equal
   widths); none otherwise;
 - the unbiased variance is computed here, divided by max(n - 1, 1) so that a single value
@@ -25,9 +28,9 @@ Ours (DISTILL.PKD keys in config.py):
   mean(z_other^2) / 2 and no NaN; its own gradient is large (~1 / 2e-6), as there (1 / 1e-6).
 """
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapters import width_adapter
+from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY, check_choices, check_num_levels
 
 STD_EPS = 1e-6
@@ -46,9 +49,11 @@ def standardize(features, dims, eps=STD_EPS):
     return centred / (std + eps)
 
 
-def pearson_feature_loss(student, teacher, dims):
-    """mean (z_S - z_T)^2 / 2 of one level's standardised features."""
-    return F.mse_loss(standardize(student, dims), standardize(teacher, dims)) / 2
+def pearson_feature_loss(student, teacher, dims, count=None):
+    """sum (z_S - z_T)^2 / 2 of one level's standardised features over ``count`` (default
+    their number: the mean)."""
+    squared = (standardize(student, dims) - standardize(teacher, dims)).pow(2).sum()
+    return squared / (2 * (student.numel() if count is None else count))
 
 
 @DISTILL_LOSS_REGISTRY.register()
@@ -68,5 +73,5 @@ class PKD(nn.Module):
         levels = slice(0, self.num_levels)
         total = 0.0
         for fs, ft in zip(self.adapter(student.features[levels]), teacher.features[levels]):
-            total = total + pearson_feature_loss(fs, ft, self.dims)
+            total = total + pearson_feature_loss(fs, ft, self.dims, global_mean(ft.numel(), device=ft.device))
         return {"loss_distill_pkd": self.weight * total}

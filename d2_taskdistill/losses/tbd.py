@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from detectron2.utils.events import get_event_storage
 
 from .adapters import FeatureAdapter, fpn_channels
-from .bckd import positive_normalizer
 from .box_ops import aligned_iou, giou_loss
 from .fitnet import masked_sum_loss
+from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY, check_choices
 
 
@@ -109,7 +109,7 @@ class TBD(nn.Module):
     def harmonious_distillation(self, student, teacher):
         labels, gt_boxes = student.assigned_labels, student.assigned_boxes
         positive = student.positive_mask
-        normalizer = positive_normalizer(positive.sum())
+        normalizer = global_mean(positive.sum())
         with torch.no_grad():
             s_t, u_t = assigned_quality(teacher, labels, gt_boxes)
             hs_t = harmony_score(s_t, u_t) * positive
