@@ -50,6 +50,9 @@ def add_distill_config(cfg):
     cfg.DISTILL.TEACHER.EVAL_AT_START = False
     # Run the teacher under autocast: float16 on CUDA, bfloat16 on CPU.
     cfg.DISTILL.TEACHER.AMP = False
+    # Checkpoints record the teacher's weights file and sha256; --resume with another teacher
+    # is an error unless this is True.
+    cfg.DISTILL.TEACHER.ALLOW_CHANGE = False
 
     # Every loss is tested for finiteness on the device each iteration; the result is read
     # (a host-device sync) and raised every N iterations, naming the first bad iteration.

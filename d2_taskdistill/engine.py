@@ -21,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from . import compat
+from .checkpoint import SafeCheckpointer, TeacherIdentity
 from .data.config_datasets import check_datasets, check_registered
 from .modeling.inherit import inherit_from_teacher, parts_of
 from .modeling.meta_arch import TaskDistillDetector
@@ -149,6 +150,14 @@ class DistillTrainer(DefaultTrainer):
         super().__init__(cfg)
 
     def build_hooks(self):
+        # Called by DefaultTrainer.__init__ before anything saves or loads: the checkpointer
+        # becomes an atomic one, and records the teacher (its PeriodicCheckpointer uses it).
+        old = self.checkpointer
+        self.checkpointer = SafeCheckpointer(old.model, old.save_dir, **old.checkpointables)
+        model = unwrap(self.model)
+        if isinstance(model, TaskDistillDetector):
+            self.checkpointer.add_checkpointable(
+                "teacher", TeacherIdentity(model.teacher_cfg.weights, self.cfg.DISTILL.TEACHER.ALLOW_CHANGE))
         hooks = super().build_hooks()
         if self.cfg.SOLVER.AMP.ENABLED:
             # Early in the list: after_step must run before the writers put out the values.

@@ -1,0 +1,125 @@
+"""Checkpoints that survive being killed: atomic files, and the teacher they were trained with.
+
+- :class:`SafeCheckpointer` writes every checkpoint and ``last_checkpoint`` to a temporary file
+  in the same folder, flushes and fsyncs it, and renames it over the final name (atomic on
+  POSIX): a process killed mid-write, or a full disk, leaves the previous files as they were,
+  and no reader ever sees half a checkpoint.
+- :class:`TeacherIdentity` puts the teacher's weights file and its sha256 into every
+  checkpoint; resuming with a different teacher is an error (DISTILL.TEACHER.ALLOW_CHANGE).
+"""
+import hashlib
+import logging
+import os
+import tempfile
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file beside ``path``, make it durable, rename it to
+    ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                         delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+        raise
+    directory = os.open(folder, os.O_RDONLY)  # the rename itself durable too
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """detectron2's DetectionCheckpointer with atomic saves (local folders) and a clear error
+    for a checkpoint that cannot be read."""
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not os.path.isdir(self.save_dir):  # a remote folder (PathManager): detectron2's way
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        try:
+            atomic_write(path, lambda f: torch.save(data, f))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            previous = self.get_checkpoint_file() if self.has_checkpoint() else "none yet"
+            raise OSError(getattr(e, "errno", None), f"Saving checkpoint {path} failed ({type(e).__name__}: {e}); "
+                          f"nothing was replaced, the last complete checkpoint ({previous}) is intact. Free "
+                          f"space in {self.save_dir} and run again with --resume.") from e
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        if not os.path.isdir(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"),
+                     lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, f):
+        try:
+            return super()._load_file(f)
+        except Exception as e:
+            others = sorted(os.path.basename(p) for p in self.get_all_checkpoint_files()
+                            if os.path.abspath(p) != os.path.abspath(f)) if self.save_dir else []
+            raise RuntimeError(
+                f"Checkpoint {f} cannot be read ({type(e).__name__}: {e}): it is damaged or truncated (this "
+                "project writes checkpoints atomically, so not by a run it interrupted). Remove it; to resume "
+                f"from an earlier complete checkpoint of {self.save_dir or 'its folder'} ({others or 'none'}), "
+                "write that file's name into last_checkpoint there, then run again with --resume.") from e
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TeacherIdentity:
+    """A checkpointable: the teacher's weights file and content hash. Saved with every
+    checkpoint; loading one saved with another teacher (resume) raises, unless allowed."""
+
+    def __init__(self, weights, allow_change=False):
+        self.weights = weights
+        self.allow_change = allow_change
+        self._sha256 = None
+
+    @property
+    def sha256(self):
+        if self._sha256 is None:  # hashed once, when first saved or compared
+            self._sha256 = file_sha256(PathManager.get_local_path(self.weights))
+        return self._sha256
+
+    def state_dict(self):
+        return {"weights": self.weights, "sha256": self.sha256}
+
+    def load_state_dict(self, state):
+        if state.get("sha256") == self.sha256:
+            return
+        message = (f"the checkpoint was trained with teacher {state.get('weights')!r} (sha256 "
+                   f"{str(state.get('sha256'))[:16]}), this run loads {self.weights!r} (sha256 {self.sha256[:16]})")
+        if self.allow_change:
+            logger.warning("Resuming with another teacher, as DISTILL.TEACHER.ALLOW_CHANGE allows: %s", message)
+            return
+        raise ValueError(f"Resuming with another teacher: {message}. Resume with the teacher the run "
+                         "started with, or set DISTILL.TEACHER.ALLOW_CHANGE True to go on with this one.")

@@ -1,0 +1,124 @@
+"""Checkpoints under faults: a save killed half-way or stopped by a full disk leaves the previous
+checkpoint and last_checkpoint as they were; a damaged checkpoint is named on resume; resuming
+with another teacher is an error unless allowed."""
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from d2_taskdistill.checkpoint import TeacherIdentity, file_sha256
+from d2_taskdistill.engine import DistillTrainer
+from conftest import ROOT, distill_cfg, make_teacher_checkpoint
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_batch):
+    return make_teacher_checkpoint("retinanet", str(tmp_path_factory.mktemp("ckpt_teacher") / "teacher.pth"),
+                                   tiny_batch)
+
+
+def trained_run(teacher, tiny_dataset, out, opts=()):
+    """Three iterations, checkpoints model_0000001.pth (period 2) and model_final.pth."""
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, out, opts=list(opts))
+    DistillTrainer(cfg).train()
+    return cfg
+
+
+def last_checkpoint(out):
+    return (out / "last_checkpoint").read_text()
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint(teacher, tiny_dataset, tmp_path, monkeypatch):
+    from d2_taskdistill import checkpoint
+
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    trainer = DistillTrainer(cfg)
+    before = sorted(os.listdir(tmp_path))
+
+    def half_then_full(data, f):
+        f.write(b"\0" * 1000)  # some bytes reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", half_then_full)
+    with pytest.raises(OSError, match=r"Saving checkpoint .*model_0000099.pth failed \(OSError: .*No space left"
+                                      r".*the last complete checkpoint \(.*model_final.pth\) is intact"):
+        trainer.checkpointer.save("model_0000099")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == before  # no new file, no temporary left behind
+    assert last_checkpoint(tmp_path) == "model_final.pth"
+    assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 2
+
+
+def test_a_save_killed_half_way_is_never_seen(teacher, tiny_dataset, tmp_path):
+    """A real SIGKILL in the middle of torch.save, in a process of its own."""
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        import torch
+        import d2_taskdistill
+        from d2_taskdistill import checkpoint, load_config
+        from d2_taskdistill.engine import DistillTrainer
+        from conftest import register_tiny_dataset
+        register_tiny_dataset({os.environ['D2_TASKDISTILL_TEST_TINY_ROOT']!r})
+        trainer = DistillTrainer(load_config({str(tmp_path / 'config.yaml')!r}))
+        real_save = torch.save
+        def killed_half_way(data, f):
+            real_save(data, f)
+            f.flush()
+            f.truncate(f.tell() // 2)  # half of it on disk
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.torch.save = killed_half_way
+        trainer.checkpointer.save("model_0000099")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (tmp_path / "model_0000099.pth").exists()
+    assert last_checkpoint(tmp_path) == "model_final.pth"
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(teacher, tiny_dataset, tmp_path):
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    final = tmp_path / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:5000])  # damaged outside the project (a bad copy)
+    with pytest.raises(RuntimeError, match=r"Checkpoint .*model_final.pth cannot be read .*Remove it; to resume "
+                                           r"from an earlier complete checkpoint of .*\['model_0000001.pth'\]"):
+        DistillTrainer(cfg).resume_or_load(resume=True)
+
+
+def test_resuming_with_another_teacher(teacher, tiny_dataset, tiny_batch, tmp_path):
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=False)["teacher"]
+    assert saved == {"weights": teacher, "sha256": file_sha256(teacher)}
+
+    other = make_teacher_checkpoint("retinanet", str(tmp_path / "other" / "teacher.pth"), tiny_batch[:2])
+    assert file_sha256(other) != file_sha256(teacher)
+    cfg.defrost()
+    cfg.DISTILL.TEACHER.WEIGHTS = other
+    cfg.SOLVER.MAX_ITER = 4
+    with pytest.raises(ValueError, match=rf"Resuming with another teacher: the checkpoint was trained with teacher "
+                                         rf"'{teacher}' .*this run loads '{other}'.*DISTILL.TEACHER.ALLOW_CHANGE True"):
+        DistillTrainer(cfg).resume_or_load(resume=True)
+    cfg.DISTILL.TEACHER.ALLOW_CHANGE = True
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+    trainer.train()  # and the new checkpoint records the new teacher
+    assert torch.load(tmp_path / "model_final.pth", weights_only=False)["teacher"]["weights"] == other
+
+
+def test_teacher_identity_is_hashed_once(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"teacher")
+    identity = TeacherIdentity(str(weights))
+    assert identity.state_dict()["sha256"] == file_sha256(str(weights))
+    weights.write_bytes(b"changed under a running job")
+    assert identity.state_dict()["sha256"] != file_sha256(str(weights))  # the one the run started with
