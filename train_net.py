@@ -5,6 +5,7 @@
     python train_net.py --config-file CFG --num-gpus 8 --resume
     python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # gloo CPU workers
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+    torchrun --nnodes N --nproc-per-node 8 --max-restarts 3 train_net.py --config-file CFG
 """
 import logging
 
@@ -12,7 +13,14 @@ import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports i
 from d2_taskdistill import load_config
 from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import DistillTrainer, resolve_device, setup_project_logger
-from d2_taskdistill.launch import config_device, free_dist_url, launch
+from d2_taskdistill.launch import (
+    config_device,
+    free_dist_url,
+    launch,
+    run_torchrun_worker,
+    started_by_torchrun,
+    torchrun_restart_count,
+)
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -59,6 +67,13 @@ def invoke_main():
     parser = default_argument_parser()
     args = parser.parse_args()
     print("Command Line Args:", args)
+    device = config_device(args.config_file, args.opts)
+    if started_by_torchrun():
+        # torchrun started this process (one per GPU or CPU worker): ranks from the environment.
+        # After a restart (--max-restarts), the group goes on from the last complete checkpoint.
+        if torchrun_restart_count() > 0 and not args.eval_only:
+            args.resume = True
+        return run_torchrun_worker(main, args=(args,), device=device)
     args.dist_url = free_dist_url(args.dist_url, parser.get_default("dist_url"), args.num_gpus, args.num_machines)
     launch(
         main,
@@ -68,7 +83,7 @@ def invoke_main():
         dist_url=args.dist_url,
         args=(args,),
         # MODEL.DEVICE cpu: gloo CPU workers, also on a machine with GPUs.
-        device=config_device(args.config_file, args.opts),
+        device=device,
     )
 
 

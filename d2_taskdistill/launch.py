@@ -73,6 +73,47 @@ def _launch_cpu_workers(main_func, num_gpus_per_machine, num_machines, machine_r
     )
 
 
+def started_by_torchrun():
+    """Whether this process is one of torchrun's (TorchElastic's) workers: env:// rendezvous."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"))
+
+
+def run_torchrun_worker(main_func, args=(), device=None, timeout=DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` in this torchrun worker: the process group from the environment
+    (torchrun's store; gloo for CPU workers, NCCL on GPUs), detectron2's per-machine group,
+    then ``main_func``."""
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    cpu = uses_cpu_workers(device)
+    if cpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        torch.cuda.set_device(local_rank)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Not init_method="env://": after a restart, torchrun's store still holds the previous round's
+    # keys, and the new group would try to meet the dead workers' addresses (gloo: "connection
+    # refused"). A prefix per restart keeps each round's keys apart.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    store = dist.PrefixStore(f"d2_taskdistill/restart{torchrun_restart_count()}", store)
+    dist.init_process_group(backend="gloo" if cpu else "nccl", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    # Printed: the loggers are set up later, by main_func.
+    print(f"[d2_taskdistill] torchrun worker: rank {rank} of {world_size} (local {local_rank} of {local_world}), "
+          f"restart {torchrun_restart_count()}, {'gloo' if cpu else 'nccl'}", flush=True)
+    compat.create_local_process_group(local_world)
+    comm.synchronize()
+    try:
+        return main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun_restart_count():
+    """How often torchrun has restarted this worker group (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def free_dist_url(dist_url, default_url, num_gpus_per_machine, num_machines):
     """"auto" (a free port) where ``dist_url`` is detectron2's fixed per-user default, one machine
     starts several processes, and that port is taken (e.g. by a second run of the same user);

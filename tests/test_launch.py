@@ -271,3 +271,37 @@ def test_losses_do_not_depend_on_how_the_batch_is_split(detector, teachers, tiny
         assert (ranks[0][name] + ranks[1][name]) / 2 == pytest.approx(value, rel=1e-5), name
     # Each process's own value differs: the test compares something that depends on the split.
     assert any(ranks[0][n] != pytest.approx(ranks[1][n], rel=1e-3) for n in reference)
+
+
+def _torchrun(args, env, log, script="train_net.py", max_restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", str(max_restarts), os.path.join(ROOT, script), *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def test_torchrun_trains_one_distributed_run(teachers, tiny_dataset, tmp_path):
+    """torchrun's workers meet through its environment (env://): one run of world size 2, not
+    two runs of world size 1 racing into one OUTPUT_DIR."""
+    out = tmp_path / "run"
+    finish(_torchrun(cli_opts(teachers["retinanet"], out, 3), _env(tiny_dataset), tmp_path / "torchrun.log"),
+           tmp_path / "torchrun.log")
+    assert re.search(r"Rank of current process: 0\. World size: 2", open(out / "log.txt").read())
+    assert re.search(r"Rank of current process: 1\. World size: 2", open(out / "log.txt.rank1").read())
+    assert len([f for f in os.listdir(out) if f.startswith("events.out")]) == 1  # rank 0 writes
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 2
+
+
+def test_torchrun_restarts_a_killed_group_from_its_last_checkpoint(teachers, tiny_dataset, tmp_path):
+    """Rank 1 is SIGKILLed after iteration 3 (checkpoint at 1 and 3, period 2): torchrun restarts
+    the group, which resumes from model_0000003.pth by itself and finishes; at most one
+    checkpoint period is lost."""
+    out = tmp_path / "run"
+    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_KILL_RANK="1", D2_TASKDISTILL_TEST_KILL_AFTER_ITER="4")
+    text = finish(_torchrun(cli_opts(teachers["retinanet"], out, 6), env, tmp_path / "restart.log",
+                            script="tests/fault_train_net.py", max_restarts=1), tmp_path / "restart.log")
+    assert "[d2_taskdistill] torchrun worker: rank 1 of 2 (local 1 of 2), restart 1, gloo" in text
+    assert re.search(r"Loading from .*model_0000003\.pth", open(out / "log.txt").read())
+    assert "Starting training from iteration 4" in text  # 4 and 5 ran again at most: one period
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 5
+    assert _iterations(out)[-1] == 5
