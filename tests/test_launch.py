@@ -305,3 +305,24 @@ def test_torchrun_restarts_a_killed_group_from_its_last_checkpoint(teachers, tin
     assert "Starting training from iteration 4" in text  # 4 and 5 ran again at most: one period
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 5
     assert _iterations(out)[-1] == 5
+
+
+def test_a_killed_worker_stops_the_others_and_resume_finishes(teachers, tiny_dataset, tmp_path):
+    """Under launch(): rank 1 SIGKILLed after iteration 4 of 6; rank 0 does not wait for it (the
+    launcher ends the group, naming the dead process), and --resume goes on from the last
+    checkpoint (iteration 3) to the end."""
+    import time
+
+    out = tmp_path / "run"
+    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_KILL_RANK="1", D2_TASKDISTILL_TEST_KILL_AFTER_ITER="4")
+    args = ["--num-gpus", "2", *cli_opts(teachers["retinanet"], out, 6)]
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_train_net.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and time.monotonic() - started < 300
+    assert "process 1 terminated with signal SIGKILL" in text
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    text = finish(_run_train_net(["--resume", *args], _env(tiny_dataset), tmp_path / "resume.log"), tmp_path / "resume.log")
+    assert "Starting training from iteration 4" in text
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 5
