@@ -8,6 +8,7 @@
     torchrun --nnodes N --nproc-per-node 8 --max-restarts 3 train_net.py --config-file CFG
 """
 import logging
+from datetime import timedelta
 
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
 from d2_taskdistill import load_config
@@ -25,6 +26,7 @@ from d2_taskdistill.launch import (
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import verify_results
 
 
@@ -65,7 +67,11 @@ def run(cfg, args):
 
 def invoke_main():
     parser = default_argument_parser()
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds() / 60,
+                        help="minutes a process waits for the others (at start, and in each collective) "
+                             "before it gives up: bounds a job whose peer on another machine died")
     args = parser.parse_args()
+    timeout = timedelta(minutes=args.dist_timeout)
     print("Command Line Args:", args)
     device = config_device(args.config_file, args.opts)
     if started_by_torchrun():
@@ -73,7 +79,7 @@ def invoke_main():
         # After a restart (--max-restarts), the group goes on from the last complete checkpoint.
         if torchrun_restart_count() > 0 and not args.eval_only:
             args.resume = True
-        return run_torchrun_worker(main, args=(args,), device=device)
+        return run_torchrun_worker(main, args=(args,), device=device, timeout=timeout)
     args.dist_url = free_dist_url(args.dist_url, parser.get_default("dist_url"), args.num_gpus, args.num_machines)
     launch(
         main,
@@ -84,6 +90,7 @@ def invoke_main():
         args=(args,),
         # MODEL.DEVICE cpu: gloo CPU workers, also on a machine with GPUs.
         device=device,
+        timeout=timeout,
     )
 
 

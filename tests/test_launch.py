@@ -326,3 +326,22 @@ def test_a_killed_worker_stops_the_others_and_resume_finishes(teachers, tiny_dat
     text = finish(_run_train_net(["--resume", *args], _env(tiny_dataset), tmp_path / "resume.log"), tmp_path / "resume.log")
     assert "Starting training from iteration 4" in text
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 5
+
+
+def test_a_missing_peer_is_waited_for_a_bounded_configurable_time(teachers, tiny_dataset, tmp_path):
+    """Machine 0 of 2 started alone (its peer died before joining): --dist-timeout bounds the wait."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = _run_train_net(["--num-gpus", "1", "--num-machines", "2", "--machine-rank", "0", "--dist-timeout", "0.25",
+                           "--dist-url", f"tcp://127.0.0.1:{port}", *cli_opts(teachers["retinanet"], out, 3)],
+                          _env(tiny_dataset), tmp_path / "alone.log")
+    rc = proc.wait(timeout=240)
+    waited = time.monotonic() - started
+    assert rc != 0 and waited < 120, (rc, waited)
+    assert "imeout" in open(tmp_path / "alone.log").read() or "timed out" in open(tmp_path / "alone.log").read()
