@@ -61,7 +61,7 @@ def _launch_cpu_workers(main_func, num_gpus_per_machine, num_machines, machine_r
                 "--dist-url auto works on one machine only; with --num-machines > 1 give "
                 "machine 0's address, e.g. --dist-url tcp://HOST:PORT, to every machine."
             )
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{free_port()}"
     if not dist_url:
         raise ValueError("--dist-url is empty: use 'auto' (one machine) or tcp://HOST:PORT")
     logger.info("Starting %d CPU workers (gloo) of %d, dist_url=%s", num_gpus_per_machine, world_size, dist_url)
@@ -150,7 +150,8 @@ def _with_threads(main_func, threads, *args):
     return main_func(*args)
 
 
-def _free_port():
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import d2_taskdistill  # noqa: F401  (first: spawned workers import this module afresh)
-from d2_taskdistill.launch import launch
+from d2_taskdistill.launch import free_port, launch
 from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, make_teacher_checkpoint, register_tiny_dataset
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
@@ -200,11 +200,7 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
 
 
 def test_train_net_two_machines_on_one_host(teachers, tiny_dataset, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     env = _env(tiny_dataset)
     procs = [
@@ -330,12 +326,9 @@ def test_a_killed_worker_stops_the_others_and_resume_finishes(teachers, tiny_dat
 
 def test_a_missing_peer_is_waited_for_a_bounded_configurable_time(teachers, tiny_dataset, tmp_path):
     """Machine 0 of 2 started alone (its peer died before joining): --dist-timeout bounds the wait."""
-    import socket
     import time
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     started = time.monotonic()
     proc = _run_train_net(["--num-gpus", "1", "--num-machines", "2", "--machine-rank", "0", "--dist-timeout", "0.25",

@@ -19,7 +19,6 @@ fresh environment of it and their modules that need no torch import there.
 """
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 sys.path.insert(0, TOOLS)
 from install_detectron2 import SOURCE_ENV, download_registry_sdist  # noqa: E402
+
+from d2_taskdistill.checkpoint import file_sha256  # noqa: E402
 REQUIREMENTS = os.path.join(TOOLS, "gpu_bundle_requirements.txt")
 MACHINE = os.path.join(TOOLS, "gpu_machine.txt")
 TRAVEL_LIMIT = 64 * 2**20
@@ -191,14 +192,6 @@ def project_size():
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "gpu_bundle"))
@@ -219,7 +212,7 @@ def main():
     if not args.check_only:
         manifest = {"python_version": args.python_version, "pins": read_list(REQUIREMENTS),
                     "files": {os.path.relpath(os.path.join(d, f), args.out): {
-                        "bytes": os.path.getsize(os.path.join(d, f)), "sha256": sha256(os.path.join(d, f))}
+                        "bytes": os.path.getsize(os.path.join(d, f)), "sha256": file_sha256(os.path.join(d, f))}
                         for d, _, fs in os.walk(args.out) for f in fs}}
         with open(os.path.join(args.out, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
