@@ -293,7 +293,7 @@ def test_torchrun_restarts_a_killed_group_from_its_last_checkpoint(teachers, tin
     the group, which resumes from model_0000003.pth by itself and finishes; at most one
     checkpoint period is lost."""
     out = tmp_path / "run"
-    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_KILL_RANK="1", D2_TASKDISTILL_TEST_KILL_AFTER_ITER="4")
+    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS="0:1:step:4")
     text = finish(_torchrun(cli_opts(teachers["retinanet"], out, 6), env, tmp_path / "restart.log",
                             script="tests/fault_train_net.py", max_restarts=1), tmp_path / "restart.log")
     assert "[d2_taskdistill] torchrun worker: rank 1 of 2 (local 1 of 2), restart 1, gloo" in text
@@ -310,7 +310,7 @@ def test_a_killed_worker_stops_the_others_and_resume_finishes(teachers, tiny_dat
     import time
 
     out = tmp_path / "run"
-    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_KILL_RANK="1", D2_TASKDISTILL_TEST_KILL_AFTER_ITER="4")
+    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS="0:1:step:4")
     args = ["--num-gpus", "2", *cli_opts(teachers["retinanet"], out, 6)]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_train_net.py"), *args], env=env,
@@ -338,3 +338,38 @@ def test_a_missing_peer_is_waited_for_a_bounded_configurable_time(teachers, tiny
     waited = time.monotonic() - started
     assert rc != 0 and waited < 120, (rc, waited)
     assert "imeout" in open(tmp_path / "alone.log").read() or "timed out" in open(tmp_path / "alone.log").read()
+
+
+# Faults of the test below, one per restart round: (round, rank, where, iteration).
+FAULTS = [(0, 1, "step", 2), (1, 0, "save", 5), (2, 1, "step", 7)]
+
+
+def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_path):
+    """Three SIGKILLs in successive rounds of one torchrun job (10 iterations, a checkpoint every
+    2): after iteration 2 (rank 1), half-way through writing the checkpoint of iteration 5
+    (rank 0), after iteration 7 (rank 1). The job reaches MAX_ITER; every checkpoint on disk
+    loads; no fault costs more than CHECKPOINT_PERIOD iterations; every worker of every round
+    holds the teacher of its file, bit for bit; the teacher's and the final evaluation are
+    written once. (The figures are in the README.)"""
+    out = tmp_path / "run"
+    plan = ",".join(":".join(map(str, f)) for f in FAULTS)
+    env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS=plan)
+    text = finish(_torchrun(cli_opts(teachers["retinanet"], out, 10), env, tmp_path / "faults.log",
+                            script="tests/fault_train_net.py", max_restarts=len(FAULTS)), tmp_path / "faults.log")
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 9
+    for name in os.listdir(out):
+        if name.endswith(".pth"):
+            assert "model" in torch.load(out / name, weights_only=False), name
+    starts = [int(s) for s in re.findall(r"Starting training from iteration (\d+)", text)]
+    # Round 0 from scratch, then from checkpoints 1 and 3 (the save of 5 was killed), then from 7
+    # or 5: rank 0 may or may not finish saving iteration 7 before torchrun stops it.
+    assert starts[:3] == [0, 2, 4] and starts[3] in (6, 8), starts
+    trained_last = [2, 5, 7]  # the last iteration each round completed (5: killed while saving it)
+    lost = [last + 1 - start for last, start in zip(trained_last, starts[1:])]
+    assert max(lost) <= 2, lost  # CHECKPOINT_PERIOD
+    checks = [json.load(open(out / f"teacher_check_round{r}_rank{k}.json")) for r in range(4) for k in range(2)]
+    assert all(c["bit_identical"] for c in checks)
+    with open(out / "metrics.json") as f:
+        evaluations = [json.loads(line) for line in f if "bbox/AP" in line]
+    assert len(evaluations) == 1  # the final one, after MAX_ITER
+    assert text.count("Teacher on tiny_cli: AP=") == 1  # at the first start only
