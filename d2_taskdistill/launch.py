@@ -52,9 +52,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
 
 def _launch_cpu_workers(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
     world_size = num_machines * num_gpus_per_machine
-    # CPU workers share this machine's cores: torch would give each all of them.
-    threads = max(1, (os.cpu_count() or 1) // num_gpus_per_machine)
-    main_func = functools.partial(_with_threads, main_func, threads)
+    main_func = functools.partial(_with_threads, main_func, cpu_threads_per_worker(num_gpus_per_machine))
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError(
@@ -85,7 +83,7 @@ def run_torchrun_worker(main_func, args=(), device=None, timeout=DEFAULT_TIMEOUT
     local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     cpu = uses_cpu_workers(device)
     if cpu:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_threads_per_worker(local_world))
     else:
         torch.cuda.set_device(local_rank)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -143,6 +141,11 @@ def config_device(config_file, opts):
     from .config import load_config
 
     return load_config(config_file, opts).MODEL.DEVICE
+
+
+def cpu_threads_per_worker(workers_per_machine):
+    """CPU workers share this machine's cores: torch would give each all of them."""
+    return max(1, (os.cpu_count() or 1) // workers_per_machine)
 
 
 def _with_threads(main_func, threads, *args):
