@@ -7,7 +7,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.file_io import PathManager
 
-from .data.config_datasets import thing_classes
+from .data.config_datasets import num_classes_setting, thing_classes
 from .modeling.meta_arch import student_config
 
 STUDENT_PREFIX = "student."
@@ -49,14 +49,10 @@ def check_weights_fit(student_cfg, weights_path, source):
         os.remove(weights_path)
         raise ValueError(
             f"The student weights in {source!r} do not fit the config being exported "
-            f"({probe.MODEL.META_ARCHITECTURE}, {_num_classes_text(probe)}): " + "; ".join(problems)
+            f"({probe.MODEL.META_ARCHITECTURE}, {'='.join(map(str, num_classes_setting(probe)))}): "
+            + "; ".join(problems)
             + ". Export with the config the weights were trained with: the run's own config.yaml "
             "(tools/export_student.py --run <its OUTPUT_DIR>, or --config-file <OUTPUT_DIR>/config.yaml).")
-
-
-def _num_classes_text(cfg):
-    head = "FCOS" if cfg.MODEL.META_ARCHITECTURE == "FCOS" else "RETINANET"
-    return f"MODEL.{head}.NUM_CLASSES={cfg.MODEL[head].NUM_CLASSES}"
 
 
 def export_student(cfg, weights, output_dir, device="cpu"):

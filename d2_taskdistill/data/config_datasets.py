@@ -194,7 +194,9 @@ def thing_classes(name):
     return list(classes)
 
 
-def _num_classes(cfg):
+def num_classes_setting(cfg):
+    """('MODEL.<HEAD>.NUM_CLASSES', its value) of a RetinaNet or FCOS config, distilled or not;
+    (None, None) for other architectures."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "TaskDistillDetector":
         arch = cfg.DISTILL.STUDENT_ARCHITECTURE
@@ -269,7 +271,7 @@ def check_datasets(cfg, teacher_cfg=None, train=True):
                 f"datasets {reference_name!r} and {name!r} have different class lists "
                 f"({reference} vs {names_of}): training and test datasets must use the same classes in the same order"
             )
-    key, num_classes = _num_classes(cfg)
+    key, num_classes = num_classes_setting(cfg)
     if key is not None and num_classes != len(reference):
         raise ValueError(
             f"{key}={num_classes} but dataset {reference_name!r} has {len(reference)} classes "
