@@ -5,15 +5,16 @@
     python train_net.py --config-file CFG --num-gpus 8 --resume
     python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # gloo CPU workers
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth
+    python train_net.py --config-file configs/digits/retinanet_R34-R18_tid.py train.max_iter=400
     torchrun --nnodes N --nproc-per-node 8 --max-restarts 3 train_net.py --config-file CFG
 """
 import logging
 from datetime import timedelta
 
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
-from d2_taskdistill import load_config
+from d2_taskdistill import lazy_engine, load_config
 from d2_taskdistill.data.config_datasets import check_datasets
-from d2_taskdistill.engine import DistillTrainer, resolve_device, setup_project_logger
+from d2_taskdistill.engine import DistillTrainer, build_model_for_evaluation, resolve_device, setup_project_logger
 from d2_taskdistill.launch import (
     config_device,
     free_dist_url,
@@ -30,11 +31,21 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import verify_results
 
 
+def is_lazy(args):
+    """A LazyConfig (.py) runs lazyconfig_train_net's way, a yaml config DefaultTrainer's."""
+    return lazy_engine.is_lazy_config_file(args.config_file)
+
+
 def setup(args):
-    cfg = resolve_device(load_config(args.config_file, args.opts))
-    cfg.freeze()
+    if is_lazy(args):
+        cfg = lazy_engine.resolve_device(lazy_engine.load_lazy_config(args.config_file, args.opts))
+        output_dir = cfg.train.output_dir
+    else:
+        cfg = resolve_device(load_config(args.config_file, args.opts))
+        cfg.freeze()
+        output_dir = cfg.OUTPUT_DIR
     default_setup(cfg, args)
-    setup_project_logger(cfg)
+    setup_project_logger(output_dir)
     return cfg
 
 
@@ -50,9 +61,17 @@ def main(args):
 
 
 def run(cfg, args):
+    if is_lazy(args):
+        if args.eval_only:
+            return lazy_engine.evaluate_only(cfg, resume=args.resume)
+        trainer = lazy_engine.LazyDistillTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        return getattr(trainer, "last_eval_results", None)
     if args.eval_only:
         check_datasets(cfg, train=False)
-        model = DistillTrainer.build_model(cfg)
+        # A distilled model without its teacher: evaluation runs the student alone.
+        model = build_model_for_evaluation(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

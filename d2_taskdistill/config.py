@@ -175,7 +175,7 @@ def add_fgd_config(cfg):
     c.TEMPERATURE = 0.5  # T of the attention maps (FCOS config: 0.8)
     c.FG_WEIGHT = 0.001  # alpha (FCOS config: 0.0016)
     c.BG_WEIGHT = 0.0005  # beta (FCOS config: 0.0008)
-    c.ATTENTION_WEIGHT = 0.0005  # gamma; the loss class's own default is 0.001 (FCOS config: 0.0008)
+    c.ATTENTION_WEIGHT = 0.0005  # gamma; the authors' loss class defaults to 0.001 (FCOS config: 0.0008)
     c.GLOBAL_WEIGHT = 0.000005  # lambda (FCOS config: 0.000008)
     # The GcBlock global relation term and its learned blocks; False: focal terms only (ours).
     c.GLOBAL = True

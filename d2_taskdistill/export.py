@@ -55,6 +55,52 @@ def check_weights_fit(student_cfg, weights_path, source):
             "(tools/export_student.py --run <its OUTPUT_DIR>, or --config-file <OUTPUT_DIR>/config.yaml).")
 
 
+def _write_student_weights(weights, output_dir):
+    with PathManager.open(weights, "rb") as f:
+        checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
+    state = student_state_dict(checkpoint["model"])
+    os.makedirs(output_dir, exist_ok=True)
+    weights_path = os.path.join(output_dir, "model_final.pth")
+    torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
+    return weights_path
+
+
+def _write_metadata(dataset, output_dir):
+    metadata_path = os.path.join(output_dir, "metadata.json")
+    with open(metadata_path, "w") as f:
+        json.dump({"thing_classes": thing_classes(dataset), "dataset": dataset}, f, indent=1)
+    return metadata_path
+
+
+def export_lazy_student(cfg, weights, output_dir, device="cpu"):
+    """The LazyConfig export: ``config.yaml`` is a plain detectron2 LazyConfig whose ``model`` is
+    the student (``cfg.model.student``), with the run's ``dataloader`` and ``train.init_checkpoint``
+    set to the exported ``model_final.pth``; ``LazyConfig.load`` + ``instantiate(cfg.model)`` +
+    ``DetectionCheckpointer`` load it without this project's distillation code. The weights must
+    load completely (ValueError otherwise). Returns (checkpoint path, config path, metadata path).
+    """
+    from detectron2.config import LazyConfig, instantiate
+    from omegaconf import OmegaConf
+
+    from .modeling.teacher import weight_problems
+
+    weights_path = _write_student_weights(weights, output_dir)
+    out = OmegaConf.create({"model": cfg.model.student}, flags={"allow_objects": True})
+    out.dataloader = cfg.dataloader
+    out.train = {"init_checkpoint": weights_path, "device": device, "output_dir": output_dir}
+    problems = weight_problems(instantiate(out.model), weights_path)
+    if problems:
+        os.remove(weights_path)
+        raise ValueError(
+            f"The student weights in {weights!r} do not fit model.student of the config being exported: "
+            + "; ".join(problems) + ". Export with the config the weights were trained with.")
+    config_path = os.path.join(output_dir, "config.yaml")
+    LazyConfig.save(out, config_path)
+    names = cfg.dataloader.train.dataset.names
+    dataset = names if isinstance(names, str) else names[0]
+    return weights_path, config_path, _write_metadata(dataset, output_dir)
+
+
 def export_student(cfg, weights, output_dir, device="cpu"):
     """Write ``model_final.pth``, ``config.yaml`` and ``metadata.json`` of the student to
     ``output_dir``.
@@ -72,13 +118,7 @@ def export_student(cfg, weights, output_dir, device="cpu"):
     detectron2's own FCOS class either way.
     Returns (checkpoint path, config path, metadata path).
     """
-    with PathManager.open(weights, "rb") as f:
-        checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
-    state = student_state_dict(checkpoint["model"])
-    os.makedirs(output_dir, exist_ok=True)
-    weights_path = os.path.join(output_dir, "model_final.pth")
-    torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
-
+    weights_path = _write_student_weights(weights, output_dir)
     out_cfg = student_config(cfg)
     keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
     drop_keys_missing_from(out_cfg, get_cfg(), keep)
@@ -88,8 +128,4 @@ def export_student(cfg, weights, output_dir, device="cpu"):
     config_path = os.path.join(output_dir, "config.yaml")
     with open(config_path, "w") as f:
         f.write(out_cfg.dump())
-    dataset = cfg.DATASETS.TRAIN[0]
-    metadata_path = os.path.join(output_dir, "metadata.json")
-    with open(metadata_path, "w") as f:
-        json.dump({"thing_classes": thing_classes(dataset), "dataset": dataset}, f, indent=1)
-    return weights_path, config_path, metadata_path
+    return weights_path, config_path, _write_metadata(cfg.DATASETS.TRAIN[0], output_dir)

@@ -22,7 +22,8 @@ from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from d2_taskdistill import checkpoint  # noqa: E402
-from d2_taskdistill.engine import DistillTrainer, unwrap  # noqa: E402
+from d2_taskdistill.engine import DistillTrainer  # noqa: E402
+from d2_taskdistill.hooks import unwrap  # noqa: E402
 from d2_taskdistill.launch import torchrun_restart_count  # noqa: E402
 
 

@@ -23,7 +23,8 @@ RESUMED = ["retinanet_tbd", "fcos_tid"]
 def _train_every_method(cfgs, teachers, out_dir, resume):
     """A launch worker: DistillTrainer on each config; dumps this rank's trainable weights."""
     import detectron2.utils.comm as comm
-    from d2_taskdistill.engine import DistillTrainer, unwrap
+    from d2_taskdistill.engine import DistillTrainer
+    from d2_taskdistill.hooks import unwrap
 
     register_tiny_dataset(os.environ[TINY_ROOT_ENV])
     rank = comm.get_rank()
@@ -188,7 +189,7 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
                  "Datasets checked: tiny_cli, tiny_cli, 10 classes", "Teacher on tiny_cli: AP=",
                  "BatchNorm layers (NORM 'BN') with 2 processes"):
         assert line in text and line in log, line
-    assert re.search(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2td\.engine INFO: Teacher on tiny_cli", log)
+    assert re.search(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] d2td\.hooks INFO: Teacher on tiny_cli", log)
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from d2_taskdistill.engine import DistillTrainer
+from d2_taskdistill.hooks import StudentInit
 from d2_taskdistill.modeling.inherit import inherit_from_teacher
 from conftest import distill_cfg, make_teacher_checkpoint, TEST_DEVICE
 
@@ -24,6 +25,12 @@ def trainer_for(teacher, out, init, max_iter=2):
     return DistillTrainer(cfg)
 
 
+def start(trainer, resume=False):
+    """resume_or_load, then the StudentInit hook as trainer.train() runs it, before any step."""
+    trainer.resume_or_load(resume=resume)
+    next(h for h in trainer._hooks if isinstance(h, StudentInit)).before_train()
+
+
 def split_state(model):
     state = {k: v.clone() for k, v in model.student.state_dict().items()}
     neck = {k for k in state if k.startswith("backbone.") and not k.startswith("backbone.bottom_up.")}
@@ -35,7 +42,7 @@ def split_state(model):
 def test_fresh_start_copies_the_chosen_parts_only(init, same_neck_teacher, tiny_dataset, tmp_path):
     trainer = trainer_for(same_neck_teacher, tmp_path, init)
     before, neck, head = split_state(trainer.model)
-    trainer.resume_or_load(resume=False)
+    start(trainer)
     after, _, _ = split_state(trainer.model)
     teacher = trainer.model.teacher.state_dict()
     chosen = (neck if "neck" in init else set()) | (head if "head" in init else set())
@@ -55,7 +62,7 @@ def test_resume_does_not_reinitialise(same_neck_teacher, tiny_dataset, tmp_path)
     trainer.train()
     final = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)["model"]
     resumed = trainer_for(same_neck_teacher, tmp_path, "neck+head", max_iter=4)
-    resumed.resume_or_load(resume=True)
+    start(resumed, resume=True)
     assert resumed.start_iter == 2
     teacher = resumed.model.teacher.state_dict()
     student = resumed.model.student.state_dict()
@@ -69,7 +76,7 @@ def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dat
                       opts=["DISTILL.STUDENT_INIT", "neck"])
     trainer = DistillTrainer(cfg)  # the teacher's FPN has 96 channels, the student's 64
     with pytest.raises(ValueError, match=r"STUDENT_INIT='neck' copies nothing.*shape: student \(64,"):
-        trainer.resume_or_load(resume=False)
+        start(trainer)
     with pytest.raises(ValueError, match=r"DISTILL.STUDENT_INIT='fpn'; choose one of"):
         inherit_from_teacher(trainer.model.student, trainer.model.teacher, "fpn")
 
@@ -109,7 +116,7 @@ def test_plain_student_starts_from_the_teacher(same_neck_teacher, tiny_dataset, 
     trainer = DistillTrainer(cfg)
     assert type(trainer.model).__name__ == "RetinaNet"
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.resume_or_load(resume=False)
+    start(trainer)
     after = trainer.model.state_dict()
     teacher = torch.load(same_neck_teacher, weights_only=False)["model"]
     inherited = [k for k in after if k.startswith("head.") or (k.startswith("backbone.") and ".bottom_up." not in k)]

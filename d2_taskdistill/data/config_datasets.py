@@ -246,22 +246,33 @@ def check_registered(names):
 
 
 def check_datasets(cfg, teacher_cfg=None, train=True):
-    """Before training (or evaluating): the test datasets load and pass the file and box
-    checks (the training loader has loaded the train sets), class lists agree between train
-    and test sets, with the model's NUM_CLASSES and with the teacher's dataset
-    (``teacher_cfg``: a TeacherConfig of d2_taskdistill.modeling.teacher). Raises with the
-    setting to fix."""
-    if train and not cfg.DATASETS.TRAIN:
-        raise ValueError("DATASETS.TRAIN is empty: name the dataset(s) to train on")
-    names = (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST)
+    """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
+    DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
+    check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
+                        num_classes_setting(cfg), teacher_cfg)
+
+
+def check_dataset_names(train, test, num_classes=(None, None), teacher_cfg=None,
+                        settings=("DATASETS.TRAIN", "DATASETS.TEST")):
+    """The test datasets load and pass the file and box checks (the training loader has loaded
+    the train sets), class lists agree between train and test sets, with the model's class count
+    ``num_classes`` ((setting, value); setting None: not checked) and with the teacher's dataset
+    (``teacher_cfg``: a TeacherConfig of d2_taskdistill.modeling.teacher). ``train`` None: only
+    the test sets (evaluation). Raises with the setting (``settings`` names them) to fix."""
+    train_setting, test_setting = settings
+    if train is not None and not train:
+        raise ValueError(f"{train_setting} is empty: name the dataset(s) to train on")
+    names = list(train or []) + list(test)
     check_registered(names)
-    for name in cfg.DATASETS.TEST:
+    for name in test:
         dicts = DatasetCatalog.get(name)  # up front, not at the first evaluation
         if not any(record.get("annotations") for record in dicts):
             raise ValueError(
-                f"dataset {name!r} (DATASETS.TEST) has no annotations: AP cannot be computed on it. "
-                "Evaluate on a labelled set, or set DATASETS.TEST () to train without evaluation; "
+                f"dataset {name!r} ({test_setting}) has no annotations: AP cannot be computed on it. "
+                f"Evaluate on a labelled set, or set {test_setting} empty to train without evaluation; "
                 "for predictions on unlabelled images use DefaultPredictor (README).")
+    if not names:
+        return
     classes = {name: thing_classes(name) for name in names}
     reference_name = names[0]
     reference = classes[reference_name]
@@ -271,13 +282,13 @@ def check_datasets(cfg, teacher_cfg=None, train=True):
                 f"datasets {reference_name!r} and {name!r} have different class lists "
                 f"({reference} vs {names_of}): training and test datasets must use the same classes in the same order"
             )
-    key, num_classes = num_classes_setting(cfg)
+    key, num_classes = num_classes
     if key is not None and num_classes != len(reference):
         raise ValueError(
             f"{key}={num_classes} but dataset {reference_name!r} has {len(reference)} classes "
             f"{reference}: set {key} {len(reference)}"
         )
-    for name in cfg.DATASETS.TEST:
+    for name in test:
         if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
             check_voc_annotations_for_evaluation(name)
     if teacher_cfg is not None:

@@ -1,4 +1,4 @@
-from .registry import DISTILL_LOSS_REGISTRY, build_distill_loss
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, build_distill_loss
 from .adapters import FeatureAdapter
 from .fitnet import FITNET, masked_feature_loss, masked_sum_loss
 from .tid import TID

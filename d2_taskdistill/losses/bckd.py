@@ -18,12 +18,13 @@ is distilled with the same binary term (FCOS ranks detections by
 sqrt(score * centerness), so the teacher's ranking depends on both), weighted by
 CENTERNESS_WEIGHT.
 """
-import torch.nn as nn
 import torch.nn.functional as F
+
+from detectron2.config import configurable
 
 from .box_ops import giou_loss
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 
 def binary_distillation(student_logits, teacher_probs, beta=1.0):
@@ -33,16 +34,18 @@ def binary_distillation(student_logits, teacher_probs, beta=1.0):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class BCKD(nn.Module):
+class BCKD(DistillLoss):
     needs_same_layout = True
+    config_node = "BCKD"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, student_shapes, teacher_shapes, cls_weight=1.0, loc_weight=4.0, beta=1.0,
+                 centerness_weight=1.0):
         super().__init__()
-        c = cfg.DISTILL.BCKD
-        self.cls_weight = c.CLS_WEIGHT
-        self.loc_weight = c.LOC_WEIGHT
-        self.centerness_weight = c.CENTERNESS_WEIGHT
-        self.beta = c.BETA
+        self.cls_weight = cls_weight
+        self.loc_weight = loc_weight
+        self.centerness_weight = centerness_weight
+        self.beta = beta
 
     def weights(self, student, teacher):
         """Per-location localization weight (N, R): max_k |p_T - p_S|, 0 where invalid."""

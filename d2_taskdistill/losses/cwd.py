@@ -23,12 +23,13 @@ Ours (DISTILL.CWD keys in config.py):
 - a 1x1 adapter on the student when the FPN widths differ (as both public codes); none
   otherwise.
 """
-import torch.nn as nn
 import torch.nn.functional as F
+
+from detectron2.config import configurable
 
 from .adapters import width_adapter
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY, check_choices, check_num_levels
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_choices, check_num_levels, check_positive
 
 
 def softmax_kl(student_logits, teacher_logits, tau, dim):
@@ -50,19 +51,18 @@ def channel_wise_divergence(student, teacher, tau, normalize="channel", batch=No
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class CWD(nn.Module):
-    needs_same_layout = False
+class CWD(DistillLoss):
+    config_node = "CWD"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, student_shapes, teacher_shapes, weight=5.0, tau=1.0, normalize="channel", num_levels=4):
         super().__init__()
-        c = cfg.DISTILL.CWD
-        check_choices(c, "DISTILL.CWD", {"NORMALIZE": ("channel", "spatial")})
-        if c.TAU <= 0:
-            raise ValueError(f"DISTILL.CWD.TAU={c.TAU}; must be positive")
-        self.weight = c.WEIGHT
-        self.tau = c.TAU
-        self.normalize = c.NORMALIZE
-        self.num_levels = check_num_levels(c, "DISTILL.CWD", len(student_shapes))
+        check_choices("CWD", normalize=(normalize, ("channel", "spatial")))
+        check_positive("CWD", tau=tau)
+        self.weight = weight
+        self.tau = tau
+        self.normalize = normalize
+        self.num_levels = check_num_levels("CWD", num_levels, len(student_shapes))
         self.adapter = width_adapter(student_shapes, teacher_shapes)
 
     def forward(self, student, teacher):

@@ -39,10 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from detectron2.config import configurable
+
 from .adapters import fpn_channels, width_adapter
 from .maps import padded_gt_boxes
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY, check_num_levels
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_num_levels, check_positive
 
 
 def gt_scale_masks(gt_boxes, gt_valid, stride, shape):
@@ -132,22 +134,25 @@ def global_loss(student_context, teacher_context, batch=None):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class FGD(nn.Module):
-    needs_same_layout = False
+class FGD(DistillLoss):
+    config_node = "FGD"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    # global_: yacs GLOBAL, "global" being a Python keyword.
+    @configurable
+    def __init__(
+        self, *, student_shapes, teacher_shapes, temperature=0.5, fg_weight=0.001, bg_weight=0.0005,
+        attention_weight=0.0005, global_weight=0.000005, global_=True, num_levels=0,
+    ):
         super().__init__()
-        c = cfg.DISTILL.FGD
-        if c.TEMPERATURE <= 0:
-            raise ValueError(f"DISTILL.FGD.TEMPERATURE={c.TEMPERATURE}; must be positive")
-        self.temperature = c.TEMPERATURE
-        self.weights = {"fg": c.FG_WEIGHT, "bg": c.BG_WEIGHT, "attention": c.ATTENTION_WEIGHT,
-                        "global": c.GLOBAL_WEIGHT}
-        self.num_levels = check_num_levels(c, "DISTILL.FGD", len(student_shapes))
+        check_positive("FGD", temperature=temperature)
+        self.temperature = temperature
+        self.weights = {"fg": fg_weight, "bg": bg_weight, "attention": attention_weight,
+                        "global": global_weight}
+        self.num_levels = check_num_levels("FGD", num_levels, len(student_shapes))
         self.adapter = width_adapter(student_shapes, teacher_shapes)
         channels = fpn_channels(teacher_shapes)
         # One student- and one teacher-side block per level, as the public code.
-        self.use_global = c.GLOBAL
+        self.use_global = global_
         if self.use_global:
             self.student_context = nn.ModuleList(GlobalContext(channels) for _ in range(self.num_levels))
             self.teacher_context = nn.ModuleList(GlobalContext(channels) for _ in range(self.num_levels))

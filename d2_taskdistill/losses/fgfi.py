@@ -9,13 +9,14 @@ FCOS's positives (measured by tools/fgfi_regions.py: 9 % on digits).
 import logging
 
 import torch
-import torch.nn as nn
 
+from detectron2.config import configurable
+from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import pairwise_iou
 
 from .adapters import FeatureAdapter, fpn_channels
 from .fitnet import masked_sum_loss
-from .registry import DISTILL_LOSS_REGISTRY
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,19 @@ def imitation_mask(outputs, thresh_ratio):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class FGFI(nn.Module):
-    needs_same_layout = False
+class FGFI(DistillLoss):
+    config_node = "FGFI"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, student_shapes, teacher_shapes, weight=1.0, thresh_ratio=0.5):
         super().__init__()
-        self.weight = cfg.DISTILL.FGFI.WEIGHT
-        self.thresh_ratio = cfg.DISTILL.FGFI.THRESH_RATIO
+        self.weight = weight
+        self.thresh_ratio = thresh_ratio
         self.adapter = FeatureAdapter(fpn_channels(student_shapes), fpn_channels(teacher_shapes))
-        if cfg.DISTILL.STUDENT_ARCHITECTURE == "FCOS":
+
+    def check_detectors(self, student, teacher):
+        # The region depends on the student's kind of anchors, known once it is built.
+        if isinstance(student, FCOS):
             logger.warning(
                 "FGFI on FCOS: its anchor-IoU region misses most of FCOS's positive locations "
                 "(tools/fgfi_regions.py); it is a baseline for anchor-based students. TID, TBD "

@@ -1,10 +1,11 @@
 """FitNet-style feature imitation on every location (a baseline)."""
 import torch
-import torch.nn as nn
+
+from detectron2.config import configurable
 
 from .adapters import FeatureAdapter, fpn_channels
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 
 def masked_feature_loss(student_features, teacher_features, masks=None):
@@ -37,12 +38,13 @@ def masked_sum_loss(student_features, teacher_features, masks):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class FITNET(nn.Module):
-    needs_same_layout = False
+class FITNET(DistillLoss):
+    config_node = "FITNET"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, student_shapes, teacher_shapes, weight=1.0):
         super().__init__()
-        self.weight = cfg.DISTILL.FITNET.WEIGHT
+        self.weight = weight
         self.adapter = FeatureAdapter(fpn_channels(student_shapes), fpn_channels(teacher_shapes))
 
     def forward(self, student, teacher):

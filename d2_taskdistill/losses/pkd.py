@@ -27,11 +27,11 @@ Ours (DISTILL.PKD keys in config.py):
   channel standardises to exactly 0, as in the public code (std 0 + 1e-6): it adds
   mean(z_other^2) / 2 and no NaN; its own gradient is large (~1 / 2e-6), as there (1 / 1e-6).
 """
-import torch.nn as nn
+from detectron2.config import configurable
 
 from .adapters import width_adapter
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY, check_choices, check_num_levels
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_choices, check_num_levels
 
 STD_EPS = 1e-6
 NORMALIZE_DIMS = {"batch_hw": (0, 2, 3), "hw": (2, 3)}
@@ -57,16 +57,16 @@ def pearson_feature_loss(student, teacher, dims, count=None):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class PKD(nn.Module):
-    needs_same_layout = False
+class PKD(DistillLoss):
+    config_node = "PKD"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(self, *, student_shapes, teacher_shapes, weight=10.0, normalize_over="batch_hw", num_levels=4):
         super().__init__()
-        c = cfg.DISTILL.PKD
-        check_choices(c, "DISTILL.PKD", {"NORMALIZE_OVER": tuple(NORMALIZE_DIMS)})
-        self.weight = c.WEIGHT
-        self.dims = NORMALIZE_DIMS[c.NORMALIZE_OVER]
-        self.num_levels = check_num_levels(c, "DISTILL.PKD", len(student_shapes))
+        check_choices("PKD", normalize_over=(normalize_over, tuple(NORMALIZE_DIMS)))
+        self.weight = weight
+        self.dims = NORMALIZE_DIMS[normalize_over]
+        self.num_levels = check_num_levels("PKD", num_levels, len(student_shapes))
         self.adapter = width_adapter(student_shapes, teacher_shapes)
 
     def forward(self, student, teacher):

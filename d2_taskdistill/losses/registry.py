@@ -1,14 +1,54 @@
-"""Registry of distillation losses (``DISTILL.LOSSES``)."""
+"""Registry of distillation losses (``DISTILL.LOSSES``) and their base class."""
+import keyword
+
+import torch.nn as nn
+
 from detectron2.utils.registry import Registry
 
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
-A distillation loss is an nn.Module built as ``cls(cfg, student_shapes, teacher_shapes)``
-(FPN ShapeSpecs of the head's input features, by level) whose forward takes
-``(student, teacher)`` DenseOutputs and returns a dict of ``loss_distill_*`` terms.
-Class attribute ``needs_same_layout``: True when the loss compares predictions
-location by location, so teacher and student must share anchors, levels and strides.
+A distillation loss is a :class:`DistillLoss` whose forward takes ``(student, teacher)``
+DenseOutputs and returns a dict of ``loss_distill_*`` terms. Its ``__init__`` is detectron2
+``@configurable`` and keyword-only:
+
+    __init__(self, *, student_shapes, teacher_shapes, <setting>=<default>, ...)
+
+student_shapes / teacher_shapes: ShapeSpecs of the head's input (FPN) features, by level.
+One keyword per key of its yacs node DISTILL.<config_node>, named as the key in lower case
+(a trailing "_" where that is a Python keyword: GLOBAL -> global_), with the yacs default.
+So both config systems build it:
+
+    TID(cfg, student_shapes, teacher_shapes)                      # yacs, via from_config
+    TID(student_shapes=s, teacher_shapes=t, weight=2.0)           # keywords (LazyConfig)
+
+Class attributes: ``config_node`` (the yacs node's name); ``needs_same_layout``, True when the
+loss compares predictions location by location, so teacher and student must share anchors,
+levels and strides. ``check_detectors(student, teacher)`` runs once both detectors exist.
 """
+
+
+def keyword_name(key):
+    """The keyword argument of yacs key ``key``: WEIGHT -> weight, GLOBAL -> global_."""
+    name = key.lower()
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+class DistillLoss(nn.Module):
+    """Base of the registered losses: yacs kwargs by name, and a hook on the built detectors."""
+
+    needs_same_layout = False
+    config_node = None  # e.g. "TID": the yacs node DISTILL.TID
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        # Every key of the node becomes a keyword: a yacs key without one fails loudly here.
+        node = cfg.DISTILL[cls.config_node]
+        kwargs = {keyword_name(key): value for key, value in node.items()}
+        return {"student_shapes": student_shapes, "teacher_shapes": teacher_shapes, **kwargs}
+
+    def check_detectors(self, student, teacher):
+        """Checks that need the built detectors (not just their config); the model calls it
+        once both exist. Default: none."""
 
 
 def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
@@ -18,20 +58,32 @@ def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
     return DISTILL_LOSS_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
 
 
-def check_choices(node, node_name, choices):
-    """Raise a ValueError naming the key when a string setting of ``node`` is not allowed.
+def describe_setting(node, name, value):
+    """A setting in both spellings, e.g. "TID areas='all' (yacs DISTILL.TID.AREAS='all')"."""
+    key = name.rstrip("_").upper()
+    return f"{node} {name}={value!r} (yacs DISTILL.{node}.{key}={value!r})"
 
-    choices: {KEY: (allowed values, ...)}; node_name e.g. "DISTILL.TID".
+
+def check_choices(node, **settings):
+    """Raise a ValueError naming the setting when a value is not allowed.
+
+    node: the yacs node's name, e.g. "TID"; settings: name=(value, (allowed values, ...)).
     """
-    for key, allowed in choices.items():
-        if node[key] not in allowed:
-            raise ValueError(f"{node_name}.{key}={node[key]!r}; choose one of {allowed}")
+    for name, (value, allowed) in settings.items():
+        if value not in allowed:
+            raise ValueError(f"{describe_setting(node, name, value)}; choose one of {allowed}")
 
 
-def check_num_levels(node, node_name, available):
-    """``node.NUM_LEVELS`` as a count of FPN levels, finest first: 0, or more than the
-    ``available`` levels, means all of them. Raise a ValueError naming the key when negative."""
-    num_levels = node.NUM_LEVELS
+def check_positive(node, **settings):
+    """Raise a ValueError naming the setting when a value (name=value) is not positive."""
+    for name, value in settings.items():
+        if value <= 0:
+            raise ValueError(f"{describe_setting(node, name, value)}; must be positive")
+
+
+def check_num_levels(node, num_levels, available):
+    """``num_levels`` as a count of FPN levels, finest first: 0, or more than the
+    ``available`` levels, means all of them. Raise a ValueError naming the setting when negative."""
     if num_levels < 0:
-        raise ValueError(f"{node_name}.NUM_LEVELS={num_levels}; choose 0 (all levels) or more")
+        raise ValueError(f"{describe_setting(node, 'num_levels', num_levels)}; choose 0 (all levels) or more")
     return min(num_levels, available) or available

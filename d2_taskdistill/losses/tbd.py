@@ -28,13 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 
 from .adapters import FeatureAdapter, fpn_channels
 from .box_ops import aligned_iou, giou_loss
 from .fitnet import masked_sum_loss
 from .normalizers import global_mean
-from .registry import DISTILL_LOSS_REGISTRY, check_choices
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_choices
 
 
 def harmony_score(s, u, eps=1e-12):
@@ -75,29 +76,35 @@ def harmonious_share(hs, positive_mask, threshold=0.5):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class TBD(nn.Module):
+class TBD(DistillLoss):
     """Harmonious distillation (HD) + task-decoupled feature distillation (TFD); a
     reconstruction from the paper's abstract (see the module docstring)."""
 
     needs_same_layout = True
+    config_node = "TBD"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(
+        self, *, student_shapes, teacher_shapes, components="both", hd_cls_weight=1.0, hd_box_weight=1.0,
+        qfl_beta=2.0, box_target="teacher", tfd_weight=1.0, balance="equal", harmony_thresh=0.5,
+        log_period=20,
+    ):
         super().__init__()
-        c = cfg.DISTILL.TBD
-        check_choices(c, "DISTILL.TBD", {
-            "COMPONENTS": ("both", "hd", "tfd"),
-            "BALANCE": ("equal", "learned"),
-            "BOX_TARGET": ("teacher", "gt"),
-        })
-        self.components = c.COMPONENTS
-        self.hd_cls_weight = c.HD_CLS_WEIGHT
-        self.hd_box_weight = c.HD_BOX_WEIGHT
-        self.qfl_beta = c.QFL_BETA
-        self.box_target = c.BOX_TARGET
-        self.tfd_weight = c.TFD_WEIGHT
-        self.balance = c.BALANCE
-        self.harmony_threshold = c.HARMONY_THRESH
-        self.log_period = c.LOG_PERIOD
+        check_choices(
+            "TBD",
+            components=(components, ("both", "hd", "tfd")),
+            balance=(balance, ("equal", "learned")),
+            box_target=(box_target, ("teacher", "gt")),
+        )
+        self.components = components
+        self.hd_cls_weight = hd_cls_weight
+        self.hd_box_weight = hd_box_weight
+        self.qfl_beta = qfl_beta
+        self.box_target = box_target
+        self.tfd_weight = tfd_weight
+        self.balance = balance
+        self.harmony_threshold = harmony_thresh
+        self.log_period = log_period
         if self.components != "hd":
             s_ch, t_ch = fpn_channels(student_shapes), fpn_channels(teacher_shapes)
             self.cls_adapter = FeatureAdapter(s_ch, t_ch)

@@ -21,7 +21,8 @@ Choices the paper leaves open (each a DISTILL.TID key, see config.py):
 Per-anchor scores are reduced to positions with max over anchors.
 """
 import torch
-import torch.nn as nn
+
+from detectron2.config import configurable
 
 from .adapters import FeatureAdapter, fpn_channels
 from .fitnet import masked_feature_loss, masked_sum_loss
@@ -34,7 +35,7 @@ from .maps import (
     top_fraction_mask,
     unflatten_levels,
 )
-from .registry import DISTILL_LOSS_REGISTRY, check_choices
+from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_choices
 
 
 def regression_score(iou_max, thr_neg, thr_pos, values=(2.0, 1.5, 0.4)):
@@ -93,36 +94,44 @@ class TIDMasks:
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class TID(nn.Module):
+class TID(DistillLoss):
     """Task Integration Distillation; see the module docstring for the open choices."""
 
     needs_same_layout = True
+    config_node = "TID"
 
-    def __init__(self, cfg, student_shapes, teacher_shapes):
+    @configurable
+    def __init__(
+        self, *, student_shapes, teacher_shapes, weight=1.0, reg_scores=(2.0, 1.5, 0.4),
+        cls_scores=(1.5, 1.0), cls_top_fraction=0.025, importance="both", reg_score_mode="threshold",
+        areas="both", key_fraction=0.05, key_outside=0.4, weak_fraction=0.05, weak_score=1.5,
+        nms_window=3, band_ratio=0.5, tier_bounds=(1.0, 0.01), tier_factors=(1.0, 0.7, 0.05),
+        normalizer="mask_sum",
+    ):
         super().__init__()
-        c = cfg.DISTILL.TID
-        self.weight = c.WEIGHT
-        self.importance = c.IMPORTANCE
-        self.reg_score_mode = c.REG_SCORE_MODE
-        self.reg_values = tuple(c.REG_SCORES)
-        self.cls_values = tuple(c.CLS_SCORES)
-        self.cls_top_fraction = c.CLS_TOP_FRACTION
-        self.areas = c.AREAS
-        self.key_fraction = c.KEY_FRACTION
-        self.key_outside = c.KEY_OUTSIDE
-        self.weak_fraction = c.WEAK_FRACTION
-        self.weak_score = c.WEAK_SCORE
-        self.nms_window = c.NMS_WINDOW
-        self.band_ratio = c.BAND_RATIO
-        self.tier_bounds = tuple(c.TIER_BOUNDS)
-        self.tier_factors = tuple(c.TIER_FACTORS)
-        self.normalizer = c.NORMALIZER
-        check_choices(c, "DISTILL.TID", {
-            "IMPORTANCE": ("both", "cls", "reg"),
-            "REG_SCORE_MODE": ("threshold", "iou"),
-            "AREAS": ("both", "key", "weak"),
-            "NORMALIZER": ("mask_sum", "per_level"),
-        })
+        self.weight = weight
+        self.importance = importance
+        self.reg_score_mode = reg_score_mode
+        self.reg_values = tuple(reg_scores)
+        self.cls_values = tuple(cls_scores)
+        self.cls_top_fraction = cls_top_fraction
+        self.areas = areas
+        self.key_fraction = key_fraction
+        self.key_outside = key_outside
+        self.weak_fraction = weak_fraction
+        self.weak_score = weak_score
+        self.nms_window = nms_window
+        self.band_ratio = band_ratio
+        self.tier_bounds = tuple(tier_bounds)
+        self.tier_factors = tuple(tier_factors)
+        self.normalizer = normalizer
+        check_choices(
+            "TID",
+            importance=(importance, ("both", "cls", "reg")),
+            reg_score_mode=(reg_score_mode, ("threshold", "iou")),
+            areas=(areas, ("both", "key", "weak")),
+            normalizer=(normalizer, ("mask_sum", "per_level")),
+        )
         self.adapter = FeatureAdapter(fpn_channels(student_shapes), fpn_channels(teacher_shapes))
 
     # --- module 1 -------------------------------------------------------------------------

@@ -17,6 +17,11 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
 
 
+# What running a detector up to its head outputs, and its own losses, reads of it.
+DENSE_DETECTOR_ATTRIBUTES = ("preprocess_image", "backbone", "head", "head_in_features", "anchor_generator",
+                             "num_classes", "box2box_transform", "label_anchors", "losses")
+
+
 def run_dense_detector(detector, batched_inputs, gt_instances=None, thresholds_fcos=(0.4, 0.5), image_sizes=None):
     """Run ``detector`` (RetinaNet or FCOS) up to its head outputs.
 

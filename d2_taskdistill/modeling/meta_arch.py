@@ -1,14 +1,16 @@
 """TaskDistillDetector: a frozen teacher and a trainable student, side by side."""
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
+from detectron2.config import configurable, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
-from ..losses import build_distill_loss
-from .dense_outputs import run_dense_detector
+from ..losses import DISTILL_LOSS_REGISTRY, build_distill_loss
+from .dense_outputs import DENSE_DETECTOR_ATTRIBUTES, run_dense_detector
 from .inherit import parts_of
 from .teacher import DENSE_ARCHITECTURES, build_teacher
 
@@ -24,6 +26,49 @@ def student_config(cfg):
     student_cfg.defrost()
     student_cfg.MODEL.META_ARCHITECTURE = arch
     return student_cfg
+
+
+def check_dense_detector(detector, role, losses):
+    """A clear error when ``detector`` lacks what running it for distillation reads."""
+    missing = [a for a in DENSE_DETECTOR_ATTRIBUTES if not hasattr(detector, a)]
+    if isinstance(detector, nn.Module) and not missing:
+        return
+    what = f"lacks {missing}, which" if isinstance(detector, nn.Module) else "is not an nn.Module; "
+    raise TypeError(
+        f"The {role} ({type(detector).__module__}.{type(detector).__name__}) is not a dense detector that "
+        f"d2_taskdistill can distil: it {what} running it for the losses {list(losses)} reads. Use "
+        "detectron2's RetinaNet or FCOS, or a subclass with the same attributes."
+    )
+
+
+def teacher_source(teacher):
+    """The TeacherConfig a teacher was loaded from (modeling.teacher), or None."""
+    return getattr(teacher, "distill_source", None)
+
+
+def yacs_loss_factory(name, cfg):
+    if name not in DISTILL_LOSS_REGISTRY:  # before two detectors are built in vain
+        known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
+        raise KeyError(f"Unknown loss {name!r} in DISTILL.LOSSES; registered losses: {known}")
+    return lambda student_shapes, teacher_shapes: build_distill_loss(name, cfg, student_shapes, teacher_shapes)
+
+
+def build_loss_from_spec(name, spec, student_shapes, teacher_shapes):
+    """A distillation loss from a built module, a LazyConfig ``L(Loss)(...)`` (or a dict with
+    ``_target_``) completed with both detectors' shapes, or a factory of the shapes."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, Mapping) and "_target_" in spec:
+        spec = {**spec, "student_shapes": student_shapes, "teacher_shapes": teacher_shapes}
+        try:
+            return instantiate(spec)
+        except TypeError as e:  # e.g. an argument the loss does not take
+            raise TypeError(f"Distillation loss {name!r} could not be built from its config: {e}") from e
+    if callable(spec):
+        return spec(student_shapes, teacher_shapes)
+    raise TypeError(
+        f"Distillation loss {name!r} is a {type(spec).__name__}; give a loss module, its LazyConfig "
+        "(e.g. L(TID)(weight=1.0)) or a callable (student_shapes, teacher_shapes) -> loss.")
 
 
 def anchor_layout(detector):
@@ -115,43 +160,101 @@ class FiniteLossCheck:
 
 @META_ARCH_REGISTRY.register()
 class TaskDistillDetector(nn.Module):
-    """Student + frozen teacher + distillation losses from ``DISTILL.LOSSES``.
+    """Student + frozen teacher + distillation losses, for yacs and LazyConfig alike.
+
+    yacs: ``MODEL.META_ARCHITECTURE: TaskDistillDetector`` with ``DISTILL.*`` (``from_config``).
+    LazyConfig: ``L(TaskDistillDetector)(student=<a dense detector>, teacher=L(load_teacher)(...),
+    losses={"TID": L(TID)(weight=1.0), ...})``: the losses are built here, once both
+    detectors exist, because their adapters need both FPN widths.
 
     The teacher is held outside the module tree: it is not in ``parameters()``,
     ``state_dict()`` (so not in checkpoints), the optimizer or DDP, and ``train()``
     does not reach it; ``.to()`` and the like move it with the student. Inference runs the
-    student alone.
+    student alone; ``teacher=None`` builds a model for inference only (``--eval-only``).
     """
 
-    def __init__(self, cfg):
+    @configurable
+    def __init__(self, *, student, teacher, losses, input_format=None, teacher_input_format=None,
+                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, finite_check_period=20, loss_settings=None):
+        """
+        Args:
+            student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass).
+            teacher: a frozen dense detector with its weights (:func:`load_teacher`), or None.
+            losses: {name: a DistillLoss, or its LazyConfig (``L(TID)(...)``), or a callable
+                ``(student_shapes, teacher_shapes) -> DistillLoss``}.
+            input_format / teacher_input_format: "BGR" or "RGB"; default: the detector's own
+                ``input_format`` attribute, else the teacher's config (``load_teacher``), else BGR.
+            loss_settings: {name: text} for the log line naming each loss and its weights.
+        """
         super().__init__()
+        if not losses:
+            raise ValueError(
+                "TaskDistillDetector has no distillation losses (DISTILL.LOSSES, or `losses` of the "
+                "LazyConfig model): name at least one (e.g. ['TID']) or train the student's own architecture."
+            )
+        check_dense_detector(student, "student", losses)
+        self.student = student
+        self.input_format = input_format or getattr(student, "input_format", None) or "BGR"
+        self.fcos_thresholds = tuple(fcos_iou_thresholds)
+        self.teacher_amp = teacher_amp
+        self.finite_check = FiniteLossCheck(finite_check_period)
+        self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
+        self.distill_losses = nn.ModuleDict()
+        if teacher is None:  # inference only: the losses need the teacher's shapes
+            self.loss_specs = dict(losses)
+            self.teacher_needs_bgr_flip = False
+            return
+        check_dense_detector(teacher, "teacher", losses)
+        source = teacher_source(teacher)
+        teacher_format = teacher_input_format or getattr(source, "input_format", None) or getattr(
+            teacher, "input_format", None) or "BGR"
+        if {self.input_format, teacher_format} - {"BGR", "RGB"}:
+            raise ValueError(
+                f"Input formats {self.input_format} (student, INPUT.FORMAT) / {teacher_format} "
+                "(teacher INPUT.FORMAT): only BGR and RGB are supported"
+            )
+        self.teacher_needs_bgr_flip = self.input_format != teacher_format
+
+        s_shapes = [self.student.backbone.output_shape()[f] for f in self.student.head_in_features]
+        t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
+        for name, loss in losses.items():
+            self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
+        settings = loss_settings or {}
+        logger.info("Distillation losses: %s", "; ".join(settings.get(n, n) for n in self.distill_losses))
+        needs_layout = [n for n, l in self.distill_losses.items() if getattr(l, "needs_same_layout", False)]
+        check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(self.distill_losses))
+        for loss in self.distill_losses.values():
+            check = getattr(loss, "check_detectors", None)
+            if check is not None:
+                check(self.student, teacher)
+
+    @classmethod
+    def from_config(cls, cfg, with_teacher=True):
         if not cfg.DISTILL.LOSSES:
             raise ValueError(
                 "MODEL.META_ARCHITECTURE is TaskDistillDetector but DISTILL.LOSSES is empty; name "
                 "at least one loss (e.g. ['TID']) or train the student's own architecture."
             )
         parts_of(cfg.DISTILL.STUDENT_INIT)  # a wrong choice fails before anything is built
-        self.student = build_model(student_config(cfg))
-        teacher, self.teacher_cfg = build_teacher(cfg)
-        self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
-        self.fcos_thresholds = tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS)
-        self.teacher_amp = cfg.DISTILL.TEACHER.AMP
-        self.teacher_needs_bgr_flip = cfg.INPUT.FORMAT != self.teacher_cfg.input_format
-        if {cfg.INPUT.FORMAT, self.teacher_cfg.input_format} - {"BGR", "RGB"}:
-            raise ValueError(
-                f"Input formats {cfg.INPUT.FORMAT} (student) / {self.teacher_cfg.input_format} "
-                "(teacher INPUT.FORMAT): only BGR and RGB are supported"
-            )
+        # Built in this order (student, teacher, then the losses' adapters): the random init,
+        # and so every committed result, depends on it.
+        student = build_model(student_config(cfg))
+        teacher = build_teacher(cfg)[0] if with_teacher else None
+        return {
+            "student": student,
+            "teacher": teacher,
+            "losses": {name: yacs_loss_factory(name, cfg) for name in cfg.DISTILL.LOSSES},
+            "input_format": cfg.INPUT.FORMAT,
+            "fcos_iou_thresholds": tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS),
+            "teacher_amp": cfg.DISTILL.TEACHER.AMP,
+            "finite_check_period": cfg.DISTILL.FINITE_CHECK_PERIOD,
+            "loss_settings": {name: loss_weights(cfg, name) for name in cfg.DISTILL.LOSSES},
+        }
 
-        s_shapes = [self.student.backbone.output_shape()[f] for f in self.student.head_in_features]
-        t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
-        self.distill_losses = nn.ModuleDict(
-            {name: build_distill_loss(name, cfg, s_shapes, t_shapes) for name in cfg.DISTILL.LOSSES}
-        )
-        logger.info("Distillation losses: %s", "; ".join(loss_weights(cfg, name) for name in cfg.DISTILL.LOSSES))
-        needs_layout = [n for n, l in self.distill_losses.items() if l.needs_same_layout]
-        check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(cfg.DISTILL.LOSSES))
-        self.finite_check = FiniteLossCheck(cfg.DISTILL.FINITE_CHECK_PERIOD)
+    @property
+    def teacher_cfg(self):
+        """The teacher's TeacherConfig (its config file, weights, input format)."""
+        return teacher_source(self.teacher)
 
     @property
     def device(self):
@@ -161,7 +264,8 @@ class TaskDistillDetector(nn.Module):
         # .to(), .cuda(), .float() ... reach the teacher too (LazyConfig training moves the model
         # after building it), though it is outside the module tree.
         super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
         return self
 
     def teacher_inputs(self, batched_inputs):
@@ -172,6 +276,10 @@ class TaskDistillDetector(nn.Module):
     def forward(self, batched_inputs):
         if not self.training:
             return self.student(batched_inputs)
+        if self.teacher is None:
+            raise RuntimeError(
+                "This TaskDistillDetector was built without its teacher (for inference only, e.g. "
+                "--eval-only); build it with the teacher to train.")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         image_sizes = self.image_sizes_on_device(batched_inputs)
         # The teacher first: its activations are freed before the student's exist, so the

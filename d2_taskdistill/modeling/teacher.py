@@ -17,11 +17,18 @@ logger = logging.getLogger(__name__)
 DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
 
 
-def resolve_teacher_config_file(name):
+# What each teacher setting is called in messages: yacs keys, or load_teacher()'s arguments
+# where a LazyConfig builds the teacher.
+YACS_SETTINGS = {"run": "DISTILL.TEACHER.RUN", "config_file": "DISTILL.TEACHER.CONFIG_FILE",
+                 "weights": "DISTILL.TEACHER.WEIGHTS", "overrides": "DISTILL.TEACHER.OPTS"}
+LAZY_SETTINGS = {key: f"load_teacher({key}=...)" for key in YACS_SETTINGS}
+
+
+def resolve_teacher_config_file(name, setting=YACS_SETTINGS["config_file"]):
     """A yaml or LazyConfig .py path, else a detectron2 model-zoo config name."""
     if not name:
         raise ValueError(
-            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's config (yaml or "
+            f"{setting} is empty: set it to the teacher's config (yaml or "
             "LazyConfig .py), a path or a detectron2 model-zoo name such as "
             "'COCO-Detection/retinanet_R_101_FPN_3x.yaml' or 'COCO-Detection/fcos_R_50_FPN_1x.py'."
         )
@@ -33,7 +40,7 @@ def resolve_teacher_config_file(name):
         return model_zoo.get_config_file(name)
     except RuntimeError:
         raise FileNotFoundError(
-            f"DISTILL.TEACHER.CONFIG_FILE={name!r} is neither a file (relative to {os.getcwd()}) "
+            f"{setting}={name!r} is neither a file (relative to {os.getcwd()}) "
             "nor a detectron2 model-zoo config name."
         ) from None
 
@@ -59,14 +66,13 @@ def run_files(run_dir, setting):
     return config, weights
 
 
-def teacher_sources(cfg):
-    """(config file, weights, the setting they come from): DISTILL.TEACHER.RUN's config.yaml and
-    checkpoint when it is set, else DISTILL.TEACHER.CONFIG_FILE and WEIGHTS."""
-    run = cfg.DISTILL.TEACHER.RUN
+def teacher_sources(config_file, weights, run, settings=YACS_SETTINGS):
+    """(config file, weights, the setting they come from): the run's config.yaml and
+    checkpoint when ``run`` is set, else ``config_file`` and ``weights``."""
     if run:
-        config, weights = run_files(run, "DISTILL.TEACHER.RUN")
-        return config, weights, f"DISTILL.TEACHER.RUN={run!r} (checkpoint {os.path.basename(weights)})"
-    return cfg.DISTILL.TEACHER.CONFIG_FILE, cfg.DISTILL.TEACHER.WEIGHTS, "DISTILL.TEACHER.WEIGHTS"
+        config, weights = run_files(run, settings["run"])
+        return config, weights, f"{settings['run']}={run!r} (checkpoint {os.path.basename(weights)})"
+    return config_file, weights, settings["weights"]
 
 
 @dataclass
@@ -80,6 +86,7 @@ class TeacherConfig:
     input_format: str = "BGR"
     train_datasets: list = field(default_factory=list)
     weights_setting: str = "DISTILL.TEACHER.WEIGHTS"  # where the weights come from, for messages
+    settings: dict = field(default_factory=lambda: dict(YACS_SETTINGS))
 
     @property
     def is_lazy(self):
@@ -94,26 +101,35 @@ class TeacherConfig:
             model = instantiate(self.source.model)
         except Exception as e:  # e.g. an override that added a key the class does not take
             raise ValueError(
-                f"DISTILL.TEACHER.CONFIG_FILE={self.config_file!r} with DISTILL.TEACHER.OPTS: its "
+                f"{self.settings['config_file']}={self.config_file!r} with {self.settings['overrides']}: its "
                 f"`model` could not be built: {type(e).__name__}: {e}"
             ) from e
         if not isinstance(model, (RetinaNet, FCOS)):
             raise ValueError(
-                f"DISTILL.TEACHER.CONFIG_FILE={self.config_file!r}: its `model` is a "
+                f"{self.settings['config_file']}={self.config_file!r}: its `model` is a "
                 f"{type(model).__name__}; the teacher must be one of {DENSE_ARCHITECTURES}."
             )
         return model.to(self.device)
 
 
 def build_teacher_config(cfg):
-    """The teacher's :class:`TeacherConfig`: a yaml config with DISTILL.TEACHER.OPTS as KEY VALUE
-    pairs, or a LazyConfig .py with them as key=value overrides."""
-    name, weights, weights_setting = teacher_sources(cfg)
-    path = resolve_teacher_config_file(name)
+    """The :class:`TeacherConfig` of a yacs config's DISTILL.TEACHER."""
+    t = cfg.DISTILL.TEACHER
+    return teacher_config(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
+
+
+def teacher_config(config_file="", weights="", overrides=(), device="cpu", run="", settings=YACS_SETTINGS):
+    """The teacher's :class:`TeacherConfig`: a yaml config with ``overrides`` as KEY VALUE
+    pairs, or a LazyConfig .py with them as key=value overrides. ``run``: a train_net.py
+    OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``.
+    ``settings`` names the options in messages."""
+    name, weights, weights_setting = teacher_sources(config_file, weights, run, settings)
+    path = resolve_teacher_config_file(name, settings["config_file"])
+    overrides = [str(o) for o in overrides] if path.endswith(".py") else list(overrides)
     if path.endswith(".py"):
-        return _lazy_teacher_config(cfg, name, path, weights, weights_setting)
-    teacher_cfg = load_config(path, cfg.DISTILL.TEACHER.OPTS)
-    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+        return _lazy_teacher_config(name, path, weights, overrides, device, weights_setting, settings)
+    teacher_cfg = load_config(path, overrides)
+    teacher_cfg.MODEL.DEVICE = device
     teacher_cfg.MODEL.WEIGHTS = weights
     arch = teacher_cfg.MODEL.META_ARCHITECTURE
     if arch not in DENSE_ARCHITECTURES:
@@ -121,27 +137,26 @@ def build_teacher_config(cfg):
             f"Teacher config {name!r} has MODEL.META_ARCHITECTURE={arch!r}; "
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
-    return TeacherConfig(teacher_cfg, name, weights, cfg.MODEL.DEVICE,
-                         teacher_cfg.INPUT.FORMAT, list(teacher_cfg.DATASETS.TRAIN), weights_setting)
+    return TeacherConfig(teacher_cfg, name, weights, device, teacher_cfg.INPUT.FORMAT,
+                         list(teacher_cfg.DATASETS.TRAIN), weights_setting, dict(settings))
 
 
-def _lazy_teacher_config(cfg, name, path, weights, weights_setting):
+def _lazy_teacher_config(name, path, weights, overrides, device, weights_setting, settings):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
     if "model" not in lazy:
-        raise ValueError(f"DISTILL.TEACHER.CONFIG_FILE={name!r} is a LazyConfig that defines no `model`.")
-    overrides = [str(o) for o in cfg.DISTILL.TEACHER.OPTS]
+        raise ValueError(f"{settings['config_file']}={name!r} is a LazyConfig that defines no `model`.")
     malformed = [o for o in overrides if "=" not in o]
     if malformed:
         raise ValueError(
-            f"DISTILL.TEACHER.OPTS={overrides} for the LazyConfig teacher {name!r}: each override is "
+            f"{settings['overrides']}={overrides} for the LazyConfig teacher {name!r}: each override is "
             f"key=value (e.g. 'model.num_classes=20'); these are not: {malformed}"
         )
     try:
         lazy = LazyConfig.apply_overrides(lazy, overrides)
     except Exception as e:  # omegaconf's errors name the key but not the setting
-        raise ValueError(f"DISTILL.TEACHER.OPTS={overrides} do not apply to {name!r}: {e}") from e
+        raise ValueError(f"{settings['overrides']}={overrides} do not apply to {name!r}: {e}") from e
     head = lazy.model.get("head", None)
     if head is not None and head.get("norm", None) == "GN":
         # As the yaml FCOS does: v0.6's head probes GroupNorm(32, 1), which torch rejects.
@@ -150,9 +165,10 @@ def _lazy_teacher_config(cfg, name, path, weights, weights_setting):
     dataset = lazy.get("dataloader", {}).get("train", {}).get("dataset", {})
     names = dataset.get("names", [])
     return TeacherConfig(
-        lazy, name, weights, cfg.MODEL.DEVICE,
+        lazy, name, weights, device,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
         train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
+        settings=dict(settings),
     )
 
 
@@ -189,13 +205,13 @@ def weight_problems(model, path):
     return problems
 
 
-def load_teacher_weights(teacher, weights, setting="DISTILL.TEACHER.WEIGHTS"):
+def load_teacher_weights(teacher, weights, setting="DISTILL.TEACHER.WEIGHTS", settings=YACS_SETTINGS):
     """Load every key of ``weights`` into ``teacher``; anything that does not load is an error
     naming ``setting``, where the weights come from."""
     if not weights:
         raise ValueError(
-            "DISTILL.TEACHER.WEIGHTS is empty: a teacher without trained weights has nothing to "
-            "teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl), or DISTILL.TEACHER.RUN "
+            f"{settings['weights']} is empty: a teacher without trained weights has nothing to "
+            f"teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl), or {settings['run']} "
             "to the teacher's train_net.py output directory."
         )
     try:
@@ -210,12 +226,12 @@ def load_teacher_weights(teacher, weights, setting="DISTILL.TEACHER.WEIGHTS"):
     problems = weight_problems(teacher, local)
     if problems:
         hint = ""
-        if setting == "DISTILL.TEACHER.WEIGHTS":
-            hint = (" If the weights come from a train_net.py run, set DISTILL.TEACHER.RUN to that run's "
+        if setting == settings["weights"]:
+            hint = (f" If the weights come from a train_net.py run, set {settings['run']} to that run's "
                     "OUTPUT_DIR instead: its own config.yaml then builds the teacher.")
         raise KeyError(
             f"Teacher weights {setting}={weights!r} do not match the teacher built from "
-            "DISTILL.TEACHER.CONFIG_FILE (and DISTILL.TEACHER.OPTS): " + "; ".join(problems) + "." + hint
+            f"{settings['config_file']} (and {settings['overrides']}): " + "; ".join(problems) + "." + hint
         )
     num_tensors = len(teacher.state_dict())
     logger.info("Loaded teacher weights from %s (%d tensors)", weights, num_tensors)
@@ -229,8 +245,26 @@ def freeze(model):
 
 
 def build_teacher(cfg):
-    """The teacher of ``cfg``: built, loaded, frozen and in eval mode, with its TeacherConfig."""
-    teacher_cfg = build_teacher_config(cfg)
+    """The teacher of a yacs config's DISTILL.TEACHER: built, loaded, frozen and in eval mode,
+    with its TeacherConfig."""
+    teacher = _load(build_teacher_config(cfg))
+    return teacher, teacher.distill_source
+
+
+def load_teacher(config_file="", weights="", overrides=(), device="cpu", run=""):
+    """The frozen teacher, for LazyConfig models: ``L(load_teacher)(config_file=..., weights=...)``.
+
+    config_file: a yaml or LazyConfig .py path, or a detectron2 model-zoo name; weights: its
+    checkpoint (.pth, model-zoo .pkl or URL), every key of which must load; overrides: KEY VALUE
+    pairs (yaml) or key=value strings (.py); run: a train_net.py OUTPUT_DIR instead of both.
+    The returned detector carries its :class:`TeacherConfig` as ``distill_source``.
+    """
+    return _load(teacher_config(config_file, weights, overrides, device, run, LAZY_SETTINGS))
+
+
+def _load(teacher_cfg):
     teacher = teacher_cfg.build_model()
-    load_teacher_weights(teacher, teacher_cfg.weights, teacher_cfg.weights_setting)
-    return freeze(teacher), teacher_cfg
+    load_teacher_weights(teacher, teacher_cfg.weights, teacher_cfg.weights_setting, teacher_cfg.settings)
+    teacher = freeze(teacher)
+    teacher.distill_source = teacher_cfg  # where it came from: input format, datasets, weights
+    return teacher

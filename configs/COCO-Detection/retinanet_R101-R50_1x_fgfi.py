@@ -1,0 +1,8 @@
+from detectron2.config import LazyCall as L
+
+from d2_taskdistill.losses import FGFI
+
+from .distill_retinanet_R101_R50_1x import dataloader, lr_multiplier, model, optimizer, train
+
+model.losses = {"FGFI": L(FGFI)()}
+train.output_dir = "output/coco/retinanet_R101-R50_fgfi"

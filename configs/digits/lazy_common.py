@@ -1,0 +1,102 @@
+"""Shared parts of the digits LazyConfigs: the data, schedule and R18 students of the yaml
+configs (Base-Digits.yaml, *_R18_FPN_student.yaml), written on detectron2's model-zoo models.
+tests/test_lazy_configs.py checks that they build the same models and train the same way."""
+import torch
+from omegaconf import OmegaConf
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.layers import ShapeSpec
+from detectron2.model_zoo import get_config
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from d2_taskdistill.compat import group_norm_factory
+from d2_taskdistill.engine import FileNamingMapper, dataset_evaluator
+from d2_taskdistill.modeling.fcos import FCOS
+
+# 128 px images of digits on photos, 10 classes, trained from scratch on CPU.
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names=["digits_det_train"], filter_empty=True),
+    mapper=L(FileNamingMapper)(
+        is_train=True,
+        # No flip: a mirrored digit is not a digit.
+        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=(128,), max_size=128, sample_style="choice")],
+        image_format="BGR",
+    ),
+    total_batch_size=8,
+    num_workers=0,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names=["digits_det_val"], filter_empty=False),
+    mapper=L(FileNamingMapper)(
+        is_train=False,
+        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=128, max_size=128, sample_style="choice")],
+        image_format="${...train.mapper.image_format}",
+    ),
+    num_workers=0,
+)
+dataloader.evaluator = L(dataset_evaluator)(dataset_name="digits_det_val", output_dir=None)
+
+# From scratch on CPU, AdamW converges in far fewer iterations than SGD here.
+optimizer = L(torch.optim.AdamW)(
+    params=L(get_default_optimizer_params)(base_lr="${..lr}", weight_decay="${..weight_decay}", weight_decay_norm=0.0),
+    lr=0.001,
+    weight_decay=0.05,
+)
+# 200 iterations, lr x0.1 at 160 and 190, linear warm-up over 50 (fractions of train.max_iter).
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[160, 190], num_updates=200),
+    warmup_length=50 / 200,
+    warmup_factor=0.001,
+)
+
+train = get_config("common/train.py").train
+train.max_iter = 200
+train.eval_period = 0
+train.checkpointer = dict(period=1000, max_to_keep=100)
+train.seed = -1
+train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the yaml configs
+
+# The yaml students: ResNet-18 with BatchNorm (from scratch: FrozenBN would be an identity),
+# FPN on res3-res5 with 64 channels, heads of 2 convs, anchors half of detectron2's COCO sizes.
+retinanet_student = get_config("common/models/retinanet.py").model
+resnet = retinanet_student.backbone.bottom_up
+resnet.stem.norm = "BN"
+resnet.stages.depth = 18
+resnet.stages.norm = "BN"
+del resnet.stages.stride_in_1x1  # BasicBlock has no 1x1 conv
+resnet.freeze_at = 0
+retinanet_student.backbone.out_channels = 64
+retinanet_student.backbone.top_block.in_channels = 512
+retinanet_student.head.input_shape = [ShapeSpec(channels=64)] * 5
+retinanet_student.head.conv_dims = [64, 64]
+retinanet_student.anchor_generator.sizes = [
+    [16, 20.16, 25.4], [32, 40.32, 50.8], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37]]
+retinanet_student.num_classes = 10
+retinanet_student.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
+retinanet_student.pixel_mean = [103.530, 116.280, 123.675]
+retinanet_student.pixel_std = [1.0, 1.0, 1.0]
+
+fcos_student = get_config("common/models/fcos.py").model
+# The project's FCOS: detectron2's, with v0.6's images-without-boxes fault guarded.
+fcos_student._target_ = FCOS
+resnet = fcos_student.backbone.bottom_up
+resnet.stem.norm = "BN"
+resnet.stages.depth = 18
+resnet.stages.norm = "BN"
+del resnet.stages.stride_in_1x1
+resnet.freeze_at = 0
+fcos_student.backbone.out_channels = 64
+fcos_student.backbone.top_block.in_channels = 64
+fcos_student.head.input_shape = [ShapeSpec(channels=64)] * 5
+fcos_student.head.conv_dims = [64, 64]
+# GroupNorm(32, C) as "GN", which v0.6's head cannot build (it probes GroupNorm(32, 1)).
+fcos_student.head.norm = group_norm_factory
+fcos_student.num_classes = 10
+fcos_student.pixel_mean = [103.530, 116.280, 123.675]
+fcos_student.pixel_std = [1.0, 1.0, 1.0]
+del resnet

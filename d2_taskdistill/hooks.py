@@ -1,0 +1,151 @@
+"""Training features as detectron2 hooks, shared by the yacs trainer (engine.DistillTrainer)
+and the LazyConfig one (lazy_engine.LazyDistillTrainer)."""
+import json
+import logging
+import os
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import detectron2.utils.comm as comm
+from detectron2.engine import HookBase
+from detectron2.utils.events import get_event_storage
+
+from .modeling.inherit import inherit_from_teacher
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_distill_model(model):
+    from .modeling.meta_arch import TaskDistillDetector
+
+    return isinstance(unwrap(model), TaskDistillDetector)
+
+
+# detectron2's DefaultTrainer writes metrics every 20 iterations (its PeriodicWriter).
+WRITER_PERIOD = 20
+
+
+class GradScalerMonitor(HookBase):
+    """Logs the AMP grad scaler: its scale and the optimizer steps it skipped.
+
+    detectron2's AMPTrainer skips a step silently when float16 gradients overflow; the scaler
+    then lowers its scale (by its backoff factor), which is how a skipped step is seen here.
+    The comparison runs on the device every step; the host reads the count every ``period``
+    iterations and at the last one (reading the scale each step would stall the GPU).
+    """
+
+    def __init__(self, grad_scaler, period=WRITER_PERIOD):
+        self.grad_scaler = grad_scaler
+        self.period = period
+        self.skipped_steps = 0
+        self._skipped_on_device = 0
+        self._scale_before = None
+        self._first_iter_of_period = 0
+
+    def _scale(self):
+        # The scale tensor itself (GradScaler.get_scale() reads it to the host); None until
+        # the scaler's first scale() call, when it is still its initial value.
+        scale = self.grad_scaler._get_scale_async()
+        return self.grad_scaler.get_scale() if scale is None else scale.detach().clone()
+
+    def before_step(self):
+        self._scale_before = self._scale()
+
+    def after_step(self):
+        scale = self._scale()
+        self._skipped_on_device = self._skipped_on_device + (torch.as_tensor(scale) < self._scale_before).long()
+        storage = get_event_storage()
+        it = storage.iter
+        trainer = getattr(self, "trainer", None)  # None when used outside a trainer
+        last = trainer is not None and it + 1 == trainer.max_iter
+        if (it + 1) % self.period and not last:
+            return
+        skipped = int(self._skipped_on_device)  # the host reads, once per period
+        scale = float(scale)
+        if skipped > self.skipped_steps:
+            logger.warning(
+                "Iterations %d-%d: float16 gradients overflowed; the grad scaler skipped %d optimizer "
+                "step(s) and lowered its scale to %g (%d steps skipped in this run).",
+                self._first_iter_of_period, it, skipped - self.skipped_steps, scale, skipped)
+        self.skipped_steps = skipped
+        self._first_iter_of_period = it + 1
+        storage.put_scalar("amp/grad_scale", scale, smoothing_hint=False)
+        storage.put_scalar("amp/skipped_steps", skipped, smoothing_hint=False)
+
+
+
+
+class StudentInit(HookBase):
+    """DISTILL.STUDENT_INIT: at a fresh start only (not on resume), the student's neck and/or
+    head start from the teacher's weights, after the initial checkpoint has loaded.
+
+    A plain detector (no distillation) starts from the teacher ``build_teacher()`` returns:
+    the baseline that inheritance alone gives.
+    """
+
+    def __init__(self, choice, build_teacher=None):
+        self.choice = choice
+        self.build_teacher = build_teacher
+
+    def before_train(self):
+        if self.trainer.start_iter != 0:
+            return
+        model = unwrap(self.trainer.model)
+        if is_distill_model(model):
+            inherit_from_teacher(model.student, model.teacher, self.choice)
+        else:
+            inherit_from_teacher(model, self.build_teacher(), self.choice)
+
+
+class TeacherOnItsInputs(nn.Module):
+    """The teacher of a TaskDistillDetector, fed as in training: images in its own channel
+    order (the student's test loader gives the student's)."""
+
+    def __init__(self, distill_model):
+        super().__init__()
+        self.__dict__["distill_model"] = distill_model  # not a submodule: nothing to train or save
+
+    def forward(self, batched_inputs):
+        model = self.distill_model
+        return model.teacher(model.teacher_inputs(batched_inputs))
+
+
+class TeacherEvaluation(HookBase):
+    """Evaluates the teacher once before a fresh start (not on resume), with ``evaluate(model)``
+    (returns {dataset: metrics}); logs the metrics and writes ``teacher_eval.json`` to
+    ``output_dir``. The results stay in ``self.results``."""
+
+    def __init__(self, evaluate, output_dir):
+        self.evaluate = evaluate
+        self.output_dir = output_dir
+        self.results = None
+
+    def before_train(self):
+        if self.trainer.start_iter != 0:
+            return
+        self.results = self.evaluate(TeacherOnItsInputs(unwrap(self.trainer.model)))
+        if comm.is_main_process():
+            for dataset, metrics in self.results.items():
+                bbox = metrics.get("bbox", metrics)
+                logger.info("Teacher on %s: %s", dataset, ", ".join(f"{k}={v:.2f}" for k, v in bbox.items()))
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "teacher_eval.json"), "w") as f:
+                json.dump(self.results, f, indent=1)
+
+
+class DatasetCheck(HookBase):
+    """Runs ``check()`` (data.config_datasets.check_dataset_names with the run's datasets)
+    before the first step: a dataset problem stops the run with the setting to fix, not an
+    evaluation hours later."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def before_train(self):
+        self.check()

@@ -1,0 +1,215 @@
+"""Distillation from a LazyConfig (.py): what detectron2's tools/lazyconfig_train_net.py does
+(``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``), with this project's
+hooks, atomic checkpoints and teacher identity. ``train_net.py`` runs it for ``.py`` configs.
+"""
+import logging
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils.registry import locate
+
+from .checkpoint import SafeCheckpointer, TeacherIdentity
+from .data.config_datasets import check_dataset_names
+from .hooks import DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, unwrap
+from .modeling.inherit import parts_of
+from .modeling.meta_arch import TaskDistillDetector
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_NODES = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+# Keys of ``train`` that this project reads beside lazyconfig_train_net's.
+DISTILL_TRAIN_DEFAULTS = {
+    "student_init": "none",  # as DISTILL.STUDENT_INIT
+    "teacher_eval_at_start": False,  # as DISTILL.TEACHER.EVAL_AT_START
+    "allow_teacher_change": False,  # as DISTILL.TEACHER.ALLOW_CHANGE
+}
+
+
+def is_lazy_config_file(path):
+    """A LazyConfig: a .py file, or a yaml one that LazyConfig.save wrote (a run's config.yaml
+    of a .py config: lower-case ``model`` and ``train`` nodes, not yacs keys)."""
+    if path.endswith(".py"):
+        return True
+    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
+        return False
+    import yaml
+
+    with open(path) as f:
+        try:
+            top = yaml.unsafe_load(f)
+        except yaml.YAMLError:
+            return False
+    return isinstance(top, dict) and "model" in top and "train" in top
+
+
+def load_lazy_config(path, overrides=()):
+    """The LazyConfig at ``path`` with ``key=value`` overrides, checked: it must have the nodes
+    lazyconfig_train_net reads and a distillation model. Errors name the file and the fix."""
+    try:
+        cfg = LazyConfig.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config-file {path!r}: no such file (relative to {os.getcwd()})") from None
+    malformed = [o for o in overrides if "=" not in o]
+    if malformed:
+        raise ValueError(f"Overrides {malformed} of the LazyConfig {path!r}: each is key=value "
+                         "(e.g. train.max_iter=100), not a yaml KEY VALUE pair")
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    except Exception as e:  # omegaconf's and the override parser's errors name no file
+        raise ValueError(f"Overrides {list(overrides)} do not apply to {path!r}: {type(e).__name__}: {e}") from e
+    missing = [n for n in REQUIRED_NODES if n not in cfg]
+    if missing:
+        raise ValueError(f"LazyConfig {path!r} has no {missing}: a training config defines {list(REQUIRED_NODES)}, "
+                         "as detectron2's COCO-Detection/*.py do (see configs/digits/*.py)")
+    for node in ("train", "test"):
+        if node not in cfg.dataloader:
+            raise ValueError(f"LazyConfig {path!r}: dataloader.{node} is missing")
+    target = cfg.model.get("_target_", None)
+    target = locate(target) if isinstance(target, str) else target
+    if not (isinstance(target, type) and issubclass(target, TaskDistillDetector)):
+        name = getattr(target, "__name__", target)
+        raise ValueError(
+            f"LazyConfig {path!r}: its `model` builds {name}, not a distillation model. Write "
+            "model = L(TaskDistillDetector)(student=..., teacher=L(load_teacher)(...), losses={...}) "
+            "(see configs/digits/*.py); train a plain detector with detectron2's tools/lazyconfig_train_net.py.")
+    for key, value in DISTILL_TRAIN_DEFAULTS.items():
+        cfg.train.setdefault(key, value)
+    parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
+    return cfg
+
+
+def dataset_names(loader_cfg):
+    names = loader_cfg.get("dataset", {}).get("names", [])
+    return [names] if isinstance(names, str) else list(names)
+
+
+def evaluate(cfg, model):
+    """{dataset: metrics} of ``model`` on dataloader.test with dataloader.evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    names = dataset_names(cfg.dataloader.test)
+    return {names[0] if len(names) == 1 else ",".join(names): results}
+
+
+def resolve_device(cfg):
+    """Run on the CPU when train.device asks for CUDA on a machine without it."""
+    import torch
+
+    device = str(cfg.train.get("device", "cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("train.device=%s but CUDA is not available: using cpu", device)
+        device = "cpu"
+    cfg.train.device = device
+    return cfg
+
+
+def build_model(cfg, with_teacher=True):
+    """``instantiate(cfg.model)`` on ``train.device``; without the teacher (inference only) its
+    config is not even read, so no teacher checkpoint needs to exist."""
+    model_cfg = cfg.model
+    if not with_teacher:
+        model_cfg = model_cfg.copy()
+        model_cfg.teacher = None
+    model = instantiate(model_cfg)
+    return model.to(cfg.train.device)
+
+
+class LazyDistillTrainer:
+    """Trains ``cfg.model`` (a TaskDistillDetector) as lazyconfig_train_net's do_train does:
+    model, optimizer and data loader built in that order (the yacs DistillTrainer's order, so
+    that the same seed gives the same run), SimpleTrainer or AMPTrainer, then hooks."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        model = build_model(cfg)
+        cfg.optimizer.params.model = model
+        optimizer = instantiate(cfg.optimizer)
+        data_loader = instantiate(cfg.dataloader.train)
+        self.distill_model = model
+        model = create_ddp_model(model, **cfg.train.get("ddp", {}))
+        amp = cfg.train.get("amp", {}).get("enabled", False)
+        if amp and not str(cfg.train.device).startswith("cuda"):
+            raise ValueError(f"train.amp.enabled=True with train.device={cfg.train.device}: AMP trains in float16 "
+                             "on CUDA only. Set train.amp.enabled=False to train on the CPU.")
+        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=self._trainer)
+        self.checkpointer.add_checkpointable(
+            "teacher", TeacherIdentity(self.distill_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
+        self.teacher_evaluation = None
+        self._trainer.register_hooks(self.build_hooks())
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def storage(self):
+        return self._trainer.storage
+
+    @property
+    def iter(self):
+        return self._trainer.iter
+
+    def build_hooks(self):
+        cfg, model = self.cfg, self.distill_model
+        teacher_cfg = model.teacher_cfg
+        student_setting = ("model.student.num_classes", model.student.num_classes)
+        check = DatasetCheck(lambda: check_dataset_names(
+            dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_cfg,
+            settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")))
+        result = [check]
+        if parts_of(cfg.train.student_init):
+            result.append(StudentInit(cfg.train.student_init))
+        if cfg.train.teacher_eval_at_start:
+            self.teacher_evaluation = TeacherEvaluation(lambda m: evaluate(cfg, m), cfg.train.output_dir)
+            result.append(self.teacher_evaluation)
+        result.append(hooks.IterationTimer())
+        if isinstance(self._trainer, AMPTrainer):
+            result.append(GradScalerMonitor(self._trainer.grad_scaler))
+        result.append(hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)))
+        if comm.is_main_process():
+            result.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
+        eval_period = cfg.train.get("eval_period", 0)
+        result.append(hooks.EvalHook(eval_period, lambda: self._evaluate()))
+        if comm.is_main_process():
+            from detectron2.engine.defaults import default_writers
+
+            result.append(hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                                               period=cfg.train.get("log_period", WRITER_PERIOD)))
+        return result
+
+    def _evaluate(self):
+        self.last_eval_results = evaluate(self.cfg, unwrap(self.model))
+        # As DefaultTrainer.test: one dataset's metrics go to the event storage unwrapped.
+        results = self.last_eval_results
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    def resume_or_load(self, resume=True):
+        """As DefaultTrainer's: the last checkpoint of train.output_dir with ``resume`` (when one
+        exists), else train.init_checkpoint (model weights only)."""
+        self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self._trainer.iter + 1
+        else:
+            self.start_iter = 0
+
+    def train(self):
+        self._trainer.train(getattr(self, "start_iter", 0), self.cfg.train.max_iter)
+
+    @property
+    def teacher_results(self):
+        return self.teacher_evaluation.results if self.teacher_evaluation else None
+
+
+def evaluate_only(cfg, resume=False):
+    """--eval-only: the student of train.init_checkpoint (or, with ``resume``, the last
+    checkpoint of train.output_dir), without building the teacher."""
+    model = build_model(cfg, with_teacher=False)
+    SafeCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    return evaluate(cfg, model)
