@@ -7,7 +7,7 @@ import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
 
@@ -86,6 +86,20 @@ def dataset_names(loader_cfg):
     return [names] if isinstance(names, str) else list(names)
 
 
+def check_lazy_datasets_registered(cfg, nodes=("train", "test")):
+    """Every dataset the loaders name is registered, or an error saying where to register it."""
+    from detectron2.data import DatasetCatalog
+
+    for node in nodes:
+        missing = [n for n in dataset_names(cfg.dataloader[node]) if n not in DatasetCatalog.list()]
+        if missing:
+            raise KeyError(
+                f"datasets {missing} (dataloader.{node}.dataset.names) are not registered: register them in the "
+                ".py config itself (e.g. detectron2's register_coco_instances, guarded by `if name not in "
+                "DatasetCatalog.list()`), so that every worker does. A run's config.yaml keeps no registrations: "
+                "resume or evaluate with the .py config, with train.output_dir set to the run's.")
+
+
 def evaluate(cfg, model):
     """{dataset: metrics} of ``model`` on dataloader.test with dataloader.evaluator."""
     if "evaluator" not in cfg.dataloader:
@@ -127,12 +141,14 @@ class LazyDistillTrainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        check_lazy_datasets_registered(cfg)
         model = build_model(cfg)
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
         data_loader = instantiate(cfg.dataloader.train)
         self.distill_model = model
-        model = create_ddp_model(model, **cfg.train.get("ddp", {}))
+        # defaults.create_ddp_model: the compat layer makes it accept CPU (gloo) workers.
+        model = defaults.create_ddp_model(model, **cfg.train.get("ddp", {}))
         amp = cfg.train.get("amp", {}).get("enabled", False)
         if amp and not str(cfg.train.device).startswith("cuda"):
             raise ValueError(f"train.amp.enabled=True with train.device={cfg.train.device}: AMP trains in float16 "
@@ -178,9 +194,7 @@ class LazyDistillTrainer:
         eval_period = cfg.train.get("eval_period", 0)
         result.append(hooks.EvalHook(eval_period, lambda: self._evaluate()))
         if comm.is_main_process():
-            from detectron2.engine.defaults import default_writers
-
-            result.append(hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+            result.append(hooks.PeriodicWriter(defaults.default_writers(cfg.train.output_dir, cfg.train.max_iter),
                                                period=cfg.train.get("log_period", WRITER_PERIOD)))
         return result
 
@@ -210,6 +224,7 @@ class LazyDistillTrainer:
 def evaluate_only(cfg, resume=False):
     """--eval-only: the student of train.init_checkpoint (or, with ``resume``, the last
     checkpoint of train.output_dir), without building the teacher."""
+    check_lazy_datasets_registered(cfg, nodes=("test",))
     model = build_model(cfg, with_teacher=False)
     SafeCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=resume)
     return evaluate(cfg, model)

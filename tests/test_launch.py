@@ -200,6 +200,59 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 4
 
 
+def lazy_config_for_tiny_cli(path, teacher):
+    """A user's .py config: the digits TID one, on their own COCO-format data, registered in the
+    config (as LazyConfig users do), every worker running it."""
+    from conftest import SMALL_TEACHER_OPTS
+
+    root = os.environ[TINY_ROOT_ENV]
+    path.write_text(f"""
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+
+if "tiny_cli" not in DatasetCatalog.list():
+    register_coco_instances("tiny_cli", {{}}, {os.path.join(root, "train.json")!r}, {os.path.join(root, "train")!r})
+_base = LazyConfig.load({os.path.join(ROOT, "configs", "digits", "retinanet_R34-R18_tid.py")!r})
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
+model.teacher.weights = {teacher!r}
+model.teacher.overrides = {[str(o) for o in SMALL_TEACHER_OPTS]!r}
+dataloader.train.dataset.names = ["tiny_cli"]
+dataloader.test.dataset.names = ["tiny_cli"]
+dataloader.evaluator.dataset_name = "tiny_cli"
+dataloader.train.total_batch_size = 2
+train.device = "cpu"
+train.checkpointer.period = 2
+""")
+    return str(path)
+
+
+def test_train_net_lazy_config_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):
+    config = lazy_config_for_tiny_cli(tmp_path / "my_tid.py", teachers["retinanet"])
+    out = tmp_path / "run"
+    env = _env(tiny_dataset)
+    text = finish(_run_train_net(["--num-gpus", "2", "--config-file", config, f"train.output_dir={out}",
+                                  "train.max_iter=3"], env, tmp_path / "first.log"), tmp_path / "first.log")
+    assert (out / "model_final.pth").exists() and (out / "model_0000001.pth").exists()
+    assert (out / "log.txt.rank1").exists() and (out / "config.yaml").exists()
+    assert "AP" in json.load(open(out / "teacher_eval.json"))["tiny_cli"]["bbox"]
+    assert "copypaste: AP,AP50" in text and "Datasets checked: tiny_cli, tiny_cli, 10 classes" in text
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
+    assert ckpt["teacher"]["weights"] == teachers["retinanet"]  # the teacher's identity, as on the yaml path
+
+    # The run's config.yaml keeps no dataset registration: it says so, and what to do.
+    proc = _run_train_net(["--config-file", str(out / "config.yaml"), "--resume"], env, tmp_path / "yaml.log")
+    assert proc.wait(timeout=600) != 0
+    assert re.search(r"datasets \['tiny_cli'\] \(dataloader.train.dataset.names\) are not registered.*"
+                     r"resume or evaluate with the .py config", open(tmp_path / "yaml.log").read())
+    text = finish(_run_train_net(["--num-gpus", "2", "--resume", "--config-file", config, f"train.output_dir={out}",
+                                  "train.max_iter=5"], env, tmp_path / "resume.log"), tmp_path / "resume.log")
+    assert "Starting training from iteration 3" in text
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 4
+
+
 def test_train_net_two_machines_on_one_host(teachers, tiny_dataset, tmp_path):
     port = free_port()
     out = tmp_path / "run"
