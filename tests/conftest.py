@@ -1,5 +1,6 @@
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from d2_taskdistill.data import generate_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+# The benchmark harness lives beside the tools that use it (tools/harness), not in the library.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 torch.set_num_threads(2)
 

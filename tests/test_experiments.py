@@ -2,7 +2,7 @@
 import json
 
 from d2_taskdistill import load_config
-from d2_taskdistill.experiments import same_run_config
+from harness.experiments import same_run_config
 
 from conftest import config_path, tiny_run_opts
 
@@ -25,7 +25,7 @@ def test_same_run_config():
 
 
 def test_ap_curve_reads_the_evaluations_of_metrics_json(tmp_path):
-    from d2_taskdistill.experiments import ap_curve
+    from harness.experiments import ap_curve
 
     lines = ['{"iteration": 19, "total_loss": 1.5}',
              '{"iteration": 499, "bbox/AP": 12.25, "bbox/AP50": 30.0, "total_loss": 0.9}',
@@ -39,7 +39,7 @@ def test_ap_curve_reads_the_evaluations_of_metrics_json(tmp_path):
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     from d2_taskdistill.engine import DistillTrainer
-    from d2_taskdistill.experiments import interrupted_at, train_and_evaluate
+    from harness.experiments import interrupted_at, train_and_evaluate
 
     config = config_path("digits", "retinanet_R18_FPN_student.yaml")
     opts = tiny_run_opts(tmp_path, max_iter=4)  # checkpoints after iterations 2 and 4

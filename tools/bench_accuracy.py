@@ -35,8 +35,8 @@ import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
-from d2_taskdistill.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
-from d2_taskdistill.report import bar_chart, markdown_table, write_report_files
+from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
+from harness.report import bar_chart, markdown_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]

@@ -358,7 +358,7 @@ def main():
 
 
 def write_report(args, report):
-    from d2_taskdistill.report import write_report_files
+    from harness.report import write_report_files
 
     unit = "allocated (torch.cuda.max_memory_allocated)" if args.device.startswith("cuda") else "RSS growth"
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",

@@ -17,8 +17,8 @@ import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
-from d2_taskdistill.experiments import digits_config, digits_teacher_dir, train_and_evaluate
-from d2_taskdistill.report import bar_chart, markdown_table
+from harness.experiments import digits_config, digits_teacher_dir, train_and_evaluate
+from harness.report import bar_chart, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The best method of benchmarks/accuracy_trained.md so far (RetinaNet seed 0: BCKD+TID 42.1,

@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill import load_config
 from d2_taskdistill.losses import imitation_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from d2_taskdistill.report import write_report_files
+from harness.report import write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,7 @@
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, build_distill_loss
 from .adapters import FeatureAdapter
-from .fitnet import FITNET, masked_feature_loss, masked_sum_loss
+from .feature_losses import masked_feature_loss, masked_sum_loss
+from .fitnet import FITNET
 from .tid import TID
 from .bckd import BCKD, binary_distillation
 from .fgfi import FGFI, imitation_mask

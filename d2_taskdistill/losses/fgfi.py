@@ -15,7 +15,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import pairwise_iou
 
 from .adapters import FeatureAdapter, fpn_channels
-from .fitnet import masked_sum_loss
+from .feature_losses import masked_sum_loss
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from detectron2.utils.events import get_event_storage
 
 from .adapters import FeatureAdapter, fpn_channels
 from .box_ops import aligned_iou, giou_loss
-from .fitnet import masked_sum_loss
+from .feature_losses import masked_sum_loss
 from .normalizers import global_mean
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_choices
 

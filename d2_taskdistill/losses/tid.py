@@ -25,7 +25,7 @@ import torch
 from detectron2.config import configurable
 
 from .adapters import FeatureAdapter, fpn_channels
-from .fitnet import masked_feature_loss, masked_sum_loss
+from .feature_losses import masked_feature_loss, masked_sum_loss
 from .maps import (
     flatten_levels,
     local_maxima,

@@ -9,8 +9,8 @@ import yaml
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils.env import seed_all_rng
 
-from .config import load_config
-from .engine import DistillTrainer, resolve_device
+from d2_taskdistill.config import load_config
+from d2_taskdistill.engine import DistillTrainer, resolve_device
 
 logger = logging.getLogger(__name__)
 
