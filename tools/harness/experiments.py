@@ -6,6 +6,7 @@ import time
 
 import yaml
 
+import d2_taskdistill  # noqa: F401  (the compat layer, before detectron2's modules load)
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils.env import seed_all_rng
 

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Rank distillation methods on your own data: the same distillation config with each method in
+turn, and the student alone, several seeds, evaluated on the split you name.
+
+    python tools/rank_methods.py --config-file my_distill.yaml --eval-dataset my_val \
+        --methods TID TBD BCKD BCKD+TID FITNET PKD --seeds 2
+    python tools/rank_methods.py ... --probe-iters 500     # a short probe: read its caveat
+
+--config-file is a distillation config as train_net.py takes it (your datasets, student and
+teacher, e.g. DISTILL.TEACHER.RUN <your teacher run>); its DISTILL.LOSSES is replaced by each
+method ("BCKD+TID": both). Trailing KEY VALUE pairs override it for every run. Each run trains
+into --work-dir/<method>_seed<k>; a finished run is not trained again and an interrupted one
+resumes from its last checkpoint, so the command can be stopped and started again. The ranked
+table (mean AP and its spread over seeds, the gain over the student alone and, with the
+teacher's AP, the share of the gap closed) is printed and written to --output .md / .json.
+
+On the embedded digits, the best method differs by detector (benchmarks/accuracy_trained.md):
+rank on your own detector and data. --probe-iters stops every run early; how far such a
+probe's ranking agreed with the full schedule's on digits is printed with the table
+(benchmarks/probe_rank_correlation.md).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from harness.experiments import METRICS, train_and_evaluate
+from harness.report import write_report_files
+
+from d2_taskdistill import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_CAVEAT = os.path.join(ROOT, "benchmarks", "probe_rank_correlation.json")
+
+
+def run_opts(cfg, row, seed, eval_dataset, probe_iters, evaluate_teacher):
+    opts = ["SEED", seed, "DATASETS.TEST", (eval_dataset,)]
+    if row == "baseline":  # the student alone: its own meta-architecture, no teacher
+        opts += ["MODEL.META_ARCHITECTURE", cfg.DISTILL.STUDENT_ARCHITECTURE, "DISTILL.LOSSES", []]
+    else:
+        opts += ["DISTILL.LOSSES", row.split("+"), "DISTILL.TEACHER.EVAL_AT_START", evaluate_teacher]
+    if probe_iters:
+        # Stopped early on the full schedule (lr steps after it do not happen), as the probe
+        # whose agreement with the full ranking is measured in probe_rank_correlation.md.
+        opts += ["SOLVER.MAX_ITER", probe_iters]
+    return opts
+
+
+def summarize(results):
+    """{row: [per-seed metrics]} -> {row: summary}, ranked by mean AP (best first)."""
+    rows = {}
+    for row, runs in results.items():
+        aps = [r["AP"] for r in runs]
+        rows[row] = {"mean": {m: statistics.fmean(r[m] for r in runs) for m in METRICS},
+                     "std": {m: statistics.stdev([r[m] for r in runs]) if len(runs) > 1 else 0.0 for m in METRICS},
+                     "seeds": len(runs), "AP_per_seed": aps}
+    return dict(sorted(rows.items(), key=lambda kv: kv[1]["mean"]["AP"], reverse=True))
+
+
+def probe_caveat(probe_iters):
+    if not probe_iters:
+        return []
+    lines = [f"**Probe: every run stopped at iteration {probe_iters}.** On digits, such a probe's ranking "
+             "agreed with the full schedule's as follows (benchmarks/probe_rank_correlation.md); it can pick "
+             "another best method, so confirm the top methods with full runs:"]
+    if os.path.exists(PROBE_CAVEAT):
+        with open(PROBE_CAVEAT) as f:
+            data = json.load(f)
+        for detector, probes in data.items():
+            for name, c in probes.items():
+                lines.append(f"- {detector}, {name}: Spearman rho {c['spearman']:.2f}, Kendall tau {c['kendall']:.2f}, "
+                             f"same best method: {'yes' if c['same_best'] else 'no'}")
+    return lines + [""]
+
+
+def report_lines(args, ranked, teacher_ap):
+    base = ranked.get("baseline")
+    lines = [f"# Methods ranked on {args.eval_dataset}", "",
+             "Command: `python " + " ".join(sys.argv) + "`  ",
+             f"Config: `{args.config_file}`; mean ± std over seeds, ranked by AP.",
+             f"Teacher AP: {teacher_ap:.1f}" if teacher_ap is not None else "Teacher AP: not evaluated", "",
+             *probe_caveat(args.probe_iters),
+             "| rank | method | seeds | " + " | ".join(METRICS) + " | gain (AP) | gap closed | AP per seed |",
+             "|---" * (len(METRICS) + 6) + "|"]
+    for rank, (row, s) in enumerate(ranked.items(), 1):
+        gain = s["mean"]["AP"] - base["mean"]["AP"] if base else None
+        gap = teacher_ap - base["mean"]["AP"] if base and teacher_ap is not None else None
+        cells = [f"{s['mean'][m]:.1f} ± {s['std'][m]:.1f}" for m in METRICS]
+        lines.append(f"| {rank} | {'student alone' if row == 'baseline' else row} | {s['seeds']} | "
+                     + " | ".join(cells)
+                     + f" | {'-' if gain is None else f'{gain:+.1f}'} | {'-' if not gap else f'{gain / gap:.0%}'} | "
+                     + ", ".join(f"{ap:.1f}" for ap in s["AP_per_seed"]) + " |")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="a distillation config (yaml), as for train_net.py")
+    parser.add_argument("--eval-dataset", required=True, help="registered or DATASETS.COCO/VOC-declared split to rank on")
+    parser.add_argument("--methods", nargs="+", default=["TID", "TBD", "BCKD", "BCKD+TID", "FITNET", "FGFI"],
+                        help="DISTILL_LOSS_REGISTRY names; A+B trains both together")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="do not train the student alone")
+    parser.add_argument("--probe-iters", type=int, default=0, help="stop every run at this iteration (a short probe)")
+    parser.add_argument("--work-dir", default="output/rank_methods")
+    parser.add_argument("--output", default=None, help="default <work-dir>/ranking (.md and .json)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args()
+    cfg = load_config(args.config_file, args.opts)
+    if cfg.MODEL.META_ARCHITECTURE != "TaskDistillDetector":
+        parser.error(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}; "
+                     "give a distillation config (TaskDistillDetector), e.g. configs/digits/retinanet_R34-R18_tid.yaml")
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    unknown = {m for row in args.methods for m in row.split("+")} - {n for n, _ in DISTILL_LOSS_REGISTRY}
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; registered: {sorted(n for n, _ in DISTILL_LOSS_REGISTRY)}")
+    rows = ([] if args.no_baseline else ["baseline"]) + list(args.methods)
+    tag = f"_probe{args.probe_iters}" if args.probe_iters else ""
+    results, teacher_ap = {}, None
+    for seed in range(args.seeds):  # seed-major: every method gets a first seed before any a second
+        for row in rows:
+            evaluate_teacher = seed == 0 and row == args.methods[0]
+            output_dir = os.path.join(args.work_dir, f"{row}_seed{seed}{tag}")
+            opts = [*args.opts, *run_opts(cfg, row, seed, args.eval_dataset, args.probe_iters, evaluate_teacher)]
+            result = train_and_evaluate(args.config_file, output_dir, opts)
+            results.setdefault(row, []).append(result["metrics"])
+            if result.get("teacher_metrics"):
+                teacher_ap = result["teacher_metrics"]["AP"]
+            print(f"[rank] {row} seed {seed}: AP {result['metrics']['AP']:.2f}"
+                  f"{' (finished earlier)' if result['reused'] else ''}", flush=True)
+    ranked = summarize(results)
+    output = args.output or os.path.join(args.work_dir, f"ranking{tag}")
+    data = {"command": sys.argv, "config_file": args.config_file, "opts": [str(o) for o in args.opts],
+            "eval_dataset": args.eval_dataset, "probe_iters": args.probe_iters, "teacher_AP": teacher_ap,
+            "rows": ranked}
+    write_report_files(output, data, report_lines(args, ranked, teacher_ap))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
