@@ -156,3 +156,13 @@ def group_norm_factory(num_channels):
     import torch.nn as nn
 
     return nn.GroupNorm(min(32, num_channels), num_channels)
+
+
+def yacs_train_sampler_takes_seed():
+    """Whether the yacs train loader seeds its TrainingSampler with cfg.SEED (upstream main);
+    v0.6 draws the sampler's seed from the global RNG, as a loader built from kwargs does."""
+    import inspect
+
+    from detectron2.data import build
+
+    return "TrainingSampler(len(dataset), seed=cfg.SEED)" in inspect.getsource(build._train_loader_from_config)

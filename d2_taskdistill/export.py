@@ -72,12 +72,49 @@ def _write_metadata(dataset, output_dir):
     return metadata_path
 
 
+def plain_detectron2_targets(node):
+    """Replace (in place) this project's classes in a LazyConfig by detectron2's own, where they
+    are detectron2's with an extra guard: FileNamingMapper -> DatasetMapper, the project's FCOS
+    -> detectron2's FCOS (same parameters), dataset_evaluator -> COCOEvaluator / VOC's."""
+    from omegaconf import DictConfig, ListConfig
+
+    from detectron2.data import DatasetMapper
+    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+    from detectron2.modeling.meta_arch.fcos import FCOS as D2FCOS
+
+    from .engine import FileNamingMapper, dataset_evaluator
+    from .modeling.fcos import FCOS
+
+    if isinstance(node, ListConfig):
+        for item in node:
+            plain_detectron2_targets(item)
+        return
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_", None)
+    if target is FileNamingMapper:
+        node._target_ = DatasetMapper
+    elif target is FCOS:
+        node._target_ = D2FCOS
+    elif target is dataset_evaluator:
+        from detectron2.data import MetadataCatalog
+
+        voc = MetadataCatalog.get(node.dataset_name).get("evaluator_type", None) == "pascal_voc"
+        node._target_ = PascalVOCDetectionEvaluator if voc else COCOEvaluator
+        if voc:
+            del node.output_dir
+    for key in node:
+        if key != "_target_":
+            plain_detectron2_targets(node._get_node(key))
+
+
 def export_lazy_student(cfg, weights, output_dir, device="cpu"):
     """The LazyConfig export: ``config.yaml`` is a plain detectron2 LazyConfig whose ``model`` is
     the student (``cfg.model.student``), with the run's ``dataloader`` and ``train.init_checkpoint``
     set to the exported ``model_final.pth``; ``LazyConfig.load`` + ``instantiate(cfg.model)`` +
-    ``DetectionCheckpointer`` load it without this project's distillation code. The weights must
-    load completely (ValueError otherwise). Returns (checkpoint path, config path, metadata path).
+    ``DetectionCheckpointer`` load it with detectron2's classes (:func:`plain_detectron2_targets`;
+    a GroupNorm head written as ``group_norm_factory`` for v0.6 still imports d2_taskdistill.compat).
+    The weights must load completely (ValueError otherwise). Returns (checkpoint, config, metadata paths).
     """
     from detectron2.config import LazyConfig, instantiate
     from omegaconf import OmegaConf
@@ -85,8 +122,8 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
     from .modeling.teacher import weight_problems
 
     weights_path = _write_student_weights(weights, output_dir)
-    out = OmegaConf.create({"model": cfg.model.student}, flags={"allow_objects": True})
-    out.dataloader = cfg.dataloader
+    out = OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader}, flags={"allow_objects": True})
+    plain_detectron2_targets(out)
     out.train = {"init_checkpoint": weights_path, "device": device, "output_dir": output_dir}
     problems = weight_problems(instantiate(out.model), weights_path)
     if problems:

@@ -11,6 +11,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
 
+from . import compat
 from .checkpoint import SafeCheckpointer, TeacherIdentity
 from .data.config_datasets import check_dataset_names
 from .hooks import DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, unwrap
@@ -111,6 +112,23 @@ def evaluate(cfg, model):
     return {names[0] if len(names) == 1 else ",".join(names): results}
 
 
+def build_train_loader(cfg):
+    """``instantiate(dataloader.train)``. Where this detectron2's yacs loader seeds its
+    TrainingSampler with SEED (upstream main), a loader config without a sampler gets
+    ``TrainingSampler(len(dataset), seed=train.seed)`` as well: a .py config then orders its data
+    as its yaml twin does on either detectron2 (v0.6 draws the seed from the seeded RNG on both)."""
+    loader = cfg.dataloader.train
+    if loader.get("sampler", None) is not None or not compat.yacs_train_sampler_takes_seed():
+        return instantiate(loader)
+    from detectron2.data.samplers import TrainingSampler
+
+    target = loader._target_
+    target = locate(target) if isinstance(target, str) else target
+    kwargs = {key: instantiate(loader[key]) for key in loader if key != "_target_"}
+    kwargs["sampler"] = TrainingSampler(len(kwargs["dataset"]), seed=int(cfg.train.get("seed", -1)))
+    return target(**kwargs)
+
+
 def resolve_device(cfg):
     """Run on the CPU when train.device asks for CUDA on a machine without it."""
     import torch
@@ -145,7 +163,7 @@ class LazyDistillTrainer:
         model = build_model(cfg)
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
-        data_loader = instantiate(cfg.dataloader.train)
+        data_loader = build_train_loader(cfg)
         self.distill_model = model
         # defaults.create_ddp_model: the compat layer makes it accept CPU (gloo) workers.
         model = defaults.create_ddp_model(model, **cfg.train.get("ddp", {}))
@@ -225,6 +243,8 @@ def evaluate_only(cfg, resume=False):
     """--eval-only: the student of train.init_checkpoint (or, with ``resume``, the last
     checkpoint of train.output_dir), without building the teacher."""
     check_lazy_datasets_registered(cfg, nodes=("test",))
+    logger.info("Evaluating the student alone: the checkpoint's distillation adapters (distill_losses.*) "
+                "are not used, and the teacher is not built.")
     model = build_model(cfg, with_teacher=False)
     SafeCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=resume)
     return evaluate(cfg, model)

@@ -139,6 +139,22 @@ def distill_cfg(config_file, teacher_weights, output_dir, opts=(), teacher_opts=
     )
 
 
+def lazy_cfg(config_file, teacher_weights, output_dir, max_iter=2, overrides=()):
+    """The .py twin of conftest.distill_cfg: the tiny dataset, batch 2, a constant lr."""
+    from d2_taskdistill.lazy_engine import load_lazy_config
+
+    cfg = load_lazy_config(config_path("digits", config_file), [
+        f"train.device={TEST_DEVICE}", f"train.output_dir={output_dir}", f"train.max_iter={max_iter}",
+        "train.checkpointer.period=2", "train.teacher_eval_at_start=False", "dataloader.train.total_batch_size=2",
+        f"dataloader.train.dataset.names=['{TINY_TRAIN}']", f"dataloader.test.dataset.names=['{TINY_TRAIN}']",
+        f"dataloader.evaluator.dataset_name={TINY_TRAIN}", "lr_multiplier.warmup_length=0",
+        "lr_multiplier.scheduler.values=[1.0]", "lr_multiplier.scheduler.milestones=[]",
+        f"lr_multiplier.scheduler.num_updates={max_iter}", *overrides])
+    cfg.model.teacher.weights = teacher_weights
+    cfg.model.teacher.overrides = list(SMALL_TEACHER_OPTS)
+    return cfg
+
+
 def train_tiny(config_file, batches, tmp_path, opts=()):
     """Train a digits distillation config 3 iterations on the tiny dataset with a fresh small
     teacher; returns the trainer's metric histories."""

@@ -80,3 +80,28 @@ def test_model_built_on_the_cpu_moves_with_its_teacher(teachers, tiny_dataset, t
     assert {p.device.type for p in model.teacher.parameters()} == {"cuda"}
     assert {b.device.type for b in model.teacher.buffers()} == {"cuda"}
     assert model.device.type == "cuda"
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_lazy_config_trains_with_amp_on_cuda(detector, teachers, tiny_dataset, tmp_path):
+    """The .py path on the GPU: the model moved by train.device takes its teacher along; AMP
+    through AMPTrainer, with the grad-scaler monitor hook."""
+    from detectron2.engine import AMPTrainer
+
+    from d2_taskdistill.hooks import GradScalerMonitor
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer
+    from conftest import lazy_cfg
+
+    cfg = lazy_cfg(f"{detector}_R34-R18_bckd_tid.py", teachers[detector], tmp_path, max_iter=3,
+                   overrides=["train.device=cuda", "train.amp.enabled=True"])
+    trainer = LazyDistillTrainer(cfg)
+    assert isinstance(trainer._trainer, AMPTrainer)
+    assert any(isinstance(h, GradScalerMonitor) for h in trainer._trainer._hooks)
+    assert next(trainer.distill_model.teacher.parameters()).is_cuda
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    history = trainer.storage.histories()
+    assert any(k.startswith("loss_distill") for k in history)
+    for k in (k for k in history if k.startswith("loss_")):
+        assert all(math.isfinite(v) for v, _ in history[k].values()), k
+    assert len(history["amp/grad_scale"].values()) == 1  # read at the last iteration

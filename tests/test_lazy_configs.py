@@ -16,7 +16,7 @@ from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
-from conftest import SMALL_TEACHER_OPTS, TINY_TRAIN, config_path, distill_cfg, make_teachers
+from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, make_teachers
 
 DIGITS = config_path("digits")
 METHODS = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
@@ -27,20 +27,6 @@ ITERATIONS = 2
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch, tiny_dataset):
     return make_teachers(tmp_path_factory, tiny_batch, "lazy_teachers")
-
-
-def lazy_cfg(config_file, teacher_weights, output_dir, max_iter=ITERATIONS, overrides=()):
-    """The .py twin of conftest.distill_cfg: the tiny dataset, batch 2, a constant lr."""
-    cfg = load_lazy_config(os.path.join(DIGITS, config_file), [
-        "train.device=cpu", f"train.output_dir={output_dir}", f"train.max_iter={max_iter}",
-        "train.checkpointer.period=2", "train.teacher_eval_at_start=False", "dataloader.train.total_batch_size=2",
-        f"dataloader.train.dataset.names=['{TINY_TRAIN}']", f"dataloader.test.dataset.names=['{TINY_TRAIN}']",
-        f"dataloader.evaluator.dataset_name={TINY_TRAIN}", "lr_multiplier.warmup_length=0",
-        "lr_multiplier.scheduler.values=[1.0]", "lr_multiplier.scheduler.milestones=[]",
-        f"lr_multiplier.scheduler.num_updates={max_iter}", *overrides])
-    cfg.model.teacher.weights = teacher_weights
-    cfg.model.teacher.overrides = list(SMALL_TEACHER_OPTS)
-    return cfg
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
@@ -105,7 +91,7 @@ def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
     trainer.train()
     from_yaml = loss_histories(trainer)
 
-    lazy = lazy_cfg(name + ".py", teachers[detector], tmp_path / "py", overrides=[f"train.init_checkpoint={init}"])
+    lazy = lazy_cfg(name + ".py", teachers[detector], tmp_path / "py", overrides=[f"train.init_checkpoint={init}", "train.seed=0"])
     seed_all_rng(0)
     lazy_trainer = LazyDistillTrainer(lazy)
     lazy_trainer.resume_or_load(resume=False)
@@ -137,8 +123,10 @@ def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(te
     before = detections(trainer.distill_model, tiny_batch)
 
     _, config_file, _ = export_lazy_student(lazy, weights, str(tmp_path / "exported"))
-    plain = LazyConfig.load(config_file)  # no d2_taskdistill code reads it from here on
+    assert "d2_taskdistill" not in open(config_file).read()  # detectron2's classes only
+    plain = LazyConfig.load(config_file)
     student = instantiate(plain.model)
+    assert type(instantiate(plain.dataloader.evaluator)).__name__ == "COCOEvaluator"
     assert type(student).__name__ == "RetinaNet"
     DetectionCheckpointer(student).load(plain.train.init_checkpoint)
     after = detections(student, tiny_batch)
@@ -158,6 +146,17 @@ def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(te
             instantiate(lazy.model)  # training does need it, and says which setting
     finally:
         os.rename(teachers["retinanet"] + ".moved", teachers["retinanet"])
+
+
+def test_fcos_export_names_detectron2s_fcos(teachers, tmp_path):
+    from detectron2.modeling.meta_arch.fcos import FCOS
+
+    from d2_taskdistill.export import plain_detectron2_targets
+
+    cfg = lazy_cfg("fcos_R34-R18_tid.py", teachers["fcos"], tmp_path)
+    assert cfg.model.student._target_ is not FCOS  # the project's subclass, with v0.6's guard
+    plain_detectron2_targets(cfg.model.student)
+    assert cfg.model.student._target_ is FCOS
 
 
 def write_config(tmp_path, text, name="bad.py"):

@@ -101,10 +101,9 @@ def check_compatible(student, teacher, needs_same_layout, loss_names):
             )
 
 
-def loss_weights(cfg, name):
-    """'NAME (KEY=value, ...)' with the weights of the loss's config node."""
-    node = cfg.DISTILL.get(name)
-    weights = {k: v for k, v in node.items() if "WEIGHT" in k} if node is not None else {}
+def loss_description(name, loss):
+    """'NAME (weight=1.0, ...)': the loss and its weights, for the log."""
+    weights = {k: v for k, v in vars(loss).items() if "weight" in k and isinstance(v, (int, float))}
     return f"{name} ({', '.join(f'{k}={v}' for k, v in weights.items())})"
 
 
@@ -175,7 +174,7 @@ class TaskDistillDetector(nn.Module):
 
     @configurable
     def __init__(self, *, student, teacher, losses, input_format=None, teacher_input_format=None,
-                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, finite_check_period=20, loss_settings=None):
+                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, finite_check_period=20):
         """
         Args:
             student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass).
@@ -184,7 +183,6 @@ class TaskDistillDetector(nn.Module):
                 ``(student_shapes, teacher_shapes) -> DistillLoss``}.
             input_format / teacher_input_format: "BGR" or "RGB"; default: the detector's own
                 ``input_format`` attribute, else the teacher's config (``load_teacher``), else BGR.
-            loss_settings: {name: text} for the log line naming each loss and its weights.
         """
         super().__init__()
         if not losses:
@@ -219,8 +217,7 @@ class TaskDistillDetector(nn.Module):
         t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
         for name, loss in losses.items():
             self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
-        settings = loss_settings or {}
-        logger.info("Distillation losses: %s", "; ".join(settings.get(n, n) for n in self.distill_losses))
+        logger.info("Distillation losses: %s", "; ".join(loss_description(n, l) for n, l in self.distill_losses.items()))
         needs_layout = [n for n, l in self.distill_losses.items() if getattr(l, "needs_same_layout", False)]
         check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(self.distill_losses))
         for loss in self.distill_losses.values():
@@ -248,7 +245,6 @@ class TaskDistillDetector(nn.Module):
             "fcos_iou_thresholds": tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS),
             "teacher_amp": cfg.DISTILL.TEACHER.AMP,
             "finite_check_period": cfg.DISTILL.FINITE_CHECK_PERIOD,
-            "loss_settings": {name: loss_weights(cfg, name) for name in cfg.DISTILL.LOSSES},
         }
 
     @property
