@@ -199,7 +199,6 @@ class TaskDistillDetector(nn.Module):
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
         self.distill_losses = nn.ModuleDict()
         if teacher is None:  # inference only: the losses need the teacher's shapes
-            self.loss_specs = dict(losses)
             self.teacher_needs_bgr_flip = False
             return
         check_dense_detector(teacher, "teacher", losses)
@@ -233,6 +232,7 @@ class TaskDistillDetector(nn.Module):
                 "at least one loss (e.g. ['TID']) or train the student's own architecture."
             )
         parts_of(cfg.DISTILL.STUDENT_INIT)  # a wrong choice fails before anything is built
+        losses = {name: yacs_loss_factory(name, cfg) for name in cfg.DISTILL.LOSSES}  # names checked
         # Built in this order (student, teacher, then the losses' adapters): the random init,
         # and so every committed result, depends on it.
         student = build_model(student_config(cfg))
@@ -240,7 +240,7 @@ class TaskDistillDetector(nn.Module):
         return {
             "student": student,
             "teacher": teacher,
-            "losses": {name: yacs_loss_factory(name, cfg) for name in cfg.DISTILL.LOSSES},
+            "losses": losses,
             "input_format": cfg.INPUT.FORMAT,
             "fcos_iou_thresholds": tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS),
             "teacher_amp": cfg.DISTILL.TEACHER.AMP,
