@@ -71,11 +71,18 @@ def build_model_for_evaluation(cfg):
     return model
 
 
+def usable_device(device, setting):
+    """``device``, or the CPU when it asks for CUDA on a machine without it (``setting`` names
+    the option in the warning)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("%s=%s but CUDA is not available: using cpu", setting, device)
+        return "cpu"
+    return device
+
+
 def resolve_device(cfg):
     """Run on the CPU when the config asks for CUDA on a machine without it."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using cpu", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = usable_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
     return cfg
 
 

@@ -14,6 +14,7 @@ from detectron2.utils.registry import locate
 from . import compat
 from .checkpoint import SafeCheckpointer, TeacherIdentity
 from .data.config_datasets import check_dataset_names
+from .engine import usable_device
 from .hooks import DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
@@ -131,13 +132,7 @@ def build_train_loader(cfg):
 
 def resolve_device(cfg):
     """Run on the CPU when train.device asks for CUDA on a machine without it."""
-    import torch
-
-    device = str(cfg.train.get("device", "cuda"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("train.device=%s but CUDA is not available: using cpu", device)
-        device = "cpu"
-    cfg.train.device = device
+    cfg.train.device = usable_device(str(cfg.train.get("device", "cuda")), "train.device")
     return cfg
 
 
@@ -185,10 +180,6 @@ class LazyDistillTrainer:
     @property
     def storage(self):
         return self._trainer.storage
-
-    @property
-    def iter(self):
-        return self._trainer.iter
 
     def build_hooks(self):
         cfg, model = self.cfg, self.distill_model
