@@ -64,8 +64,6 @@ def build_model_for_evaluation(cfg):
 
     if cfg.MODEL.META_ARCHITECTURE != "TaskDistillDetector":
         return build_model(cfg)
-    logger.info("Evaluating the student alone: the checkpoint's distillation adapters (distill_losses.*) "
-                "are not used, and the teacher is not built.")
     model = TaskDistillDetector(cfg, with_teacher=False)
     model.to(torch.device(cfg.MODEL.DEVICE))
     return model

@@ -234,8 +234,6 @@ def evaluate_only(cfg, resume=False):
     """--eval-only: the student of train.init_checkpoint (or, with ``resume``, the last
     checkpoint of train.output_dir), without building the teacher."""
     check_lazy_datasets_registered(cfg, nodes=("test",))
-    logger.info("Evaluating the student alone: the checkpoint's distillation adapters (distill_losses.*) "
-                "are not used, and the teacher is not built.")
     model = build_model(cfg, with_teacher=False)
     SafeCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=resume)
     return evaluate(cfg, model)

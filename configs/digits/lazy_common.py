@@ -62,41 +62,33 @@ train.seed = -1
 train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the yaml configs
 
 # The yaml students: ResNet-18 with BatchNorm (from scratch: FrozenBN would be an identity),
-# FPN on res3-res5 with 64 channels, heads of 2 convs, anchors half of detectron2's COCO sizes.
-retinanet_student = get_config("common/models/retinanet.py").model
-resnet = retinanet_student.backbone.bottom_up
-resnet.stem.norm = "BN"
-resnet.stages.depth = 18
-resnet.stages.norm = "BN"
-del resnet.stages.stride_in_1x1  # BasicBlock has no 1x1 conv
-resnet.freeze_at = 0
-retinanet_student.backbone.out_channels = 64
-retinanet_student.backbone.top_block.in_channels = 512
-retinanet_student.head.input_shape = [ShapeSpec(channels=64)] * 5
-retinanet_student.head.conv_dims = [64, 64]
+# FPN on res3-res5 with 64 channels, heads of 2 convs, 10 classes; RetinaNet's anchors half of
+# detectron2's COCO sizes.
+def _digits_student(model):
+    resnet = model.backbone.bottom_up
+    resnet.stem.norm = "BN"
+    resnet.stages.depth = 18
+    resnet.stages.norm = "BN"
+    del resnet.stages.stride_in_1x1  # BasicBlock has no 1x1 conv
+    resnet.freeze_at = 0
+    model.backbone.out_channels = 64
+    model.head.input_shape = [ShapeSpec(channels=64)] * 5
+    model.head.conv_dims = [64, 64]
+    model.num_classes = 10
+    model.pixel_mean = [103.530, 116.280, 123.675]
+    model.pixel_std = [1.0, 1.0, 1.0]
+    return model
+
+
+retinanet_student = _digits_student(get_config("common/models/retinanet.py").model)
+retinanet_student.backbone.top_block.in_channels = 512  # P6 from res5
 retinanet_student.anchor_generator.sizes = [
     [16, 20.16, 25.4], [32, 40.32, 50.8], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37]]
-retinanet_student.num_classes = 10
 retinanet_student.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
-retinanet_student.pixel_mean = [103.530, 116.280, 123.675]
-retinanet_student.pixel_std = [1.0, 1.0, 1.0]
 
-fcos_student = get_config("common/models/fcos.py").model
+fcos_student = _digits_student(get_config("common/models/fcos.py").model)
 # The project's FCOS: detectron2's, with v0.6's images-without-boxes fault guarded.
 fcos_student._target_ = FCOS
-resnet = fcos_student.backbone.bottom_up
-resnet.stem.norm = "BN"
-resnet.stages.depth = 18
-resnet.stages.norm = "BN"
-del resnet.stages.stride_in_1x1
-resnet.freeze_at = 0
-fcos_student.backbone.out_channels = 64
-fcos_student.backbone.top_block.in_channels = 64
-fcos_student.head.input_shape = [ShapeSpec(channels=64)] * 5
-fcos_student.head.conv_dims = [64, 64]
+fcos_student.backbone.top_block.in_channels = 64  # P6 from P5
 # GroupNorm(32, C) as "GN", which v0.6's head cannot build (it probes GroupNorm(32, 1)).
 fcos_student.head.norm = group_norm_factory
-fcos_student.num_classes = 10
-fcos_student.pixel_mean = [103.530, 116.280, 123.675]
-fcos_student.pixel_std = [1.0, 1.0, 1.0]
-del resnet

@@ -199,6 +199,8 @@ class TaskDistillDetector(nn.Module):
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
         self.distill_losses = nn.ModuleDict()
         if teacher is None:  # inference only: the losses need the teacher's shapes
+            logger.info("Built without the teacher, for inference: the student runs alone, and the "
+                        "distillation adapters (distill_losses.*) of a checkpoint are not used.")
             self.teacher_needs_bgr_flip = False
             return
         check_dense_detector(teacher, "teacher", losses)
