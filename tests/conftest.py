@@ -1,5 +1,7 @@
+import contextlib
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -94,10 +96,22 @@ SMALL_TEACHER_OPTS = ["MODEL.RESNETS.DEPTH", 34, "MODEL.RESNETS.RES2_OUT_CHANNEL
                       "MODEL.FPN.OUT_CHANNELS", 96]
 
 
-def make_teachers(tmp_path_factory, batches, name):
-    """One small teacher checkpoint per detector (RetinaNet, FCOS) in a new temp dir ``name``."""
+@contextlib.contextmanager
+def scratch_dir(tmp_path_factory, name):
+    """A new temp dir ``name`` for a module fixture, removed when the fixture ends: checkpoints
+    take 90-230 MB each, and pytest would keep every fixture's until the end of the session."""
     root = tmp_path_factory.mktemp(name)
-    return {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), batches) for d in ("retinanet", "fcos")}
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def teachers_in(tmp_path_factory, batches, name):
+    """One small teacher checkpoint per detector (RetinaNet, FCOS) in a scratch dir ``name``."""
+    with scratch_dir(tmp_path_factory, name) as root:
+        yield {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), batches) for d in ("retinanet", "fcos")}
 
 
 def make_teacher_checkpoint(detector, path, batches, opts=()):

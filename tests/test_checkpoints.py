@@ -12,13 +12,13 @@ import torch
 
 from d2_taskdistill.checkpoint import TeacherIdentity, file_sha256
 from d2_taskdistill.engine import DistillTrainer
-from conftest import ROOT, distill_cfg, make_teacher_checkpoint
+from conftest import ROOT, distill_cfg, make_teacher_checkpoint, scratch_dir
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tiny_batch):
-    return make_teacher_checkpoint("retinanet", str(tmp_path_factory.mktemp("ckpt_teacher") / "teacher.pth"),
-                                   tiny_batch)
+    with scratch_dir(tmp_path_factory, "ckpt_teacher") as root:
+        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
 
 
 def trained_run(teacher, tiny_dataset, out, opts=()):

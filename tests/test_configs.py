@@ -15,7 +15,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.engine import build_evaluator
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.teacher import build_teacher_config
-from conftest import CONFIGS, ROOT, TEST_DEVICE
+from conftest import CONFIGS, ROOT, TEST_DEVICE, scratch_dir
 
 MODEL_CONFIGS = sorted(
     os.path.relpath(p, CONFIGS)
@@ -27,7 +27,6 @@ MODEL_CONFIGS = sorted(
 @pytest.fixture(scope="module")
 def teacher_checkpoints(tmp_path_factory):
     """Teacher config file -> a checkpoint of that teacher (made once per teacher)."""
-    root = tmp_path_factory.mktemp("config_teachers")
     cache = {}
 
     def get(cfg):
@@ -40,7 +39,8 @@ def teacher_checkpoints(tmp_path_factory):
             cache[key] = str(root / f"{name}.pth")
         return cache[key]
 
-    return get
+    with scratch_dir(tmp_path_factory, "config_teachers") as root:
+        yield get
 
 
 def test_config_list_covers_all_kinds():

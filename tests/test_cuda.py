@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, distill_cfg, make_teachers
+from conftest import ROOT, distill_cfg, teachers_in
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -21,7 +21,8 @@ METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cw
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch):
-    return make_teachers(tmp_path_factory, tiny_batch, "cuda_teachers")
+    with teachers_in(tmp_path_factory, tiny_batch, "cuda_teachers") as teachers:
+        yield teachers
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -10,7 +10,7 @@ from detectron2.utils.events import EventStorage
 
 from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.modeling import TaskDistillDetector
-from conftest import distill_cfg, make_teacher_checkpoint
+from conftest import distill_cfg, make_teacher_checkpoint, scratch_dir
 
 
 class _ZeroLayoutLoss(nn.Module):
@@ -37,7 +37,8 @@ for _cls, _name in [(_ZeroLayoutLoss, "TEST_LAYOUT"), (_NaNLoss, "TEST_NAN")]:
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory, tiny_batch):
-    return make_teacher_checkpoint("retinanet", str(tmp_path_factory.mktemp("t") / "teacher.pth"), tiny_batch)
+    with scratch_dir(tmp_path_factory, "t") as root:
+        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
 
 
 def build(cfg):

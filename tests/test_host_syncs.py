@@ -17,7 +17,7 @@ from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.losses.box_ops import giou_loss
 from d2_taskdistill.losses.maps import top_fraction_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from conftest import distill_cfg, make_teachers
+from conftest import distill_cfg, teachers_in
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(d2_taskdistill.__file__))
 TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -63,7 +63,8 @@ def host_reads(monkeypatch):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch):
-    return make_teachers(tmp_path_factory, tiny_batch, "sync_teachers")
+    with teachers_in(tmp_path_factory, tiny_batch, "sync_teachers") as teachers:
+        yield teachers
 
 
 def every_loss():

@@ -16,7 +16,7 @@ from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
-from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, make_teachers
+from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, teachers_in
 
 DIGITS = config_path("digits")
 METHODS = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
@@ -26,7 +26,8 @@ ITERATIONS = 2
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch, tiny_dataset):
-    return make_teachers(tmp_path_factory, tiny_batch, "lazy_teachers")
+    with teachers_in(tmp_path_factory, tiny_batch, "lazy_teachers") as teachers:
+        yield teachers
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])

@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import distill_cfg, make_teachers
+from conftest import distill_cfg, teachers_in
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 # Measured at this test's point (relative to float32): detector losses < 0.06 % in both;
@@ -21,7 +21,8 @@ RELATIVE_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_batch):
-    return make_teachers(tmp_path_factory, tiny_batch, "amp_teachers")
+    with teachers_in(tmp_path_factory, tiny_batch, "amp_teachers") as teachers:
+        yield teachers
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

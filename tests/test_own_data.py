@@ -22,7 +22,7 @@ from d2_taskdistill.engine import FileNamingMapper
 from d2_taskdistill.export import export_student
 from d2_taskdistill.launch import free_dist_url, launch
 from d2_taskdistill.modeling.teacher import build_teacher_config
-from conftest import ROOT, SMALL_TEACHER_OPTS, TEST_DEVICE, config_path, tiny_run_opts
+from conftest import ROOT, SMALL_TEACHER_OPTS, TEST_DEVICE, config_path, scratch_dir, tiny_run_opts
 
 CLASSES = ["ring", "bolt", "nut"]
 
@@ -58,14 +58,14 @@ def own_opts(own_data, output_dir):
 def teacher_run(own_data, tmp_path_factory):
     """A finished teacher run directory as train_net.py leaves it: config.yaml, model_final.pth,
     last_checkpoint (weights random: only their shapes matter here)."""
-    run = tmp_path_factory.mktemp("teacher_run")
-    cfg = load_config(config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
-                      [*own_opts(own_data, run), *SMALL_TEACHER_OPTS])
-    with open(run / "config.yaml", "w") as f:
-        f.write(cfg.dump())
-    cfg.MODEL.DEVICE = "cpu"
-    DetectionCheckpointer(build_model(cfg), save_dir=str(run)).save("model_final")
-    return run
+    with scratch_dir(tmp_path_factory, "teacher_run") as run:
+        cfg = load_config(config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
+                          [*own_opts(own_data, run), *SMALL_TEACHER_OPTS])
+        with open(run / "config.yaml", "w") as f:
+            f.write(cfg.dump())
+        cfg.MODEL.DEVICE = "cpu"
+        DetectionCheckpointer(build_model(cfg), save_dir=str(run)).save("model_final")
+        yield run
 
 
 def distill_opts(own_data, output_dir, teacher_opts):

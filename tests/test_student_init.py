@@ -7,7 +7,7 @@ import torch
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.hooks import StudentInit
 from d2_taskdistill.modeling.inherit import inherit_from_teacher
-from conftest import distill_cfg, make_teacher_checkpoint, TEST_DEVICE
+from conftest import distill_cfg, make_teacher_checkpoint, scratch_dir, TEST_DEVICE
 
 # The teacher with the student's FPN width (64) and head depth (2): R34 body, R18 student.
 SAME_NECK = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RETINANET.NUM_CONVS", 2]
@@ -15,8 +15,8 @@ SAME_NECK = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RETINANET.NUM_CONVS", 2]
 
 @pytest.fixture(scope="module")
 def same_neck_teacher(tmp_path_factory, tiny_batch):
-    path = str(tmp_path_factory.mktemp("init_teacher") / "teacher.pth")
-    return make_teacher_checkpoint("retinanet", path, tiny_batch, opts=SAME_NECK)
+    with scratch_dir(tmp_path_factory, "init_teacher") as root:
+        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch, opts=SAME_NECK)
 
 
 def trainer_for(teacher, out, init, max_iter=2):
@@ -83,8 +83,8 @@ def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dat
 
 @pytest.fixture(scope="module")
 def teachers_with_other_neck(tmp_path_factory, tiny_batch):
-    path = str(tmp_path_factory.mktemp("init_other") / "teacher.pth")
-    return make_teacher_checkpoint("retinanet", path, tiny_batch)
+    with scratch_dir(tmp_path_factory, "init_other") as root:
+        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
 
 
 def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):
