@@ -1,5 +1,8 @@
 """Reuse of finished runs by the demo and the accuracy benchmark."""
 import json
+import os
+
+import pytest
 
 from d2_taskdistill import load_config
 from harness.experiments import same_run_config
@@ -94,3 +97,42 @@ def test_committed_records_still_make_the_committed_table(tmp_path):
     committed = table(f"{ROOT}/benchmarks/accuracy_trained.md")
     assert sum(line.startswith("| R18 + ") for line in committed) >= 12  # both detectors' method rows
     assert table(f"{out}.md") == committed
+
+
+def test_heterogeneous_pair_runs_build_with_the_other_detectors_teacher(tmp_path):
+    """fcos_to_retinanet: the RetinaNet student's configs with the FCOS teacher's config and
+    weights; by default only the methods that compare features, which build across the pair.
+    A method that needs the same anchor layout refuses the pair when the model is built."""
+    import argparse
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import RetinaNet, build_model
+    from detectron2.modeling.meta_arch.fcos import FCOS
+
+    import bench_accuracy as bench
+
+    args = argparse.Namespace(schedule="smoke", rows=None, seeds=None, eval_dataset=bench.DEFAULT_EVAL_DATASET,
+                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"))
+    teacher = bench.Teacher(args, "fcos")
+    fcos_cfg = teacher.cfg.clone()
+    fcos_cfg.MODEL.DEVICE = "cpu"
+    teacher.weights = str(tmp_path / "fcos_teacher.pth")
+    DetectionCheckpointer(build_model(fcos_cfg), save_dir=str(tmp_path)).save("fcos_teacher")
+
+    assert bench.student_and_teacher("fcos_to_retinanet") == ("retinanet", "fcos")
+    assert bench.seeds_of(args, "fcos_to_retinanet") == 2 and bench.seeds_of(args, "retinanet") == 3
+    rows = bench.rows_of(args, "fcos_to_retinanet", ["baseline", *bench.METHODS])
+    assert rows == ["fitnet", "fgfi", "fgd", "pkd", "cwd"]
+    for row in [*rows, "tid"]:
+        run = bench.Run(args, "fcos_to_retinanet", row, 0, teacher)
+        assert run.record_path == os.path.join(args.records, "fcos_to_retinanet", f"{row}_seed0.json")
+        assert run.cfg.DISTILL.TEACHER.CONFIG_FILE == "configs/digits/fcos_R34_FPN_teacher.yaml"
+        assert run.cfg.DISTILL.TEACHER.WEIGHTS == teacher.weights
+        cfg = run.cfg.clone()
+        cfg.MODEL.DEVICE = "cpu"
+        if row == "tid":
+            with pytest.raises(ValueError, match="anchor"):
+                build_model(cfg)
+            continue
+        model = build_model(cfg)
+        assert type(model.student) is RetinaNet and isinstance(model.teacher, FCOS), row

@@ -43,6 +43,12 @@ METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cw
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SEEDS = {"retinanet": 3, "fcos": 2}
+# Heterogeneous pairs, "<teacher>_to_<student>": the trained teacher of one detector into the
+# student of the other. Rows are the methods that compare features only (the others need the
+# same anchor layout and refuse the pair at build time); the baseline is the student's own.
+PAIR_SEP = "_to_"
+PAIR_SEEDS = 2
+DEFAULT_TRACKS = ["retinanet", "fcos", "fcos_to_retinanet"]
 DEFAULT_EVAL_DATASET = "digits_det_val"
 # TBD's open choices (a reconstruction: see d2_taskdistill/losses/tbd.py), compared on the tune split.
 VARIANTS = {
@@ -75,6 +81,28 @@ def rel(path):
     return os.path.relpath(path, ROOT)
 
 
+def student_and_teacher(track):
+    """"retinanet" -> ("retinanet", "retinanet"); "fcos_to_retinanet" -> ("retinanet", "fcos")."""
+    teacher, _, student = track.rpartition(PAIR_SEP)
+    return student, teacher or student
+
+
+def is_pair(track):
+    student, teacher = student_and_teacher(track)
+    return student != teacher
+
+
+def layout_free_methods(det):
+    """The methods whose every loss compares features only (``needs_same_layout`` False): the
+    ones that can run between detectors of different anchor layouts."""
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    def free(method):
+        cfg = load_config(digits_config(ROOT, f"{det}_R34-R18_{method}.yaml"))
+        return not any(DISTILL_LOSS_REGISTRY.get(name).needs_same_layout for name in cfg.DISTILL.LOSSES)
+    return [m for m in METHODS if free(m)]
+
+
 def config_sha(cfg):
     """Identity of a trained model's config (its OUTPUT_DIR aside)."""
     cfg = cfg.clone()
@@ -103,20 +131,24 @@ def record_matches(record, cfg, teacher_sha=None):
 
 
 class Run:
-    """One row, detector and seed: its config, output dir and record file."""
+    """One row, track (a detector, or a heterogeneous pair) and seed: its config, output dir and
+    record file."""
 
     def __init__(self, args, det, row, seed, teacher):
         self.det, self.row, self.seed = det, row, seed
+        student = student_and_teacher(det)[0]
         method = row[: -len(INIT)] if row.endswith(INIT) else row
         base_method, variant_opts = VARIANTS.get(method, (method, []))
         student_opts = SCHEDULES[args.schedule][1]
         init_opts = INIT_OPTS if row.endswith(INIT) else []
         teacher_opts = ["DISTILL.TEACHER.WEIGHTS", teacher.weights, "DISTILL.TEACHER.EVAL_AT_START", False]
         if base_method == "baseline":
-            self.config_file = digits_config(ROOT, f"{det}_R18_FPN_student.yaml")
+            self.config_file = digits_config(ROOT, f"{student}_R18_FPN_student.yaml")
             teacher_opts = ["DISTILL.TEACHER.CONFIG_FILE", rel(teacher.config_file), *teacher_opts] if init_opts else []
         else:
-            self.config_file = digits_config(ROOT, f"{det}_R34-R18_{base_method}.yaml")
+            self.config_file = digits_config(ROOT, f"{student}_R34-R18_{base_method}.yaml")
+            if is_pair(det):  # the other detector's teacher (same-detector rows keep their configs' own)
+                teacher_opts = ["DISTILL.TEACHER.CONFIG_FILE", rel(teacher.config_file), *teacher_opts]
             teacher_opts += ["DISTILL.TEACHER.OPTS", teacher.opts]
         self.opts = ["SEED", seed, *student_opts, *teacher_opts, *init_opts, *variant_opts,
                      "DATASETS.TEST", (args.eval_dataset,)]
@@ -225,12 +257,16 @@ def best_methods(records_by_row, count=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detectors", nargs="+", default=["retinanet", "fcos"])
+    parser.add_argument("--detectors", nargs="+", default=DEFAULT_TRACKS,
+                        help="retinanet, fcos, or a heterogeneous pair TEACHER_to_STUDENT, e.g. fcos_to_retinanet "
+                             f"(default: {' '.join(DEFAULT_TRACKS)})")
     parser.add_argument("--rows", nargs="+", default=None,
                         help="baseline, methods, VARIANTS, any of them + '+init' (default: baseline, every "
-                             "method, baseline+init and the best two methods +init)")
+                             "method, baseline+init and the best two methods +init; for a pair, the methods "
+                             "that compare features only, beside the student's own baseline)")
     parser.add_argument("--schedule", default="trained", choices=list(SCHEDULES))
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per detector (default 3 RetinaNet, 2 FCOS)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds per detector (default 3 RetinaNet, 2 FCOS, {PAIR_SEEDS} a pair)")
     parser.add_argument("--eval-dataset", default=DEFAULT_EVAL_DATASET,
                         help="registered dataset the students are evaluated on (choices: digits_det_tune)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
@@ -247,13 +283,17 @@ def main():
     args.records = args.records or os.path.join("benchmarks", f"accuracy_runs_{suffix}")
     args.output = args.output or os.path.join("benchmarks", f"accuracy_{suffix}")
     start = time.perf_counter()
-    teachers = {det: Teacher(args, det) for det in args.detectors}
+    for track in args.detectors:
+        if any(det not in SEEDS for det in student_and_teacher(track)):
+            parser.error(f"--detectors {track}: expected one of {sorted(SEEDS)} or TEACHER{PAIR_SEP}STUDENT of them")
+    # One teacher per detector, shared by its own track and the pairs it teaches.
+    teachers = {det: Teacher(args, det) for track in args.detectors for det in student_and_teacher(track)}
     fixed_rows = args.rows or ["baseline", *METHODS, "baseline" + INIT]
 
-    def runs_for(rows):
+    def runs_for(rows, tracks=args.detectors):
         # Seed-major: every row gets its first seed before any row gets a second.
-        return [Run(args, det, row, seed, teachers[det]) for det in args.detectors
-                for seed in range(args.seeds or SEEDS[det]) for row in rows]
+        return [Run(args, track, row, seed, teachers[student_and_teacher(track)[1]]) for track in tracks
+                for seed in range(seeds_of(args, track)) for row in rows_of(args, track, rows)]
 
     def progress(run, result):
         print(f"[bench] {run.det} {run.row} seed {run.seed}: AP {result['metrics']['AP']:.2f} "
@@ -264,7 +304,7 @@ def main():
         print(f"[bench] {len(runs) - len(missing)} of {len(runs)} runs committed; training {len(missing)}", flush=True)
         if not missing:
             return
-        needed = {r.det for r in missing}
+        needed = {r.teacher.det for r in missing}
         teacher_records = {}
         run_in_pool(args.jobs, [(train_teacher, (teachers[d],)) for d in sorted(needed)],
                     lambda i, rec: teacher_records.__setitem__(rec["detector"], rec))
@@ -276,7 +316,7 @@ def main():
         def done(i, result):
             run = missing[i]
             progress(run, result)
-            teacher_rec = teacher_records[run.det]
+            teacher_rec = teacher_records[run.teacher.det]
             write_record(run.record_path, {
                 "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
                 "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
@@ -293,18 +333,33 @@ def main():
     if not args.report_only:
         train_missing(runs)
     if args.rows is None:  # then the best two methods with inheritance
-        by_det = {det: collect(args, [r for r in runs if r.det == det]) for det in args.detectors}
+        same_detector = [t for t in args.detectors if not is_pair(t)]
+        by_det = {det: collect(args, [r for r in runs if r.det == det]) for det in same_detector}
         init_runs = []
-        for det in args.detectors:
+        for det in same_detector:
             best = best_methods(by_det[det])
             if len(best) == 2:
-                init_runs += [r for r in runs_for([m + INIT for m in best]) if r.det == det]
+                init_runs += runs_for([m + INIT for m in best], [det])
         if not args.report_only:
             train_missing(init_runs)
         runs += init_runs
     report = build_report(args, runs, teachers, time.perf_counter() - start)
     write_report(report, args.output)
     return 0
+
+
+def seeds_of(args, track):
+    return args.seeds or (PAIR_SEEDS if is_pair(track) else SEEDS[track])
+
+
+def rows_of(args, track, rows):
+    """A pair's rows: the given ones but the baseline (the student's own track has it); by
+    default the methods that can run across the pair."""
+    if not is_pair(track):
+        return rows
+    if args.rows is None:
+        return layout_free_methods(student_and_teacher(track)[0])
+    return [r for r in rows if not r.startswith("baseline")]
 
 
 def collect(args, runs):
@@ -324,8 +379,12 @@ def build_report(args, runs, teachers, seconds):
               "eval_dataset": args.eval_dataset, "records": args.records, "wall_seconds": round(seconds, 1),
               "detectors": {}}
     for det in args.detectors:
-        teacher = read_record(teachers[det].record_path)
+        student, teacher_det = student_and_teacher(det)
+        teacher = read_record(teachers[teacher_det].record_path)
         rows = collect(args, [r for r in runs if r.det == det])
+        if is_pair(det):  # the student's own baseline, all its seeds
+            rows = {"baseline": collect(args, [Run(args, student, "baseline", seed, teachers[student])
+                                               for seed in range(seeds_of(args, student))])["baseline"], **rows}
         summary = {}
         for row, records in rows.items():
             if not records:
@@ -343,8 +402,10 @@ def build_report(args, runs, teachers, seconds):
             s["gain_AP"] = s["mean"]["AP"] - base["mean"]["AP"]
             gap = teacher["metrics"]["AP"] - base["mean"]["AP"] if teacher else None
             s["gap_closed"] = s["gain_AP"] / gap if gap else None
-        report["detectors"][det] = {"teacher": teacher, "rows": summary,
-                                    "expected_seeds": args.seeds or SEEDS[det]}
+        report["detectors"][det] = {"teacher": teacher, "rows": summary, "expected_seeds": seeds_of(args, det),
+                                    "not_trained": [row for row, records in rows.items() if not records]}
+        if is_pair(det):
+            report["detectors"][det]["needs_same_layout"] = [m for m in METHODS if m not in layout_free_methods(student)]
     return report
 
 
@@ -366,16 +427,25 @@ def write_report(report, output):
         rows_summary, teacher = d["rows"], d["teacher"]
         incomplete = [f"{row_label(r)}: {v['seeds']} of {d['expected_seeds']} seeds"
                       for r, v in rows_summary.items() if v["seeds"] < d["expected_seeds"]]
+        incomplete += [f"{row_label(r)}: 0 of {d['expected_seeds']} seeds" for r in d["not_trained"]]
         lines += [f"## {det}", ""]
+        if is_pair(det):
+            student, teacher_det = student_and_teacher(det)
+            lines += [f"A heterogeneous pair: the trained {teacher_det} teacher distilled into the {student} student "
+                      f"(other head, other anchor layout). The baseline is the {student} student's own (all its "
+                      "seeds). Methods that need the same anchor layout refuse the pair when the model is built: "
+                      + ", ".join(m.upper() for m in d["needs_same_layout"]) + ".", ""]
         if teacher is None:
             lines += ["No teacher trained yet.", ""]
             continue
+        teacher_aps = sorted({a for r, v in rows_summary.items() if r != "baseline" for a in v["teacher_AP"]})
         lines += [f"Teacher: `{teacher['config_file']}` with the schedule's options, {teacher['iterations']} "
-                  f"iterations, seed 0: {teacher['metrics']['AP']:.1f} AP on digits_det_val. Every row below was "
-                  f"trained with a teacher of AP {sorted({a for v in rows_summary.values() for a in v['teacher_AP']})}.", ""]
+                  f"iterations, seed 0: {teacher['metrics']['AP']:.1f} AP on digits_det_val."
+                  + (f" Every row below was trained with a teacher of AP {teacher_aps}." if teacher_aps else ""), ""]
         if incomplete:
             lines += ["**Incomplete** (runs still to train): " + "; ".join(incomplete) + ".", ""]
-        table_rows = [("teacher R34" + ("" if students_on_val else " (on val)"), teacher["metrics"], None)]
+        teacher_label = "teacher R34" + (f" ({student_and_teacher(det)[1]})" if is_pair(det) else "")
+        table_rows = [(teacher_label + ("" if students_on_val else " (on val)"), teacher["metrics"], None)]
         table_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mean"],
                         v["std"] if v["seeds"] > 1 else None) for r, v in rows_summary.items()]
         lines += [markdown_table(table_rows), ""]
