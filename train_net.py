@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
 from d2_taskdistill import lazy_engine, load_config
+from d2_taskdistill.config import is_lazy_config_file
 from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import DistillTrainer, build_model_for_evaluation, resolve_device, setup_project_logger
 from d2_taskdistill.launch import (
@@ -33,7 +34,7 @@ from detectron2.evaluation import verify_results
 
 def is_lazy(args):
     """A LazyConfig (.py) runs lazyconfig_train_net's way, a yaml config DefaultTrainer's."""
-    return lazy_engine.is_lazy_config_file(args.config_file)
+    return is_lazy_config_file(args.config_file)
 
 
 def setup(args):

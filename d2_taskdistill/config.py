@@ -1,5 +1,7 @@
 """Config keys of d2_taskdistill, in the style of detectron2 projects
 (``add_*_config`` functions that extend a default CfgNode)."""
+import os
+
 from detectron2.config import CfgNode as CN
 
 
@@ -208,3 +210,20 @@ def add_cwd_config(cfg):
     c.NORMALIZE = "channel"
     # The finest NUM_LEVELS levels; 0: all. The authors' config distils P3-P6.
     c.NUM_LEVELS = 4
+
+
+def is_lazy_config_file(path):
+    """A LazyConfig: a .py file, or a yaml one that LazyConfig.save wrote (a run's config.yaml
+    of a .py config: lower-case ``model`` and ``train`` nodes, not yacs keys)."""
+    if path.endswith(".py"):
+        return True
+    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
+        return False
+    import yaml
+
+    with open(path) as f:
+        try:
+            top = yaml.unsafe_load(f)
+        except yaml.YAMLError:
+            return False
+    return isinstance(top, dict) and "model" in top and "train" in top

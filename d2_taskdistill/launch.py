@@ -139,11 +139,11 @@ def uses_cpu_workers(device):
 def config_device(config_file, opts):
     """The device of a config and its overrides, read before workers start: MODEL.DEVICE of a
     yacs config, train.device of a LazyConfig (.py)."""
-    from .lazy_engine import is_lazy_config_file, load_lazy_config
+    from .config import is_lazy_config_file, load_config
+    from .lazy_engine import load_lazy_config
 
     if is_lazy_config_file(config_file):
         return str(load_lazy_config(config_file, opts).train.get("device", "cuda"))
-    from .config import load_config
 
     return load_config(config_file, opts).MODEL.DEVICE
 

@@ -30,23 +30,6 @@ DISTILL_TRAIN_DEFAULTS = {
 }
 
 
-def is_lazy_config_file(path):
-    """A LazyConfig: a .py file, or a yaml one that LazyConfig.save wrote (a run's config.yaml
-    of a .py config: lower-case ``model`` and ``train`` nodes, not yacs keys)."""
-    if path.endswith(".py"):
-        return True
-    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
-        return False
-    import yaml
-
-    with open(path) as f:
-        try:
-            top = yaml.unsafe_load(f)
-        except yaml.YAMLError:
-            return False
-    return isinstance(top, dict) and "model" in top and "train" in top
-
-
 def load_lazy_config(path, overrides=()):
     """The LazyConfig at ``path`` with ``key=value`` overrides, checked: it must have the nodes
     lazyconfig_train_net reads and a distillation model. Errors name the file and the fix."""

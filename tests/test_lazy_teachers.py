@@ -133,3 +133,30 @@ def test_lazy_teacher_class_count_must_match_the_student(tmp_path):
     cfg = distill_cfg_with_lazy_teacher("retinanet", weights, ["MODEL.RETINANET.NUM_CLASSES", 20])
     with pytest.raises(ValueError, match="Teacher has 80 classes, student 20"):
         TaskDistillDetector(cfg)
+
+
+def test_teacher_from_a_lazyconfig_run_directory(image_batch, tmp_path):
+    """A teacher trained by detectron2's lazyconfig_train_net.py leaves a LazyConfig config.yaml
+    (LazyConfig.save) and last_checkpoint: DISTILL.TEACHER.RUN and load_teacher(run=) read that
+    config as a LazyConfig and load the checkpoint last_checkpoint names."""
+    from d2_taskdistill.modeling.teacher import load_teacher
+
+    lazy = LazyConfig.load(model_zoo.get_config_file(ZOO["retinanet"]))
+    run = tmp_path / "zoo_retinanet_run"
+    run.mkdir()
+    LazyConfig.save(lazy, str(run / "config.yaml"))
+    trained = zoo_model("retinanet")
+    DetectionCheckpointer(trained, save_dir=str(run)).save("model_0000099")  # also writes last_checkpoint
+
+    from_lazy = load_teacher(run=str(run), device=TEST_DEVICE)
+    assert from_lazy.distill_source.is_lazy and from_lazy.distill_source.weights == str(run / "model_0000099.pth")
+    cfg = distill_cfg_with_lazy_teacher("retinanet", "", ["DISTILL.TEACHER.CONFIG_FILE", "",
+                                                          "DISTILL.TEACHER.RUN", str(run)])
+    from_yacs = build_model(cfg).teacher
+    trained = trained.to(TEST_DEVICE)
+    with torch.no_grad():
+        expected = head_outputs(trained, image_batch)
+        for teacher in (from_lazy, from_yacs):
+            assert teacher.state_dict().keys() == trained.state_dict().keys()
+            for got, want in zip(head_outputs(teacher, image_batch), expected):
+                assert torch.equal(got, want)

@@ -18,8 +18,9 @@ import sys
 
 import d2_taskdistill  # noqa: F401
 from d2_taskdistill import load_config
+from d2_taskdistill.config import is_lazy_config_file
 from d2_taskdistill.export import export_lazy_student, export_student
-from d2_taskdistill.lazy_engine import is_lazy_config_file, load_lazy_config
+from d2_taskdistill.lazy_engine import load_lazy_config
 from d2_taskdistill.modeling.teacher import run_files
 
 

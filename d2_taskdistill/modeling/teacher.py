@@ -10,7 +10,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
 
 from ..compat import group_norm_factory
-from ..config import load_config
+from ..config import is_lazy_config_file, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ def teacher_config(config_file="", weights="", overrides=(), device="cpu", run="
     ``settings`` names the options in messages."""
     name, weights, weights_setting = teacher_sources(config_file, weights, run, settings)
     path = resolve_teacher_config_file(name, settings["config_file"])
-    overrides = [str(o) for o in overrides] if path.endswith(".py") else list(overrides)
-    if path.endswith(".py"):
+    lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
+    overrides = [str(o) for o in overrides] if lazy else list(overrides)
+    if lazy:
         return _lazy_teacher_config(name, path, weights, overrides, device, weights_setting, settings)
     teacher_cfg = load_config(path, overrides)
     teacher_cfg.MODEL.DEVICE = device
@@ -256,7 +257,8 @@ def load_teacher(config_file="", weights="", overrides=(), device="cpu", run="")
 
     config_file: a yaml or LazyConfig .py path, or a detectron2 model-zoo name; weights: its
     checkpoint (.pth, model-zoo .pkl or URL), every key of which must load; overrides: KEY VALUE
-    pairs (yaml) or key=value strings (.py); run: a train_net.py OUTPUT_DIR instead of both.
+    pairs (yaml) or key=value strings (.py); run: instead of both, the OUTPUT_DIR of a run of
+    train_net.py or of detectron2's lazyconfig_train_net.py (its config.yaml and last checkpoint).
     The returned detector carries its :class:`TeacherConfig` as ``distill_source``.
     """
     return _load(teacher_config(config_file, weights, overrides, device, run, LAZY_SETTINGS))
