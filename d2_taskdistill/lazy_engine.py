@@ -15,7 +15,8 @@ from . import compat
 from .checkpoint import SafeCheckpointer, TeacherIdentity
 from .data.config_datasets import check_dataset_names
 from .engine import usable_device
-from .hooks import DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, unwrap
+from .hooks import (DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, is_distill_model,
+                    unwrap)
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
 
@@ -133,7 +134,9 @@ def build_model(cfg, with_teacher=True):
 class LazyDistillTrainer:
     """Trains ``cfg.model`` (a TaskDistillDetector) as lazyconfig_train_net's do_train does:
     model, optimizer and data loader built in that order (the yacs DistillTrainer's order, so
-    that the same seed gives the same run), SimpleTrainer or AMPTrainer, then hooks."""
+    that the same seed gives the same run), SimpleTrainer or AMPTrainer, then hooks. A plain
+    dense detector (the student alone, the baseline of a comparison) trains the same way,
+    without the teacher's hooks."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -151,8 +154,9 @@ class LazyDistillTrainer:
                              "on CUDA only. Set train.amp.enabled=False to train on the CPU.")
         self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
         self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=self._trainer)
-        self.checkpointer.add_checkpointable(
-            "teacher", TeacherIdentity(self.distill_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
+        if is_distill_model(model):
+            self.checkpointer.add_checkpointable(
+                "teacher", TeacherIdentity(self.distill_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
         self.teacher_evaluation = None
         self._trainer.register_hooks(self.build_hooks())
 
@@ -166,15 +170,17 @@ class LazyDistillTrainer:
 
     def build_hooks(self):
         cfg, model = self.cfg, self.distill_model
-        teacher_cfg = model.teacher_cfg
-        student_setting = ("model.student.num_classes", model.student.num_classes)
+        distill = is_distill_model(model)
+        teacher_cfg = model.teacher_cfg if distill else None
+        student_setting = (("model.student.num_classes", model.student.num_classes) if distill
+                           else ("model.num_classes", model.num_classes))
         check = DatasetCheck(lambda: check_dataset_names(
             dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_cfg,
             settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")))
         result = [check]
-        if parts_of(cfg.train.student_init):
+        if distill and parts_of(cfg.train.student_init):
             result.append(StudentInit(cfg.train.student_init))
-        if cfg.train.teacher_eval_at_start:
+        if distill and cfg.train.teacher_eval_at_start:
             self.teacher_evaluation = TeacherEvaluation(lambda m: evaluate(cfg, m), cfg.train.output_dir)
             result.append(self.teacher_evaluation)
         result.append(hooks.IterationTimer())

@@ -184,3 +184,29 @@ def train_tiny(config_file, batches, tmp_path, opts=()):
 def finite_positive_history(histories, name, iterations=3):
     values = [v for v, _ in histories[name].values()]
     return len(values) == iterations and all(math.isfinite(v) for v in values) and max(values) > 0
+
+
+def lazy_config_for_tiny_cli(path, teacher):
+    """A user's .py config: the digits TID one, on their own COCO-format data, registered in the
+    config (as LazyConfig users do), every worker running it."""
+    root = os.environ[TINY_ROOT_ENV]
+    path.write_text(f"""
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+
+if "tiny_cli" not in DatasetCatalog.list():
+    register_coco_instances("tiny_cli", {{}}, {os.path.join(root, "train.json")!r}, {os.path.join(root, "train")!r})
+_base = LazyConfig.load({os.path.join(ROOT, "configs", "digits", "retinanet_R34-R18_tid.py")!r})
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
+model.teacher.weights = {teacher!r}
+model.teacher.overrides = {[str(o) for o in SMALL_TEACHER_OPTS]!r}
+dataloader.train.dataset.names = ["tiny_cli"]
+dataloader.test.dataset.names = ["tiny_cli"]
+dataloader.evaluator.dataset_name = "tiny_cli"
+dataloader.train.total_batch_size = 2
+train.device = "cpu"
+train.checkpointer.period = 2
+""")
+    return str(path)

@@ -15,7 +15,7 @@ import torch
 
 import d2_taskdistill  # noqa: F401  (first: spawned workers import this module afresh)
 from d2_taskdistill.launch import free_port, launch
-from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, register_tiny_dataset, teachers_in
+from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, lazy_config_for_tiny_cli, register_tiny_dataset, teachers_in
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 RESUMED = ["retinanet_tbd", "fcos_tid"]
@@ -205,34 +205,6 @@ def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dat
     assert "Starting training from iteration 3" in text
     assert _iterations(out)[-1] == 4
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 4
-
-
-def lazy_config_for_tiny_cli(path, teacher):
-    """A user's .py config: the digits TID one, on their own COCO-format data, registered in the
-    config (as LazyConfig users do), every worker running it."""
-    from conftest import SMALL_TEACHER_OPTS
-
-    root = os.environ[TINY_ROOT_ENV]
-    path.write_text(f"""
-from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog
-from detectron2.data.datasets import register_coco_instances
-
-if "tiny_cli" not in DatasetCatalog.list():
-    register_coco_instances("tiny_cli", {{}}, {os.path.join(root, "train.json")!r}, {os.path.join(root, "train")!r})
-_base = LazyConfig.load({os.path.join(ROOT, "configs", "digits", "retinanet_R34-R18_tid.py")!r})
-model, dataloader, optimizer, lr_multiplier, train = (
-    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
-model.teacher.weights = {teacher!r}
-model.teacher.overrides = {[str(o) for o in SMALL_TEACHER_OPTS]!r}
-dataloader.train.dataset.names = ["tiny_cli"]
-dataloader.test.dataset.names = ["tiny_cli"]
-dataloader.evaluator.dataset_name = "tiny_cli"
-dataloader.train.total_batch_size = 2
-train.device = "cpu"
-train.checkpointer.period = 2
-""")
-    return str(path)
 
 
 def test_train_net_lazy_config_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):

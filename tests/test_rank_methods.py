@@ -4,14 +4,17 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, SMALL_TEACHER_OPTS, TINY_ROOT_ENV, make_teacher_checkpoint, tiny_run_opts
+import torch
+
+from conftest import (ROOT, SMALL_TEACHER_OPTS, TINY_ROOT_ENV, lazy_config_for_tiny_cli, make_teacher_checkpoint,
+                      tiny_run_opts)
 
 
-def rank(args, env):
+def rank(args, env, returncode=0):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "rank_methods.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def test_rank_methods_on_own_data_ranks_resumes_and_probes(tiny_batch, tiny_dataset, tmp_path):
@@ -45,3 +48,29 @@ def test_rank_methods_on_own_data_ranks_resumes_and_probes(tiny_batch, tiny_data
     probe = rank([*args[:-len(opts)], "--seeds", "1", "--probe-iters", "1", *map(str, opts)], env)
     assert "Probe: every run stopped at iteration 1" in probe and "Spearman rho" in probe
     assert json.load(open(tmp_path / "work" / "ranking_probe1.json"))["rows"]["TID"]["seeds"] == 1
+
+
+def test_rank_methods_on_a_lazyconfig(tiny_batch, tiny_dataset, tmp_path):
+    """A user's .py distillation config: each method replaces model.losses, the student alone is
+    model.student trained without a teacher, and a rerun trains nothing."""
+    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+    config = lazy_config_for_tiny_cli(tmp_path / "my_distill.py", teacher)
+    work = tmp_path / "work"
+    args = ["--config-file", config, "--eval-dataset", "tiny_cli", "--methods", "TID", "BCKD+TID", "--seeds", "1",
+            "--work-dir", str(work), "train.max_iter=2", "model.student.test_score_thresh=0.0"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = rank(args, env)
+    assert out.count("[rank]") == 3 and "(finished earlier)" not in out
+    report = json.load(open(work / "ranking.json"))
+    assert set(report["rows"]) == {"baseline", "TID", "BCKD+TID"}
+    assert report["teacher_AP"] is not None
+    # The student alone is a plain RetinaNet; a method's checkpoint holds that student inside the
+    # distillation model.
+    keys = {row: set(torch.load(work / f"{row}_seed0" / "model_final.pth", weights_only=False)["model"])
+            for row in report["rows"]}
+    assert not any(k.startswith("student.") for k in keys["baseline"])
+    assert {f"student.{k}" for k in keys["baseline"]} <= keys["TID"]
+    assert rank(args, env).count("(finished earlier)") == 3
+
+    out = rank([*args[:-2], "--probe-iters", "1", *args[-2:]], env, returncode=2)
+    assert "--probe-iters takes yaml configs only" in out

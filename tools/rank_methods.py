@@ -8,7 +8,10 @@ turn, and the student alone, several seeds, evaluated on the split you name.
 
 --config-file is a distillation config as train_net.py takes it (your datasets, student and
 teacher, e.g. DISTILL.TEACHER.RUN <your teacher run>); its DISTILL.LOSSES is replaced by each
-method ("BCKD+TID": both). Trailing KEY VALUE pairs override it for every run. Each run trains
+method ("BCKD+TID": both). Trailing KEY VALUE pairs override it for every run. A LazyConfig
+(.py) works the same way: its model.losses becomes each method with its defaults, the student
+alone is model.student, the split replaces dataloader.test's dataset (and the evaluator's), and
+trailing overrides are key=value. Each run trains
 into --work-dir/<method>_seed<k>; a finished run is not trained again and an interrupted one
 resumes from its last checkpoint, so the command can be stopped and started again. The ranked
 table (mean AP and its spread over seeds, the gain over the student alone and, with the
@@ -25,10 +28,11 @@ import os
 import statistics
 import sys
 
-from harness.experiments import METRICS, train_and_evaluate
+from harness.experiments import METRICS, train_and_evaluate, train_and_evaluate_lazy
 from harness.report import write_report_files
 
 from d2_taskdistill import load_config
+from d2_taskdistill.config import is_lazy_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_CAVEAT = os.path.join(ROOT, "benchmarks", "probe_rank_correlation.json")
@@ -45,6 +49,26 @@ def run_opts(cfg, row, seed, eval_dataset, probe_iters, evaluate_teacher):
         # whose agreement with the full ranking is measured in probe_rank_correlation.md.
         opts += ["SOLVER.MAX_ITER", probe_iters]
     return opts
+
+
+def lazy_run_config(args, row, seed, evaluate_teacher):
+    """The LazyConfig of one run: the user's config with ``row``'s losses (or its student alone)."""
+    from detectron2.config import LazyCall as L
+
+    from d2_taskdistill.lazy_engine import load_lazy_config
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    cfg = load_lazy_config(args.config_file, args.opts)
+    if row == "baseline":
+        cfg.model = cfg.model.student
+    else:
+        cfg.model.losses = {name: L(DISTILL_LOSS_REGISTRY.get(name))() for name in row.split("+")}
+        cfg.train.teacher_eval_at_start = evaluate_teacher
+    cfg.train.seed = seed
+    cfg.dataloader.test.dataset.names = args.eval_dataset
+    if "dataset_name" in cfg.dataloader.get("evaluator", {}):
+        cfg.dataloader.evaluator.dataset_name = args.eval_dataset
+    return cfg
 
 
 def summarize(results):
@@ -96,7 +120,8 @@ def report_lines(args, ranked, teacher_ap):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="a distillation config (yaml), as for train_net.py")
+    parser.add_argument("--config-file", required=True,
+                        help="a distillation config (yaml or LazyConfig .py), as for train_net.py")
     parser.add_argument("--eval-dataset", required=True, help="registered or DATASETS.COCO/VOC-declared split to rank on")
     parser.add_argument("--methods", nargs="+", default=["TID", "TBD", "BCKD", "BCKD+TID", "FITNET", "FGFI"],
                         help="DISTILL_LOSS_REGISTRY names; A+B trains both together")
@@ -105,17 +130,28 @@ def main():
     parser.add_argument("--probe-iters", type=int, default=0, help="stop every run at this iteration (a short probe)")
     parser.add_argument("--work-dir", default="output/rank_methods")
     parser.add_argument("--output", default=None, help="default <work-dir>/ranking (.md and .json)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE (yaml) or key=value (.py) overrides for every run")
     args = parser.parse_args()
-    cfg = load_config(args.config_file, args.opts)
-    if cfg.MODEL.META_ARCHITECTURE != "TaskDistillDetector":
-        parser.error(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}; "
-                     "give a distillation config (TaskDistillDetector), e.g. configs/digits/retinanet_R34-R18_tid.yaml")
+    from detectron2.utils.logger import setup_logger
+
+    from d2_taskdistill.engine import setup_project_logger
     from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    # Training progress and the project's warnings on the console, and in <work-dir>/log.txt.
+    setup_logger(args.work_dir, name="detectron2")
+    setup_project_logger(args.work_dir)
 
     unknown = {m for row in args.methods for m in row.split("+")} - {n for n, _ in DISTILL_LOSS_REGISTRY}
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; registered: {sorted(n for n, _ in DISTILL_LOSS_REGISTRY)}")
+    lazy = is_lazy_config_file(args.config_file)
+    if lazy and args.probe_iters:
+        parser.error("--probe-iters takes yaml configs only: a LazyConfig's lr_multiplier spans train.max_iter, so a "
+                     "shorter max_iter would compress its schedule rather than stop it early")
+    cfg = lazy_run_config(args, args.methods[0], 0, False) if lazy else load_config(args.config_file, args.opts)
+    if not lazy and cfg.MODEL.META_ARCHITECTURE != "TaskDistillDetector":
+        parser.error(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}; "
+                     "give a distillation config (TaskDistillDetector), e.g. configs/digits/retinanet_R34-R18_tid.yaml")
     rows = ([] if args.no_baseline else ["baseline"]) + list(args.methods)
     tag = f"_probe{args.probe_iters}" if args.probe_iters else ""
     results, teacher_ap = {}, None
@@ -123,8 +159,12 @@ def main():
         for row in rows:
             evaluate_teacher = seed == 0 and row == args.methods[0]
             output_dir = os.path.join(args.work_dir, f"{row}_seed{seed}{tag}")
-            opts = [*args.opts, *run_opts(cfg, row, seed, args.eval_dataset, args.probe_iters, evaluate_teacher)]
-            result = train_and_evaluate(args.config_file, output_dir, opts)
+            if lazy:
+                result = train_and_evaluate_lazy(lazy_run_config(args, row, seed, evaluate_teacher), output_dir,
+                                                 {"config_file": args.config_file, "opts": list(args.opts)})
+            else:
+                opts = [*args.opts, *run_opts(cfg, row, seed, args.eval_dataset, args.probe_iters, evaluate_teacher)]
+                result = train_and_evaluate(args.config_file, output_dir, opts)
             results.setdefault(row, []).append(result["metrics"])
             if result.get("teacher_metrics"):
                 teacher_ap = result["teacher_metrics"]["AP"]

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import tempfile
 import time
 
 import yaml
@@ -53,18 +54,25 @@ def interrupted_at(output_dir, cfg):
     checkpoint), or None: no checkpoint, or one written with another config. A run stopped
     during its final evaluation resumes at MAX_ITER: it evaluates model_final, trains nothing."""
     config_path = os.path.join(output_dir, "config.yaml")
-    last = os.path.join(output_dir, "last_checkpoint")
-    if not (os.path.exists(config_path) and os.path.exists(last)):
+    if not os.path.exists(config_path):
         return None
     with open(config_path) as f:
         if not same_run_config(f.read(), cfg):
             return None
+    return resume_iteration(output_dir, cfg.SOLVER.MAX_ITER)
+
+
+def resume_iteration(output_dir, max_iter):
+    """The iteration a run resumes at from the checkpoint ``last_checkpoint`` names, or None."""
+    last = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.exists(last):
+        return None
     with open(last) as f:
         name = f.read().strip()
     if not os.path.exists(os.path.join(output_dir, name)):
         return None
     if name == "model_final.pth":
-        return cfg.SOLVER.MAX_ITER
+        return max_iter
     return int(name[len("model_"):-len(".pth")]) + 1
 
 
@@ -92,37 +100,96 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
             return result
         logger.info(f"{output_dir} was trained with another config: training it again")
     resume_iter = interrupted_at(output_dir, cfg) if reuse else None
-    if cfg.SEED >= 0:  # as detectron2's default_setup does; the data sampler draws from it
-        seed_all_rng(cfg.SEED)
+    prepare_output_dir(output_dir, resume_iter, cfg.SEED)
+    with open(config_path, "w") as f:
+        f.write(cfg.dump())
+    return run_and_record(lambda: DistillTrainer(cfg), output_dir, cfg.SOLVER.MAX_ITER, resume_iter,
+                          {"config_file": config_file, "opts": list(opts)})
+
+
+def prepare_output_dir(output_dir, resume_iter, seed):
+    """Seed the RNGs (as detectron2's default_setup does; the data sampler draws from them) and
+    clear what a new run would misread: detectron2's writers append to a previous run's log."""
+    if seed >= 0:
+        seed_all_rng(seed)
     os.makedirs(output_dir, exist_ok=True)
-    # detectron2's writers append: a previous run's log would be read as this one's.
     for name in os.listdir(output_dir):
         if name == RESULT_FILE or (resume_iter is None and (name == "metrics.json" or name.startswith("events.out"))):
             os.remove(os.path.join(output_dir, name))
     if resume_iter is not None:
         logger.info(f"{output_dir}: resuming an interrupted run at iteration {resume_iter}")
-    with open(config_path, "w") as f:
-        f.write(cfg.dump())
+
+
+def run_and_record(make_trainer, output_dir, max_iter, resume_iter, about):
+    """Train (resuming when ``resume_iter`` is set), evaluate, and write the result file."""
     start = time.perf_counter()
-    trainer = DistillTrainer(cfg)
+    trainer = make_trainer()
     trainer.resume_or_load(resume=resume_iter is not None)
     trainer.train()
     result = {
-        "config_file": config_file,
-        "ap_curve": ap_curve(output_dir, cfg.SOLVER.MAX_ITER),
-        "opts": list(opts),
+        **about,
+        "ap_curve": ap_curve(output_dir, max_iter),
         "metrics": bbox_metrics(trainer.last_eval_results),
         "teacher_metrics": (
             bbox_metrics(trainer.teacher_results) if getattr(trainer, "teacher_results", None) else None
         ),
         "seconds": round(time.perf_counter() - start, 1),
-        "iterations": cfg.SOLVER.MAX_ITER,
+        "iterations": max_iter,
         "resumed_from": resume_iter,
     }
-    with open(result_path, "w") as f:
+    with open(os.path.join(output_dir, RESULT_FILE), "w") as f:
         json.dump(result, f, indent=1)
     result["reused"] = False
     return result
+
+
+def lazy_run_identity(cfg):
+    """What makes two runs of LazyConfigs the same: LazyConfig.save's yaml, output_dir aside."""
+    from detectron2.config import LazyConfig
+
+    output_dir, cfg.train.output_dir = cfg.train.output_dir, ""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "config.yaml")
+            LazyConfig.save(cfg, path)
+            if not os.path.exists(path):  # not serialisable as yaml (LazyConfig.save wrote a .pkl)
+                return None
+            with open(path) as f:
+                return f.read()
+    finally:
+        cfg.train.output_dir = output_dir
+
+
+def train_and_evaluate_lazy(cfg, output_dir, about=None, reuse=True):
+    """:func:`train_and_evaluate` for a LazyConfig ``cfg`` (a distillation model, or a plain
+    student for a baseline), trained into ``output_dir`` by the project's LazyDistillTrainer and
+    evaluated with dataloader.test / dataloader.evaluator. A run is reused or resumed when its
+    identity (:func:`lazy_run_identity`, saved as run_identity.yaml) is unchanged."""
+    from detectron2.config import LazyConfig
+
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer, resolve_device as resolve_lazy_device
+
+    cfg.train.output_dir = output_dir
+    resolve_lazy_device(cfg)
+    identity = lazy_run_identity(cfg)
+    identity_path = os.path.join(output_dir, "run_identity.yaml")
+    same = False
+    if reuse and identity is not None and os.path.exists(identity_path):
+        with open(identity_path) as f:
+            same = f.read() == identity
+    result_path = os.path.join(output_dir, RESULT_FILE)
+    if same and os.path.exists(result_path) and os.path.exists(os.path.join(output_dir, "model_final.pth")):
+        with open(result_path) as f:
+            result = json.load(f)
+        result["reused"] = True
+        return result
+    resume_iter = resume_iteration(output_dir, cfg.train.max_iter) if same else None
+    prepare_output_dir(output_dir, resume_iter, int(cfg.train.get("seed", -1)))
+    if identity is not None:
+        with open(identity_path, "w") as f:
+            f.write(identity)
+    LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))  # as lazyconfig_train_net's setup does
+    return run_and_record(lambda: LazyDistillTrainer(cfg), output_dir, cfg.train.max_iter, resume_iter, about or {})
 
 
 def digits_config(root, name):
