@@ -304,7 +304,8 @@ def main():
         print(f"[bench] {len(runs) - len(missing)} of {len(runs)} runs committed; training {len(missing)}", flush=True)
         if not missing:
             return
-        needed = {r.teacher.det for r in missing}
+        # The student alone uses no teacher: a pair's baseline does not train the student's teacher.
+        needed = {r.teacher.det for r in missing if r.row != "baseline"}
         teacher_records = {}
         run_in_pool(args.jobs, [(train_teacher, (teachers[d],)) for d in sorted(needed)],
                     lambda i, rec: teacher_records.__setitem__(rec["detector"], rec))
@@ -316,20 +317,25 @@ def main():
         def done(i, result):
             run = missing[i]
             progress(run, result)
-            teacher_rec = teacher_records[run.teacher.det]
+            teacher_rec = teacher_records.get(run.teacher.det) or read_record(run.teacher.record_path)
             write_record(run.record_path, {
                 "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
                 "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
                 "ap_curve": result.get("ap_curve", []),
                 "iterations": result["iterations"], "seconds": result["seconds"],
                 "resumed_from": result.get("resumed_from"), "machine": machine(),
-                "teacher": {"config_sha": teacher_rec["config_sha"], "AP": teacher_rec["metrics"]["AP"]}})
+                "teacher": {"config_sha": run.teacher.sha,
+                            "AP": teacher_rec["metrics"]["AP"] if teacher_rec else None}})
             if args.git_commit:
                 git_commit([run.record_path], f"bench-accuracy: {run.det} {run.row} seed {run.seed} ({args.schedule})")
 
         run_in_pool(args.jobs, [(train_student, (r,)) for r in missing], done)
 
     runs = runs_for(fixed_rows)
+    # A pair's baseline is its student's own: trained here when that track is not.
+    pair_students = {student_and_teacher(t)[0] for t in args.detectors if is_pair(t)} - set(args.detectors)
+    if args.rows is None or "baseline" in args.rows:
+        runs += runs_for(["baseline"], sorted(pair_students))
     if not args.report_only:
         train_missing(runs)
     if args.rows is None:  # then the best two methods with inheritance
@@ -393,7 +399,8 @@ def build_report(args, runs, teachers, seconds):
             summary[row] = {"mean": mean, "std": std, "seeds": len(records), "runs": [r["metrics"] for r in records],
                             "config": records[0]["config_file"], "opts": records[0]["opts"],
                             "iterations": records[0]["iterations"],
-                            "teacher_AP": sorted({round(r["teacher"]["AP"], 2) for r in records}),
+                            "teacher_AP": sorted({round(r["teacher"]["AP"], 2) for r in records
+                                                  if r["teacher"]["AP"] is not None}),
                             "hours": sum(r["seconds"] for r in records) / 3600}
         base = summary.get("baseline")
         for row, s in summary.items():
