@@ -136,3 +136,39 @@ def test_heterogeneous_pair_runs_build_with_the_other_detectors_teacher(tmp_path
             continue
         model = build_model(cfg)
         assert type(model.student) is RetinaNet and isinstance(model.teacher, FCOS), row
+
+
+def test_rows_trained_with_a_retrained_teacher_measure_the_gap_against_it(tmp_path):
+    """A row whose records name another teacher AP than the table's teacher (a teacher retrained
+    on a fresh machine) gets its gap closed against that AP, and the table says so."""
+    import argparse
+    import shutil
+    import statistics
+
+    import bench_accuracy as bench
+    from conftest import ROOT
+
+    records = tmp_path / "records"
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "accuracy_runs_trained"), records)
+    args = argparse.Namespace(schedule="trained", rows=None, seeds=None, eval_dataset=bench.DEFAULT_EVAL_DATASET,
+                              work_dir=str(tmp_path / "work"), records=str(records), detectors=["fcos"])
+    teacher = bench.Teacher(args, "fcos")
+    runs = [bench.Run(args, "fcos", "fgd", seed, teacher) for seed in range(2)]
+    for run, ap in zip(runs, (45.0, 46.0)):
+        bench.write_record(run.record_path, {"row": "fgd", "seed": run.seed, "config_file": bench.rel(run.config_file),
+                                             "opts": [], "config": run.cfg.dump(), "metrics": {m: ap for m in bench.METRICS},
+                                             "iterations": 1000, "seconds": 1.0,
+                                             "teacher": {"config_sha": teacher.sha, "AP": 49.23}})
+    baseline_runs = [bench.Run(args, "fcos", "baseline", seed, teacher) for seed in range(2)]
+    baseline = [run.committed()["metrics"]["AP"] for run in baseline_runs]
+    table_teacher = bench.read_record(teacher.record_path)["metrics"]["AP"]
+    tid_runs = [bench.Run(args, "fcos", "tid", seed, teacher) for seed in range(2)]
+    report = bench.build_report(args, [*baseline_runs, *runs, *tid_runs], {"fcos": teacher}, 0.0)
+    rows = report["detectors"]["fcos"]["rows"]
+    base = statistics.fmean(baseline)
+    assert abs(rows["fgd"]["gap_closed"] - (45.5 - base) / (49.23 - base)) < 1e-12
+    assert "own_teacher_AP" not in rows["tid"]  # trained with the table's teacher
+    tid = statistics.fmean(run.committed()["metrics"]["AP"] for run in tid_runs)
+    assert abs(rows["tid"]["gap_closed"] - (tid - base) / (table_teacher - base)) < 1e-12
+    bench.write_report(report, str(tmp_path / "table"))
+    assert "R18 + FGD (teacher AP 49.2)" in (tmp_path / "table.md").read_text()
