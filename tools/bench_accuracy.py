@@ -479,9 +479,9 @@ def write_report(report, output):
             other_teacher = [f"{row_label(r)} (teacher AP {v['own_teacher_AP']:.1f})" for r, v in rows_summary.items()
                              if "own_teacher_AP" in v]
             if other_teacher:
-                lines += ["Trained with a teacher retrained since the table's (same config and seed; a resumed "
-                          "teacher run does not repeat the data order), so their gap closed is measured against "
-                          "that teacher's AP: " + "; ".join(other_teacher) + ".", ""]
+                lines += ["Trained with a teacher retrained since the table's (same config and seed, another AP: "
+                          "README, Rerunning), so their gap closed is measured against that teacher's AP: "
+                          + "; ".join(other_teacher) + ".", ""]
     write_report_files(output, report, lines)
 
 
