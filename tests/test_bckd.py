@@ -108,7 +108,8 @@ def test_non_finite_student_boxes_have_a_clear_error():
 
 
 @pytest.mark.parametrize("config", ["retinanet_R34-R18_bckd.yaml", "fcos_R34-R18_bckd.yaml",
-                                    "retinanet_R34-R18_bckd_tid.yaml", "fcos_R34-R18_bckd_tid.yaml"])
+                                    "retinanet_R34-R18_bckd_tid.yaml", "fcos_R34-R18_bckd_tid.yaml",
+                                    "retinanet_R34-R18_pkd_bckd.yaml"])
 def test_bckd_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
     histories = train_tiny(config, tiny_batch, tmp_path)
     names = {"loss_distill_bckd_cls", "loss_distill_bckd_loc"}
@@ -116,6 +117,8 @@ def test_bckd_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
         names.add("loss_distill_bckd_ctr")
     if "tid" in config:
         names.add("loss_distill_tid")
+    if "pkd" in config:
+        names.add("loss_distill_pkd")
     assert {n for n in histories if n.startswith("loss_distill")} == names
     for name in names:
         assert finite_positive_history(histories, name), name
