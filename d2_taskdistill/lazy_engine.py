@@ -145,7 +145,7 @@ class LazyDistillTrainer:
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
         data_loader = build_train_loader(cfg)
-        self.distill_model = model
+        self.unwrapped_model = model  # the detector itself (DDP wraps self.model)
         # defaults.create_ddp_model: the compat layer makes it accept CPU (gloo) workers.
         model = defaults.create_ddp_model(model, **cfg.train.get("ddp", {}))
         amp = cfg.train.get("amp", {}).get("enabled", False)
@@ -156,7 +156,7 @@ class LazyDistillTrainer:
         self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=self._trainer)
         if is_distill_model(model):
             self.checkpointer.add_checkpointable(
-                "teacher", TeacherIdentity(self.distill_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
+                "teacher", TeacherIdentity(self.unwrapped_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
         self.teacher_evaluation = None
         self._trainer.register_hooks(self.build_hooks())
 
@@ -169,7 +169,7 @@ class LazyDistillTrainer:
         return self._trainer.storage
 
     def build_hooks(self):
-        cfg, model = self.cfg, self.distill_model
+        cfg, model = self.cfg, self.unwrapped_model
         distill = is_distill_model(model)
         teacher_cfg = model.teacher_cfg if distill else None
         student_setting = (("model.student.num_classes", model.student.num_classes) if distill

@@ -98,7 +98,7 @@ def test_lazy_config_trains_with_amp_on_cuda(detector, teachers, tiny_dataset, t
     trainer = LazyDistillTrainer(cfg)
     assert isinstance(trainer._trainer, AMPTrainer)
     assert any(isinstance(h, GradScalerMonitor) for h in trainer._trainer._hooks)
-    assert next(trainer.distill_model.teacher.parameters()).is_cuda
+    assert next(trainer.unwrapped_model.teacher.parameters()).is_cuda
     trainer.resume_or_load(resume=False)
     trainer.train()
     history = trainer.storage.histories()

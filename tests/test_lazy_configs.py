@@ -121,7 +121,7 @@ def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(te
     trainer.train()
     weights = str(tmp_path / "run" / "model_final.pth")
     assert os.path.isfile(weights)
-    before = detections(trainer.distill_model, tiny_batch)
+    before = detections(trainer.unwrapped_model, tiny_batch)
 
     _, config_file, _ = export_lazy_student(lazy, weights, str(tmp_path / "exported"))
     assert "d2_taskdistill" not in open(config_file).read()  # detectron2's classes only

@@ -8,6 +8,7 @@ The teacher is trained into its config's OUTPUT_DIR (output/digits/<detector>_R3
 and reused from there when its checkpoint and evaluation exist.
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -52,7 +53,11 @@ def write_maps(config_file, opts, run_dir, output_dir, num_images=2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
-    parser.add_argument("--method", default=DEFAULT_METHOD, help="tid, bckd, tbd, fitnet, fgfi, bckd_tid")
+    # Every method with a digits config for both detectors, e.g. tid, pkd_bckd.
+    methods = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
+                      for p in glob.glob(digits_config(ROOT, "retinanet_R34-R18_*.yaml"))})
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=methods,
+                        help="configs/digits/<detector>_R34-R18_<method>.yaml")
     parser.add_argument("--student-init", default="none", choices=["none", "neck", "head", "neck+head"],
                         help="DISTILL.STUDENT_INIT of the distilled student; both students then take the "
                              "teacher's FPN width, so that the baseline differs from it by distillation and "
