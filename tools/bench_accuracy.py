@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
-from harness.report import bar_chart, markdown_table, write_report_files
+from harness.report import bar_chart, markdown_table, method_label, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd"]
@@ -426,7 +426,7 @@ def row_label(row):
     if row.startswith("baseline"):
         return "student R18" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
     name = row[: -len(INIT)] if row.endswith(INIT) else row
-    return f"R18 + {name.upper().replace('_', '+')}" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
+    return f"R18 + {method_label(name)}" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
 
 
 def write_report(report, output):
@@ -447,7 +447,7 @@ def write_report(report, output):
             lines += [f"A heterogeneous pair: the trained {teacher_det} teacher distilled into the {student} student "
                       f"(other head, other anchor layout). The baseline is the {student} student's own (all its "
                       "seeds). Methods that need the same anchor layout refuse the pair when the model is built: "
-                      + ", ".join(m.upper() for m in d["needs_same_layout"]) + ".", ""]
+                      + ", ".join(map(method_label, d["needs_same_layout"])) + ".", ""]
         if teacher is None:
             lines += ["No teacher trained yet.", ""]
             continue

@@ -19,11 +19,11 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from harness.experiments import digits_config, digits_teacher_dir, train_and_evaluate
-from harness.report import bar_chart, markdown_table
+from harness.report import bar_chart, markdown_table, method_label
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The best method of benchmarks/accuracy_trained.md so far (RetinaNet seed 0: BCKD+TID 42.1,
-# TBD 39.8, FGFI 39.5, TID 39.2 AP; student 22.0, teacher 40.9). The short table's best was TBD.
+# The best RetinaNet row of benchmarks/accuracy_trained.md (BCKD+TID 41.9 AP over 3 seeds; TBD
+# 40.1, the best public baseline PKD 36.7; student 21.0, teacher 40.9); on FCOS 0.2 AP behind TID.
 DEFAULT_METHOD = "bckd_tid"
 
 
@@ -72,7 +72,7 @@ def main():
     teacher_config = digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml")
     inherit = args.student_init != "none"
     width = ["MODEL.FPN.OUT_CHANNELS", load_config(teacher_config).MODEL.FPN.OUT_CHANNELS] if inherit else []
-    method_name = args.method.upper().replace("_", "+")  # bckd_tid: the losses BCKD and TID
+    method_name = method_label(args.method)
     suffix = f"_init_{args.student_init.replace('+', '_')}" if inherit else ""
     stages = [
         ("teacher", teacher_config, teacher_dir, []),

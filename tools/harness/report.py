@@ -6,6 +6,11 @@ import os
 from .experiments import METRICS
 
 
+def method_label(method):
+    """The DISTILL.LOSSES of a digits config's method name: bckd_tid -> BCKD+TID."""
+    return method.upper().replace("_", "+")
+
+
 def _fmt(value, std=None):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
