@@ -348,7 +348,11 @@ def main():
                 init_runs += runs_for([m + INIT for m in best], [det])
         if not args.report_only:
             train_missing(init_runs)
-        runs += init_runs
+        # +init rows already measured stay in the table when a later row displaces them from the best two.
+        chosen = {(r.det, r.row) for r in init_runs}
+        measured = [r for r in runs_for([m + INIT for m in METHODS], same_detector)
+                    if (r.det, r.row) not in chosen and r.committed()]
+        runs += init_runs + measured
     report = build_report(args, runs, teachers, time.perf_counter() - start)
     write_report(report, args.output)
     return 0
