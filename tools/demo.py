@@ -23,7 +23,7 @@ from harness.report import bar_chart, markdown_table, method_label
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The best RetinaNet row of benchmarks/accuracy_trained.md (BCKD+TID 41.9 AP over 3 seeds; TBD
-# 40.1, the best public baseline PKD 36.7; student 21.0, teacher 40.9); on FCOS 0.2 AP behind TID.
+# 40.1, FGFI 39.5, PKD 36.7; student 21.0, teacher 40.9); on FCOS 0.2 AP behind TID.
 DEFAULT_METHOD = "bckd_tid"
 
 
@@ -53,7 +53,7 @@ def write_maps(config_file, opts, run_dir, output_dir, num_images=2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
-    # Every method with a digits config for both detectors, e.g. tid, pkd_bckd.
+    # Every method with a digits config (each has one per detector), e.g. tid, pkd_bckd.
     methods = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
                       for p in glob.glob(digits_config(ROOT, "retinanet_R34-R18_*.yaml"))})
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=methods,
