@@ -74,3 +74,43 @@ def test_rank_methods_on_a_lazyconfig(tiny_batch, tiny_dataset, tmp_path):
 
     out = rank([*args[:-2], "--probe-iters", "1", *args[-2:]], env, returncode=2)
     assert "--probe-iters takes yaml configs only" in out
+
+
+def test_rank_methods_refuses_methods_that_cannot_cross_the_pair_before_training(tiny_batch, tmp_path):
+    """An FCOS teacher for a RetinaNet student: methods that need the same anchor layout are named,
+    with the feature-only losses to use instead, before any run trains."""
+    teacher = make_teacher_checkpoint("fcos", str(tmp_path / "fcos_teacher.pth"), tiny_batch)
+    work = tmp_path / "work"
+    args = ["--config-file", "configs/digits/retinanet_R34-R18_pkd.yaml", "--eval-dataset", "digits_det_val",
+            "--methods", "PKD", "TID", "BCKD+TID", "--seeds", "1", "--work-dir", str(work),
+            "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.CONFIG_FILE", "configs/digits/fcos_R34_FPN_teacher.yaml",
+            "DISTILL.TEACHER.WEIGHTS", teacher, "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS)]
+    out = rank(args, dict(os.environ, PYTHONPATH=ROOT), returncode=2)
+    assert "this command trained nothing" in out
+    refused = [line.split(":")[0].strip() for line in out.splitlines() if "differ in anchors per location" in line]
+    assert refused == ["TID", "BCKD+TID"]  # PKD compares features only: it crosses the pair
+    assert "student RetinaNet, teacher FCOS" in out and "'CWD', 'FGD', 'FGFI', 'FITNET', 'PKD'" in out
+    assert not any(p.name.endswith("_seed0") for p in work.iterdir())
+
+
+def test_rank_methods_on_a_pascal_voc_split(tiny_batch, tmp_path):
+    """A VOC split is scored with AP, AP50 and AP75 only (detectron2's VOC evaluator): the table
+    has those columns."""
+    from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
+
+    generate_split(str(tmp_path / "data"), "train", num_images=8, image_size=128, seed=5)
+    voc_dir = write_voc_split(str(tmp_path / "data"), "train")
+    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+    work = tmp_path / "work"
+    opts = [*tiny_run_opts(tmp_path / "unused", 2, device="cpu"),
+            "DATASETS.VOC", str([("my_voc", voc_dir, "train", 2007, CLASS_NAMES)]), "DATASETS.TRAIN", "('my_voc',)",
+            "DISTILL.TEACHER.WEIGHTS", teacher, "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS),
+            "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+    args = ["--config-file", "configs/digits/retinanet_R34-R18_fitnet.yaml", "--eval-dataset", "my_voc",
+            "--methods", "FITNET", "--seeds", "1", "--work-dir", str(work), *map(str, opts)]
+    out = rank(args, dict(os.environ, PYTHONPATH=ROOT))
+    assert out.count("[rank]") == 2
+    rows = json.load(open(work / "ranking.json"))["rows"]
+    assert set(rows) == {"baseline", "FITNET"}
+    assert all(set(r["mean"]) == {"AP", "AP50", "AP75"} for r in rows.values())
+    assert "| rank | method | seeds | AP | AP50 | AP75 | gain (AP) |" in open(work / "ranking.md").read()

@@ -95,12 +95,10 @@ def is_pair(track):
 def layout_free_methods(det):
     """The methods whose every loss compares features only (``needs_same_layout`` False): the
     ones that can run between detectors of different anchor layouts."""
-    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+    from d2_taskdistill.modeling.meta_arch import layout_free_losses
 
-    def free(method):
-        cfg = load_config(digits_config(ROOT, f"{det}_R34-R18_{method}.yaml"))
-        return not any(DISTILL_LOSS_REGISTRY.get(name).needs_same_layout for name in cfg.DISTILL.LOSSES)
-    return [m for m in METHODS if free(m)]
+    free = set(layout_free_losses())
+    return [m for m in METHODS if set(load_config(digits_config(ROOT, f"{det}_R34-R18_{m}.yaml")).DISTILL.LOSSES) <= free]
 
 
 def config_sha(cfg):

@@ -71,13 +71,48 @@ def lazy_run_config(args, row, seed, evaluate_teacher):
     return cfg
 
 
-def summarize(results):
+def refused_methods(args, cfg, lazy):
+    """{method: why} for the methods that cannot distil this teacher into this student (class
+    count, anchor layout), found before anything trains: otherwise the first such method stops
+    the ranking hours in, after the runs before it."""
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+    from d2_taskdistill.modeling.meta_arch import check_losses_compatible
+
+    if lazy:
+        from detectron2.config import instantiate
+
+        student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
+    else:
+        from detectron2.modeling import build_model
+
+        from d2_taskdistill.modeling.meta_arch import student_config
+        from d2_taskdistill.modeling.teacher import build_teacher
+
+        cpu_cfg = cfg.clone()
+        cpu_cfg.defrost()
+        cpu_cfg.MODEL.DEVICE = "cpu"
+        student, teacher = build_model(student_config(cpu_cfg)), build_teacher(cpu_cfg)[0]
+    refused = {}
+    for row in args.methods:
+        try:
+            check_losses_compatible(student, teacher, {name: DISTILL_LOSS_REGISTRY.get(name) for name in row.split("+")})
+        except ValueError as e:
+            refused[row] = str(e)
+    return refused
+
+
+def reported_metrics(results):
+    """The metrics every run reported: COCO's six, or AP, AP50 and AP75 for a Pascal VOC split."""
+    return [m for m in METRICS if all(m in r for runs in results.values() for r in runs)]
+
+
+def summarize(results, metrics):
     """{row: [per-seed metrics]} -> {row: summary}, ranked by mean AP (best first)."""
     rows = {}
     for row, runs in results.items():
         aps = [r["AP"] for r in runs]
-        rows[row] = {"mean": {m: statistics.fmean(r[m] for r in runs) for m in METRICS},
-                     "std": {m: statistics.stdev([r[m] for r in runs]) if len(runs) > 1 else 0.0 for m in METRICS},
+        rows[row] = {"mean": {m: statistics.fmean(r[m] for r in runs) for m in metrics},
+                     "std": {m: statistics.stdev([r[m] for r in runs]) if len(runs) > 1 else 0.0 for m in metrics},
                      "seeds": len(runs), "AP_per_seed": aps}
     return dict(sorted(rows.items(), key=lambda kv: kv[1]["mean"]["AP"], reverse=True))
 
@@ -98,19 +133,19 @@ def probe_caveat(probe_iters):
     return lines + [""]
 
 
-def report_lines(args, ranked, teacher_ap):
+def report_lines(args, ranked, teacher_ap, metrics):
     base = ranked.get("baseline")
     lines = [f"# Methods ranked on {args.eval_dataset}", "",
              "Command: `python " + " ".join(sys.argv) + "`  ",
              f"Config: `{args.config_file}`; mean ± std over seeds, ranked by AP.",
              f"Teacher AP: {teacher_ap:.1f}" if teacher_ap is not None else "Teacher AP: not evaluated", "",
              *probe_caveat(args.probe_iters),
-             "| rank | method | seeds | " + " | ".join(METRICS) + " | gain (AP) | gap closed | AP per seed |",
-             "|---" * (len(METRICS) + 6) + "|"]
+             "| rank | method | seeds | " + " | ".join(metrics) + " | gain (AP) | gap closed | AP per seed |",
+             "|---" * (len(metrics) + 6) + "|"]
     for rank, (row, s) in enumerate(ranked.items(), 1):
         gain = s["mean"]["AP"] - base["mean"]["AP"] if base else None
         gap = teacher_ap - base["mean"]["AP"] if base and teacher_ap is not None else None
-        cells = [f"{s['mean'][m]:.1f} ± {s['std'][m]:.1f}" for m in METRICS]
+        cells = [f"{s['mean'][m]:.1f} ± {s['std'][m]:.1f}" for m in metrics]
         lines.append(f"| {rank} | {'student alone' if row == 'baseline' else row} | {s['seeds']} | "
                      + " | ".join(cells)
                      + f" | {'-' if gain is None else f'{gain:+.1f}'} | {'-' if not gap else f'{gain / gap:.0%}'} | "
@@ -152,6 +187,10 @@ def main():
     if not lazy and cfg.MODEL.META_ARCHITECTURE != "TaskDistillDetector":
         parser.error(f"--config-file {args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}; "
                      "give a distillation config (TaskDistillDetector), e.g. configs/digits/retinanet_R34-R18_tid.yaml")
+    refused = refused_methods(args, cfg, lazy)
+    if refused:
+        parser.error("--methods: these cannot distil this config's teacher into its student; drop them (this command trained nothing"
+                     "):\n" + "\n".join(f"  {row}: {why}" for row, why in refused.items()))
     rows = ([] if args.no_baseline else ["baseline"]) + list(args.methods)
     tag = f"_probe{args.probe_iters}" if args.probe_iters else ""
     results, teacher_ap = {}, None
@@ -170,12 +209,13 @@ def main():
                 teacher_ap = result["teacher_metrics"]["AP"]
             print(f"[rank] {row} seed {seed}: AP {result['metrics']['AP']:.2f}"
                   f"{' (finished earlier)' if result['reused'] else ''}", flush=True)
-    ranked = summarize(results)
+    metrics = reported_metrics(results)
+    ranked = summarize(results, metrics)
     output = args.output or os.path.join(args.work_dir, f"ranking{tag}")
     data = {"command": sys.argv, "config_file": args.config_file, "opts": [str(o) for o in args.opts],
             "eval_dataset": args.eval_dataset, "probe_iters": args.probe_iters, "teacher_AP": teacher_ap,
             "rows": ranked}
-    write_report_files(output, data, report_lines(args, ranked, teacher_ap))
+    write_report_files(output, data, report_lines(args, ranked, teacher_ap, metrics))
     return 0
 
 

@@ -84,6 +84,17 @@ def anchor_layout(detector):
     }
 
 
+def layout_free_losses():
+    """The registered losses that compare features only: they run across anchor layouts."""
+    return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if not getattr(loss, "needs_same_layout", False))
+
+
+def check_losses_compatible(student, teacher, losses):
+    """ValueError unless ``losses`` ({name: a loss or its class}) can distil ``teacher`` into ``student``."""
+    needs_layout = [n for n, l in losses.items() if getattr(l, "needs_same_layout", False)]
+    check_compatible(student, teacher, bool(needs_layout), needs_layout or list(losses))
+
+
 def check_compatible(student, teacher, needs_same_layout, loss_names):
     if student.num_classes != teacher.num_classes:
         raise ValueError(
@@ -94,10 +105,14 @@ def check_compatible(student, teacher, needs_same_layout, loss_names):
     keys = list(s_layout) if needs_same_layout else ["strides", "padding (size_divisibility)"]
     for key in keys:
         if s_layout[key] != t_layout[key]:
+            across = ""
+            if needs_same_layout:  # e.g. an anchor-free FCOS teacher cannot match a RetinaNet's anchors
+                across = (f" With a teacher whose layout cannot match (student {type(student).__name__}, teacher "
+                          f"{type(teacher).__name__}), use losses that compare features only: {layout_free_losses()}.")
             raise ValueError(
                 f"Teacher and student differ in {key} (student {s_layout[key]}, teacher "
                 f"{t_layout[key]}), which losses {loss_names} need equal. Align "
-                "MODEL.ANCHOR_GENERATOR / FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student."
+                "MODEL.ANCHOR_GENERATOR / FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student." + across
             )
 
 
@@ -219,8 +234,7 @@ class TaskDistillDetector(nn.Module):
         for name, loss in losses.items():
             self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
         logger.info("Distillation losses: %s", "; ".join(loss_description(n, l) for n, l in self.distill_losses.items()))
-        needs_layout = [n for n, l in self.distill_losses.items() if getattr(l, "needs_same_layout", False)]
-        check_compatible(self.student, teacher, bool(needs_layout), needs_layout or list(self.distill_losses))
+        check_losses_compatible(self.student, teacher, self.distill_losses)
         for loss in self.distill_losses.values():
             check = getattr(loss, "check_detectors", None)
             if check is not None:
