@@ -83,15 +83,13 @@ def refused_methods(args, cfg, lazy):
 
         student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     else:
-        from detectron2.modeling import build_model
-
-        from d2_taskdistill.modeling.meta_arch import student_config
-        from d2_taskdistill.modeling.teacher import build_teacher
+        from d2_taskdistill.modeling import TaskDistillDetector
 
         cpu_cfg = cfg.clone()
         cpu_cfg.defrost()
         cpu_cfg.MODEL.DEVICE = "cpu"
-        student, teacher = build_model(student_config(cpu_cfg)), build_teacher(cpu_cfg)[0]
+        parts = TaskDistillDetector.from_config(cpu_cfg)  # the model's own build of both detectors
+        student, teacher = parts["student"], parts["teacher"]
     refused = {}
     for row in args.methods:
         try:
