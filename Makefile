@@ -18,9 +18,11 @@ BENCH_JOBS ?= 2
 
 # The offline GPU check (README, "Checking on a GPU"): its bundle, built here, travels with the tree.
 GPU_BUNDLE ?= gpu_bundle
-GPU_CHECK_OUT ?= output/gpu_check_cpu
+GPU_TWIN_OUT ?= output/gpu_twin
+# Which detectron2 sources the twin checks (the check itself builds upstream, v0.6 where that fails).
+GPU_TWIN_DETECTRON2 ?= upstream registry
 
-.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv gpu-bundle gpu-check-cpu
+.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv gpu-bundle gpu-twin
 
 setup: $(STAMP)
 
@@ -68,11 +70,10 @@ gpu-bundle: setup
 	@test -n "$(D2_TASKDISTILL_DETECTRON2_SOURCE)" || { echo "make gpu-bundle: set D2_TASKDISTILL_DETECTRON2_SOURCE to upstream detectron2 (a source dir or archive)"; exit 2; }
 	$(PY) tools/gpu_bundle.py --out $(GPU_BUNDLE)
 
-# The check's CPU mode, as .ci/run runs it: the GPU bundle built and checked (Python 3.12), then
-# the same check with a bundle for this Python, the registry's v0.6 installed from it.
-gpu-check-cpu: gpu-bundle
-	$(PY) tools/gpu_bundle.py --out $(GPU_CHECK_OUT)/bundle --python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-	$(PY) tools/gpu_check.py --bundle $(GPU_CHECK_OUT)/bundle --out $(GPU_CHECK_OUT) --device cpu --detectron2 registry
+# The GPU machine's twin on the CPU (tools/gpu_twin.py, in .ci/run): a Python 3.12 venv with the
+# GPU machine's packages and none of the bundle's, offline; the whole check in it, for each source.
+gpu-twin: gpu-bundle
+	$(PY) tools/gpu_twin.py --bundle $(GPU_BUNDLE) --out $(GPU_TWIN_OUT) --detectron2 $(GPU_TWIN_DETECTRON2)
 
 clean-venv:
-	rm -rf $(VENV) $(UPSTREAM_VENV)
+	rm -rf $(VENV) $(UPSTREAM_VENV) .venv-gpu-twin

@@ -15,7 +15,8 @@ CONFIGS = os.path.join(ROOT, "configs")
 # The benchmark harness lives beside the tools that use it (tools/harness), not in the library.
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-torch.set_num_threads(2)
+# Two threads per test process; the GPU check's parallel suite gives each worker its share of the cores.
+torch.set_num_threads(int(os.environ.get("D2_TASKDISTILL_TEST_THREADS", "2")))
 
 # Where the tests build their models: "cpu", or "cuda" for the GPU check (tools/gpu_check.py).
 # Tests about CPU paths (gloo workers, bfloat16 autocast) pass device="cpu" themselves.
@@ -23,6 +24,13 @@ TEST_DEVICE = os.environ.get("D2_TASKDISTILL_TEST_DEVICE", "cpu")
 
 # Checkpoints crossing detectron2 versions need the other version's venv (make test-upstream).
 collect_ignore = [] if os.environ.get("D2_TASKDISTILL_OTHER_PYTHON") else ["test_cross_version.py"]
+
+
+def subprocess_env(**extra):
+    """The environment for a process a test starts: the project first on PYTHONPATH, whatever was
+    there kept (the GPU check puts the bundle's scratch folder there; replacing it loses detectron2)."""
+    path = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def config_path(*parts):

@@ -15,7 +15,8 @@ import torch
 
 import d2_taskdistill  # noqa: F401  (first: spawned workers import this module afresh)
 from d2_taskdistill.launch import free_port, launch
-from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, lazy_config_for_tiny_cli, register_tiny_dataset, teachers_in
+from conftest import (ROOT, TINY_ROOT_ENV, distill_cfg, lazy_config_for_tiny_cli, register_tiny_dataset, subprocess_env,
+                      teachers_in)
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 RESUMED = ["retinanet_tbd", "fcos_tid"]
@@ -178,7 +179,7 @@ def _iterations(output_dir):
 
 
 def _env(tiny_dataset):
-    return dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess_env()
 
 
 def test_train_net_num_gpus_2_on_cpu_trains_evaluates_resumes(teachers, tiny_dataset, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import (ROOT, SMALL_TEACHER_OPTS, TINY_ROOT_ENV, lazy_config_for_tiny_cli, make_teacher_checkpoint,
-                      tiny_run_opts)
+                      subprocess_env, tiny_run_opts)
 
 
 def rank(args, env, returncode=0):
@@ -26,7 +26,7 @@ def test_rank_methods_on_own_data_ranks_resumes_and_probes(tiny_batch, tiny_data
             "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
     args = ["--config-file", "configs/digits/retinanet_R34-R18_tid.yaml", "--eval-dataset", "my_set",
             "--methods", "TID", "FITNET", "--seeds", "2", "--work-dir", str(tmp_path / "work"), *map(str, opts)]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env()
     out = rank(args, env)
     assert out.count("(finished earlier)") == 0 and out.count("[rank]") == 6
     report = json.load(open(tmp_path / "work" / "ranking.json"))
@@ -58,7 +58,7 @@ def test_rank_methods_on_a_lazyconfig(tiny_batch, tiny_dataset, tmp_path):
     work = tmp_path / "work"
     args = ["--config-file", config, "--eval-dataset", "tiny_cli", "--methods", "TID", "BCKD+TID", "--seeds", "1",
             "--work-dir", str(work), "train.max_iter=2", "model.student.test_score_thresh=0.0"]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env()
     out = rank(args, env)
     assert out.count("[rank]") == 3 and "(finished earlier)" not in out
     report = json.load(open(work / "ranking.json"))
@@ -85,7 +85,7 @@ def test_rank_methods_refuses_methods_that_cannot_cross_the_pair_before_training
             "--methods", "PKD", "TID", "BCKD+TID", "--seeds", "1", "--work-dir", str(work),
             "MODEL.DEVICE", "cpu", "DISTILL.TEACHER.CONFIG_FILE", "configs/digits/fcos_R34_FPN_teacher.yaml",
             "DISTILL.TEACHER.WEIGHTS", teacher, "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS)]
-    out = rank(args, dict(os.environ, PYTHONPATH=ROOT), returncode=2)
+    out = rank(args, subprocess_env(), returncode=2)
     assert "this command trained nothing" in out
     refused = [line.split(":")[0].strip() for line in out.splitlines() if "differ in anchors per location" in line]
     assert refused == ["TID", "BCKD+TID"]  # PKD compares features only: it crosses the pair
@@ -108,7 +108,7 @@ def test_rank_methods_on_a_pascal_voc_split(tiny_batch, tmp_path):
             "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
     args = ["--config-file", "configs/digits/retinanet_R34-R18_fitnet.yaml", "--eval-dataset", "my_voc",
             "--methods", "FITNET", "--seeds", "1", "--work-dir", str(work), *map(str, opts)]
-    out = rank(args, dict(os.environ, PYTHONPATH=ROOT))
+    out = rank(args, subprocess_env())
     assert out.count("[rank]") == 2
     rows = json.load(open(work / "ranking.json"))["rows"]
     assert set(rows) == {"baseline", "FITNET"}

@@ -208,10 +208,28 @@ def child_rounds(args):
     return {"ratios": ratios, "steps": times}
 
 
+def child_profiles(args):
+    """Every kind's profile in this one process, one kind after the other (CUDA only: its peak
+    counter is reset per kind, and each kind's models are freed before the next is built)."""
+    import gc
+
+    torch_mod = __import__("torch")
+    profiles = {}
+    for kind in [*FLOOR, *args.methods]:
+        profiles[kind] = child_profile(args, kind)
+        gc.collect()
+        torch_mod.cuda.empty_cache()
+    return profiles
+
+
 def child_profile(args, kind):
-    """One kind alone in this process: median step, its breakdown, and peak memory."""
+    """One kind: median step, its breakdown, and peak memory (alone in its process on the CPU,
+    where the peak RSS cannot be reset)."""
     torch_mod = __import__("torch")
     base_rss = rss_mb()
+    cuda = args.device.startswith("cuda")
+    # What earlier kinds of this process left allocated (0 in a fresh process).
+    base_allocated = torch_mod.cuda.memory_allocated(torch_mod.device(args.device)) if cuda else 0
     bench = Bench(args)
     step = bench.build(kind)
     from detectron2.utils.events import EventStorage
@@ -234,7 +252,7 @@ def child_profile(args, kind):
             if i >= args.warmup:
                 steps.append(seconds)
     if bench.device.type == "cuda":
-        peak = torch_mod.cuda.max_memory_allocated(bench.device) / 2**20
+        peak = (torch_mod.cuda.max_memory_allocated(bench.device) - base_allocated) / 2**20
     else:
         peak = peak_rss_mb() - base_rss
     return {"step": statistics.median(steps), "breakdown": {k: statistics.median(v) for k, v in parts.items()},
@@ -275,7 +293,10 @@ def measure_precision(args, precision, log):
     """Rounds and per-kind profiles at the reference point for one precision."""
     args = argparse.Namespace(**{**vars(args), "precision": precision})
     rounds = run_child(args, "rounds")
-    profiles = {kind: run_child(args, "profile", kind) for kind in [*FLOOR, *args.methods]}
+    if args.device.startswith("cuda"):
+        profiles = run_child(args, "profiles")  # one process: each start of CUDA costs seconds
+    else:
+        profiles = {kind: run_child(args, "profile", kind) for kind in [*FLOOR, *args.methods]}
     steps = {kind: statistics.median(v) for kind, v in rounds["steps"].items()}
     floor_mem = profiles["student"]["peak_mb"] + profiles["teacher"]["peak_mb"]
     result = {"steps": rounds["steps"], "profiles": profiles, "methods": {}}
@@ -312,7 +333,7 @@ def main():
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config options added to every distillation run, e.g. DISTILL.TBD.LOG_PERIOD 1")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "speed"))
-    parser.add_argument("--child", choices=["rounds", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["rounds", "profile", "profiles"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -325,7 +346,8 @@ def main():
         torch.set_num_threads(args.threads)
     if args.child:
         args.precision = args.precision[0]
-        out = child_rounds(args) if args.child == "rounds" else child_profile(args, args.kind)
+        out = {"rounds": child_rounds, "profiles": child_profiles}.get(
+            args.child, lambda a: child_profile(a, a.kind))(args)
         print(json.dumps(out))
         return 0
 
@@ -337,9 +359,12 @@ def main():
               "reference": {"size": args.size, "batch": args.batch}, "rounds": args.rounds,
               "iters": args.iters, "precision": {}}
     log = lambda line: print(line, flush=True)
-    precisions = args.precision
-    for precision in precisions:
+    report["scaling"] = {}
+    for precision in args.precision:
         report["precision"][precision] = measure_precision(args, precision, log)
+        # Written as each precision ends: a run cut short keeps the table it has.
+        report["wall_seconds"] = round(time.perf_counter() - start, 1)
+        write_report(args, report)
 
     scaling = {}
     for kind in () if args.no_scaling else ("student", "teacher", "TID"):

@@ -10,17 +10,19 @@ Run from the project root on a GPU machine without internet, with the folder tha
 It installs the bundle into a scratch folder (first on PYTHONPATH, nothing else touched),
 builds upstream detectron2 with its CUDA ops for the GPU it finds (TORCH_CUDA_ARCH_LIST from the
 device's compute capability, ninja) or, if that fails or runs out of its time, installs the
-registry's v0.6 Python code, and then runs, each part under its own time limit:
-  (a) tests/test_cuda.py;
+registry's v0.6 Python code, and then runs, each part under its own time limit (LIMITS; at the
+limit SIGINT, so that pytest writes its junit and summary, then SIGKILL), in the order that
+tells the most if the time runs out:
+  (a) tests/test_cuda.py: one AMP training per detector and the CUDA unit tests;
   (b) tools/bench_speed.py --device cuda --precision fp32 amp at the reference point and at a
-      GPU-sized one (batch 16 x 512 px);
-  (c) the whole suite with its models on CUDA (D2_TASKDISTILL_TEST_DEVICE=cuda);
+      GPU-sized one (batch 16 x 512 px), the tables written after each precision;
+  (c) the whole suite with its models on CUDA (D2_TASKDISTILL_TEST_DEVICE=cuda), on every core
+      (pytest-xdist), each test bounded (pytest-timeout), the device-heavy files first;
   (d) nvidia-smi, versions and each part's wall time (env.json, summary.json, summary.md).
 Everything goes to --out, written as each part ends, so a run cut short keeps what it did.
 
---device cpu runs the same steps on the CPU, shortened (a tiny speed point, two test files), with
-a bundle built for the local Python (make gpu-check-cpu, which .ci/run calls). Exit status 0
-when every part passed.
+--device cpu runs the same steps on the CPU with a tiny speed point: it is what the GPU
+machine's twin runs (make gpu-twin, tools/gpu_twin.py). Exit status 0 when every part passed.
 """
 import argparse
 import glob
@@ -31,17 +33,77 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Seconds per part on the GPU machine; the suite gets what is left of --budget.
-LIMITS = {"env": 30, "install": 60, "detectron2 upstream": 240, "detectron2 registry": 90,
-          "a: tests/test_cuda.py": 90, "b: speed, reference point": 120, "b: speed, 512 px x 16": 75}
+# Seconds for each step, per --device. The fixed limits, the suite's minimum and the reserve add
+# up to at most the budget (tests/test_gpu_check.py), so that every part gets its time whatever
+# the parts before it do: the registry's v0.6 is counted although it runs only where upstream's
+# build fails. "cuda": the GPU machine (16 cores, one run of at most 600 s, 15 min of device time
+# with its start); "cpu": the twin of it on 2 cores (make gpu-twin), where the upstream build
+# takes about 6 min and the suite about 12.
+LIMITS = {
+    "cuda": {"budget": 570, "env": 15, "nvidia-smi": 10, "install": 30, "detectron2 upstream": 180,
+             "detectron2 registry": 30, "a: tests/test_cuda.py": 60, "b: speed, reference point": 75,
+             "b: speed, 512 px x 16": 40, "c: suite minimum": 100},
+    "cpu": {"budget": 2700, "env": 30, "nvidia-smi": 10, "install": 90, "detectron2 upstream": 720,
+            "detectron2 registry": 120, "a: tests/test_cuda.py": 60, "b: speed, reference point": 150,
+            "c: suite minimum": 1200},
+}
+GRACE = 15  # seconds between SIGINT (pytest writes its junit and summary) and SIGKILL
+RESERVE = 20  # the grace of the last part, the probes between parts and the summary
 PARTS = ("a", "b", "c")
-SUITE_RESERVE = 10  # seconds kept back for the summary
+# Part c runs these first, so that a cut leaves the tests that touch the device done.
+SUITE_FIRST = ["tests/test_mixed_precision.py", "tests/test_host_syncs.py", "tests/test_distill_detector.py",
+               "tests/test_detectors.py", "tests/test_lazy_configs.py", "tests/test_checkpoints.py",
+               "tests/test_launch.py"]
+PER_TEST_TIMEOUT = {"cuda": 240, "cpu": 600}  # pytest-timeout, seconds
 BUNDLED_MODULES = ["yaml", "yacs", "omegaconf", "hydra", "antlr4", "termcolor", "pkg_resources", "wheel",
-                   "fvcore", "iopath", "pycocotools"]
+                   "fvcore", "iopath", "pycocotools", "pycocotools._mask"]
+
+
+def fixed_seconds(device):
+    """Seconds the budget must hold besides the suite: every fixed limit and the reserve."""
+    limits = LIMITS[device]
+    return sum(v for k, v in limits.items() if k not in ("budget", "c: suite minimum")) + RESERVE
+
+
+def check_budget(device, budget):
+    """None when ``budget`` holds every part of ``device``'s check, else what is missing."""
+    need = fixed_seconds(device) + LIMITS[device]["c: suite minimum"]
+    if budget < need:
+        return (f"--budget {budget:.0f} s is too little for --device {device}: the parts' limits, the suite's "
+                f"minimum and the reserve need {need} s (tools/gpu_check.py LIMITS)")
+    return None
+
+
+def stop(proc, grace=GRACE):
+    """SIGINT to the process group (pytest then writes its junit and summary), SIGKILL after grace."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def pytest_parallel_args(device, workers):
+    """pytest-xdist and pytest-timeout options where they are installed (the GPU machine and the
+    twin have both); the suite runs serially and unbounded per test without them."""
+    import importlib.util
+
+    args = []
+    if importlib.util.find_spec("xdist") and workers > 1:
+        args += ["-n", str(workers)]
+    if importlib.util.find_spec("pytest_timeout"):
+        args += ["--timeout", str(PER_TEST_TIMEOUT[device])]
+    return args
 
 
 class Check:
@@ -53,22 +115,26 @@ class Check:
         self.scratch = tempfile.mkdtemp(prefix="d2td_gpu_check_")
         self.site = os.path.join(self.scratch, "site")
         self.started = time.monotonic()
-        self.summary = {"command": " ".join(sys.argv), "device": args.device, "parts": {}}
+        self.limits = LIMITS[args.device]
+        self.summary = {"command": " ".join(sys.argv), "device": args.device, "budget_s": args.budget,
+                        "parts": {}}
 
     def remaining(self):
         return self.args.budget - (time.monotonic() - self.started)
 
     def env(self, **extra):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([self.site, ROOT]), PYTHONUNBUFFERED="1", **extra)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([self.site, ROOT]), PYTHONUNBUFFERED="1",
+                   # The GPU machine reaches no network: no pip call may try.
+                   PIP_NO_INDEX="1", **extra)
         # No second detectron2 here; the bundle alone says where detectron2 comes from.
         env.pop("D2_TASKDISTILL_OTHER_PYTHON", None)
         env.pop("D2_TASKDISTILL_DETECTRON2_SOURCE", None)
         return env
 
     def run(self, name, cmd, limit, env=None, log=None):
-        """One part: its command under its own time limit (the whole process group is killed
-        at the limit); output to its log in --out. Returns True when it exited 0."""
-        limit = max(1, min(limit, self.remaining()))
+        """One part: its command under its own time limit (then SIGINT to its process group,
+        SIGKILL after a grace); output to its log in --out. Returns True when it exited 0."""
+        limit = max(1, min(limit, self.remaining() - RESERVE))
         log = log or name.split(":")[0].replace(" ", "_").replace("/", "_") + ".log"
         path = os.path.join(self.out, log)
         started = time.monotonic()
@@ -80,8 +146,7 @@ class Check:
             try:
                 rc, timed_out = proc.wait(timeout=limit), False
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc, timed_out = proc.wait(), True
+                rc, timed_out = stop(proc), True
         seconds = round(time.monotonic() - started, 1)
         with open(path) as f:
             tail = [line.rstrip() for line in f.readlines()[-3:]]
@@ -102,18 +167,18 @@ class Check:
                 "'gpus': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "
                 "'capability': torch.cuda.get_device_capability() if torch.cuda.is_available() else None, "
                 "'cpus': os.cpu_count()}))")
-        self.run("env", self.python(code), LIMITS["env"], log="env.log")
+        self.run("env", self.python(code), self.limits["env"], log="env.log")
         with open(os.path.join(self.out, "env.log")) as f:
             self.summary["env"] = json.loads(f.read().splitlines()[-1])
         if shutil.which("nvidia-smi"):
-            self.run("env: nvidia-smi", ["nvidia-smi"], LIMITS["env"], log="nvidia-smi.txt")
+            self.run("env: nvidia-smi", ["nvidia-smi"], self.limits["nvidia-smi"], log="nvidia-smi.txt")
 
     def install(self):
         wheels = sorted(glob.glob(os.path.join(self.bundle, "wheels", "*.whl")))
         if not wheels:
             sys.exit(f"[gpu_check] no wheels in {self.bundle}/wheels: build the bundle first (make gpu-bundle)")
         ok = self.run("install", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                                  "--target", self.site, *wheels], LIMITS["install"])
+                                  "--target", self.site, *wheels], self.limits["install"])
         # Each bundled module must come from the scratch folder, not from the machine.
         code = ("import importlib, json; print(json.dumps({m: importlib.import_module(m).__file__ "
                 f"for m in {BUNDLED_MODULES!r}}}))")
@@ -135,10 +200,10 @@ class Check:
             if self.args.device == "cuda" and capability:
                 extra.update(TORCH_CUDA_ARCH_LIST="{}.{}".format(*capability), FORCE_CUDA="1")
             built = self.run("detectron2 upstream", [*installer, "--source", upstream[0]],
-                             LIMITS["detectron2 upstream"], env=self.env(**extra))
+                             self.limits["detectron2 upstream"], env=self.env(**extra))
         if not built and self.args.detectron2 != "upstream":
             self.run("detectron2 registry", [*installer, "--registry-sdist", registry[0]],
-                     LIMITS["detectron2 registry"])
+                     self.limits["detectron2 registry"])
         code = ("import json, detectron2, d2_taskdistill; from d2_taskdistill import compat; "
                 "cuda = compat.HAS_CPP_OPS and detectron2._C.has_cuda(); "
                 "print(json.dumps({'file': detectron2.__file__, 'cpp_ops': bool(compat.HAS_CPP_OPS), 'cuda_ops': bool(cuda)}))")
@@ -154,38 +219,46 @@ class Check:
         return info["kind"] if info["from_scratch"] else None
 
     def tests_and_bench(self, kind):
+        """a (the CUDA tests), b (the speed table), c (the suite): the order that tells the most
+        if the time runs out."""
         pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE"]
         expect = {"D2_TASKDISTILL_EXPECT_DETECTRON2": kind}
         cuda = self.args.device == "cuda"
         parts = self.args.parts
         if "a" in parts:
-            self.run("a: tests/test_cuda.py", [*pytest, "tests/test_cuda.py", "--junitxml",
-                                               os.path.join(self.out, "a.xml")],
-                     LIMITS["a: tests/test_cuda.py"], env=self.env(**expect))
+            # One AMP training per detector and the unit tests; every method's AMP run is in c.
+            self.run("a: tests/test_cuda.py", [*pytest, "tests/test_cuda.py", "-k", "not every_method",
+                                               "--junitxml", os.path.join(self.out, "a.xml")],
+                     self.limits["a: tests/test_cuda.py"], env=self.env(**expect))
         bench = [sys.executable, os.path.join(ROOT, "tools", "bench_speed.py"), "--device", self.args.device,
                  "--no-scaling"]
-        tmp = {"TMPDIR": self.scratch}
         if cuda:
             points = {"b: speed, reference point": ["--precision", "fp32", "amp", "--rounds", "5", "--iters", "3",
                                                      "--output", os.path.join(self.out, "speed_cuda")],
-                      # Two methods at the large point: each kind is a process of its own.
                       "b: speed, 512 px x 16": ["--precision", "fp32", "amp", "--rounds", "3", "--iters", "2",
                                                 "--size", "512", "--batch", "16", "--methods", "TID", "BCKD+TID",
                                                 "--output", os.path.join(self.out, "speed_cuda_512x16")]}
         else:
-            points = {"b: speed, reference point": ["--precision", "fp32", "--rounds", "1", "--iters", "1",
+            points = {"b: speed, reference point": ["--precision", "fp32", "amp", "--rounds", "1", "--iters", "1",
                                                      "--warmup", "0", "--size", "128", "--batch", "1", "--methods",
                                                      "TID", "--output", os.path.join(self.out, "speed_cpu")]}
         for name, opts in points.items() if "b" in parts else ():
-            self.run(name, [*bench, *opts], LIMITS[name], env=self.env(**tmp), log=name.split(",")[1].strip()
-                     .replace(" ", "_") + ".log")
-        suite = ["tests"] if cuda else ["tests/test_compat.py", "tests/test_host_syncs.py"]
+            self.run(name, [*bench, *opts], self.limits[name], env=self.env(TMPDIR=self.scratch),
+                     log=name.split(",")[1].strip().replace(" ", "_") + ".log")
         if "c" not in parts:
             return
-        self.run("c: suite on " + self.args.device, [*pytest, "--durations=20", *suite, "--junitxml",
-                                                     os.path.join(self.out, "suite.xml")],
-                 self.remaining() - SUITE_RESERVE, log=f"suite_{self.args.device}.log",
-                 env=self.env(D2_TASKDISTILL_TEST_DEVICE=self.args.device, **expect))
+        # Part a ran tests/test_cuda.py but its every-method sweep: c runs that, not the rest again.
+        paths = self.args.suite or [*SUITE_FIRST, "tests"]
+        skip_a = ["-k", "not test_cuda or every_method"] if "a" in parts else []
+        workers = self.args.workers or (os.cpu_count() or 1)
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        self.run("c: suite on " + self.args.device,
+                 [*pytest, "--durations=20", *pytest_parallel_args(self.args.device, workers),
+                  *(skip_a if not self.args.suite else []), *paths,
+                  "--junitxml", os.path.join(self.out, "suite.xml")],
+                 self.remaining(), log=f"suite_{self.args.device}.log",
+                 env=self.env(D2_TASKDISTILL_TEST_DEVICE=self.args.device, D2_TASKDISTILL_TEST_THREADS=threads,
+                              **expect))
 
     def write_summary(self):
         self.summary["wall_seconds"] = round(time.monotonic() - self.started, 1)
@@ -209,6 +282,18 @@ class Check:
             lines.append(f"| {name} | {result} | {p['seconds']:.0f} | {p['limit_s']} | {p['log']} | {last} |")
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        if self.args.pack:
+            self.pack()
+
+    def pack(self):
+        """--out in one archive, and summary.md beside it: the device tool brings back only a
+        few files from its output folder. Rewritten after each part, so a cut run keeps its last."""
+        os.makedirs(self.args.pack, exist_ok=True)
+        archive = os.path.join(self.args.pack, "gpu_check.tar.gz")
+        with tarfile.open(archive + ".tmp", "w:gz") as tar:
+            tar.add(self.out, arcname="gpu_check")
+        os.replace(archive + ".tmp", archive)
+        shutil.copy(os.path.join(self.out, "summary.md"), os.path.join(self.args.pack, "summary.md"))
 
 
 def main():
@@ -218,10 +303,20 @@ def main():
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--detectron2", default="auto", choices=["auto", "upstream", "registry"],
                         help="auto: build upstream, the registry's v0.6 if that fails")
-    parser.add_argument("--budget", type=float, default=570, help="seconds for the whole check")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole check (default: LIMITS[device]['budget'], 570 on cuda)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="a: test_cuda.py, b: speed tables, c: the suite (e.g. a rerun of c alone)")
+    parser.add_argument("--suite", nargs="+", help="test paths for part c (default: the whole suite)")
+    parser.add_argument("--pack", help="also write --out as DIR/gpu_check.tar.gz and DIR/summary.md after each part "
+                                       "(for the device tool, which brings back at most 8 files: --pack $OUT)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pytest-xdist workers for part c (default: one per core)")
     args = parser.parse_args()
+    args.budget = LIMITS[args.device]["budget"] if args.budget is None else args.budget
+    problem = check_budget(args.device, args.budget)
+    if problem:
+        parser.error(problem)
     if not os.path.isdir(args.bundle):
         sys.exit(f"[gpu_check] --bundle {args.bundle}: no such folder; build it with make gpu-bundle and copy it "
                  "beside the project")

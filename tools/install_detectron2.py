@@ -45,14 +45,18 @@ def pip(*args):
     subprocess.check_call([sys.executable, "-m", "pip", *args])
 
 
-def install_from_source(source, target_args=()):
+def install_from_source(source, target_args=(), offline=False):
     looks_local = not re.match(r"^[a-z+]+://", source)
     if looks_local and not os.path.exists(source):
         sys.exit(f"[install_detectron2] {SOURCE_ENV}={source!r}: no such directory or archive")
     print(f"[install_detectron2] building detectron2 from {SOURCE_ENV}={source}")
     # Without ninja, torch's extension builder compiles the C++ files one at a time.
     if shutil.which("ninja") is None:
-        pip("install", "-q", "ninja==1.13.2")
+        if offline:
+            # Offline, pip's retries for it would eat the build's time limit.
+            print("[install_detectron2] no ninja on PATH and offline: compiling without it (slower)")
+        else:
+            pip("install", "-q", "ninja==1.13.2")
     started = time.time()
     pip("install", "--no-build-isolation", *target_args, source)
     print(f"[install_detectron2] built in {time.time() - started:.0f} s")
@@ -113,7 +117,9 @@ def main():
         if version is not None:
             sys.exit(f"[install_detectron2] detectron2 {version} is older than 0.6; uninstall it first")
     if args.source and not args.registry_sdist:
-        install_from_source(args.source, target_args)
+        # --target is the offline GPU check's install, as is a pip told to use no index.
+        offline = bool(args.target) or os.environ.get("PIP_NO_INDEX", "").lower() in ("1", "true", "yes")
+        install_from_source(args.source, target_args, offline)
     else:
         install_from_registry_sdist(args.registry_sdist, target_args)
     version = installed_version(args.target)
