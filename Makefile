@@ -13,6 +13,11 @@ UPSTREAM_STAMP := $(UPSTREAM_VENV)/.setup-complete
 D2_TASKDISTILL_DETECTRON2_SOURCE ?= $(firstword $(wildcard $(CURDIR)/../shared/vendor/detectron2-main-*.tar.gz))
 export D2_TASKDISTILL_DETECTRON2_SOURCE
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# The suite's processes (pytest-xdist), one torch thread each; a test that runs past
+# TEST_TIMEOUT seconds fails (pytest-timeout) instead of hanging the run.
+TEST_WORKERS ?= 2
+TEST_TIMEOUT ?= 900
+PYTEST = D2_TASKDISTILL_TEST_THREADS=1 $(1) -m pytest -q -n $(TEST_WORKERS) --timeout $(TEST_TIMEOUT) tests
 # Accuracy-table runs trained at the same time (one thread each on this 2-core machine).
 BENCH_JOBS ?= 2
 
@@ -50,12 +55,12 @@ $(UPSTREAM_STAMP): requirements.txt setup.py tools/install_detectron2.py
 
 # The expectation makes tests/test_compat.py check that each venv holds the detectron2 it should.
 test: setup
-	D2_TASKDISTILL_EXPECT_DETECTRON2=registry-v0.6 $(PY) -m pytest -q tests
+	D2_TASKDISTILL_EXPECT_DETECTRON2=registry-v0.6 $(call PYTEST,$(PY))
 
 # Also builds .venv: tests/test_cross_version.py moves checkpoints between the two.
 test-upstream: setup setup-upstream
 	D2_TASKDISTILL_EXPECT_DETECTRON2=upstream D2_TASKDISTILL_OTHER_PYTHON=$(CURDIR)/$(PY) \
-		$(UPSTREAM_PY) -m pytest -q tests
+		$(call PYTEST,$(UPSTREAM_PY))
 
 demo: setup
 	$(PY) tools/demo.py

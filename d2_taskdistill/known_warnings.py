@@ -6,8 +6,9 @@ import warnings
 
 # (category, message start) raised inside detectron2 or torch, not by the user's code.
 KNOWN_WARNINGS = [
-    # detectron2 decorates helpers with torch.jit.script at import.
-    (FutureWarning, "`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`."),
+    # detectron2 decorates helpers with torch.jit.script at import: a FutureWarning on torch
+    # 2.14, a DeprecationWarning on 2.11 (the GPU machine's), so any category.
+    (Warning, "`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`."),
     # detectron2's anchor generators call torch.meshgrid without indexing=.
     (UserWarning, "torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument."),
     # detectron2's DefaultTrainer wraps the model with DDP(broadcast_buffers=False).

@@ -83,7 +83,8 @@ for reach in (lambda: socket.create_connection(("pypi.org", 443), timeout=1),
         print("refused:", e)
 """
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        # -S: no site-packages, so no .pth: in the twin itself, its own guard would take these first.
+        out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
     finally:
         server.close()
     assert out.returncode == 0, out.stderr

@@ -51,7 +51,7 @@ def venv_python(venv):
 
 def fingerprint():
     digest = hashlib.sha256()
-    for path in (REQUIREMENTS, GUARD, __file__):
+    for path in (REQUIREMENTS, GUARD):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
@@ -102,9 +102,11 @@ def twin_env(venv):
 
 
 def bundle_modules_present(venv):
-    """Bundle modules the twin can import by itself: none may be there."""
+    """Bundle modules the twin can import by itself: none may be there (but setuptools' and
+    wheel's, which the GPU machine has too; the bundle brings its own for building detectron2)."""
+    modules = ["detectron2", *(m for m in BUNDLED_MODULES if m not in ("wheel", "pkg_resources"))]
     code = ("import importlib.util, json, sys; "
-            f"print(json.dumps([m for m in {['detectron2', *BUNDLED_MODULES]!r} "
+            f"print(json.dumps([m for m in {modules!r} "
             "if importlib.util.find_spec(m.split('.')[0])]))")
     out = subprocess.run([venv_python(venv), "-c", code], env=twin_env(venv), capture_output=True, text=True,
                          check=True, cwd=tempfile.gettempdir())
@@ -134,15 +136,17 @@ def verdict(rc, attempts):
     return "; ".join(problems) or None
 
 
+# Each probe: a test file, and the evidence that the twin failed for the probe's reason (a text
+# in the suite's log, or a host in the network record), not for another.
 PROBES = {
-    "lost PYTHONPATH": """
+    "lost PYTHONPATH": ("""
         import os, subprocess, sys
 
         def test_subprocess_that_replaces_pythonpath():
             env = dict(os.environ, PYTHONPATH={root!r})
             subprocess.run([sys.executable, "-c", "import yacs"], env=env, check=True)
-        """,
-    "network": """
+        """, "No module named 'yacs'"),
+    "network": ("""
         import socket
 
         def test_network_call_that_swallows_its_error():
@@ -150,23 +154,27 @@ PROBES = {
                 socket.create_connection(("pypi.org", 443), timeout=2).close()
             except OSError:
                 pass
-        """,
+        """, "'pypi.org'"),
 }
 
 
 def run_probes(venv, bundle, out):
-    """Each probe must make the twin fail; returns the probes that did not."""
+    """Each probe must make the twin fail, for its own reason; returns the probes that did not."""
     missed = []
-    for name, source in PROBES.items():
+    for name, (source, evidence) in PROBES.items():
+        folder = os.path.join(out, "probe_" + name.replace(" ", "_"))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "test_probe.py")
             with open(path, "w") as f:
                 f.write(textwrap.dedent(source.format(root=ROOT)))
-            folder = os.path.join(out, "probe_" + name.replace(" ", "_"))
             rc, attempts = run_check(venv, bundle, folder, "registry", ["--parts", "c", "--suite", path])
+        with open(os.path.join(folder, "suite_cpu.log")) as f:
+            seen = evidence in f.read() or any(evidence in a for a in attempts)
         problem = verdict(rc, attempts)
-        log(f"probe '{name}': " + (f"caught ({problem})" if problem else "NOT CAUGHT: the twin passed it"))
-        if problem is None:
+        caught = problem is not None and seen
+        log(f"probe '{name}': " + (f"caught ({problem})" if caught else
+                                   f"NOT CAUGHT: {problem or 'the twin passed it'}; {evidence} not seen"))
+        if not caught:
             missed.append(name)
     return missed
 
