@@ -109,3 +109,11 @@ def test_processes_the_tests_start_keep_the_pythonpath_they_were_given(monkeypat
     assert subprocess_env()["PYTHONPATH"] == os.pathsep.join([ROOT, "/scratch/site"])
     monkeypatch.delenv("PYTHONPATH")
     assert subprocess_env(EXTRA="1")["PYTHONPATH"] == ROOT and subprocess_env(EXTRA="1")["EXTRA"] == "1"
+
+
+def test_the_check_runs_every_test_file_with_the_device_heavy_ones_first():
+    files = gpu_check.suite_files()
+    assert files[:len(gpu_check.SUITE_FIRST)] == gpu_check.SUITE_FIRST
+    on_disk = sorted(f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py"))
+    assert sorted(os.path.basename(f) for f in files) == [f for f in on_disk if f != "test_cross_version.py"]
+    assert len(set(files)) == len(files)
