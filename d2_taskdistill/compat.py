@@ -158,11 +158,21 @@ def group_norm_factory(num_channels):
     return nn.GroupNorm(min(32, num_channels), num_channels)
 
 
+@functools.lru_cache(maxsize=None)
 def yacs_train_sampler_takes_seed():
     """Whether the yacs train loader seeds its TrainingSampler with cfg.SEED (upstream main);
-    v0.6 draws the sampler's seed from the global RNG, as a loader built from kwargs does."""
-    import inspect
-
+    v0.6 draws the sampler's seed from the global RNG, as a loader built from kwargs does.
+    Found by building the sampler of a two-item dataset with a known SEED."""
+    from detectron2.config import get_cfg
     from detectron2.data import build
 
-    return "TrainingSampler(len(dataset), seed=cfg.SEED)" in inspect.getsource(build._train_loader_from_config)
+    cfg = get_cfg()
+    cfg.SEED = 20260601
+    build_logger = logging.getLogger(build.__name__)
+    level = build_logger.level
+    build_logger.setLevel(logging.WARNING)  # its "Using training sampler" line is not the user's
+    try:
+        sampler = build._train_loader_from_config(cfg, mapper=lambda d: d, dataset=[{}, {}])["sampler"]
+    finally:
+        build_logger.setLevel(level)
+    return getattr(sampler, "_seed", None) == cfg.SEED

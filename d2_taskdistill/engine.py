@@ -18,10 +18,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from . import compat
-from .checkpoint import SafeCheckpointer, TeacherIdentity
+from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_datasets, check_registered
-from .hooks import DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, is_distill_model, unwrap
-from .modeling.inherit import parts_of
+from .hooks import DistillFeatures, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
 
 logger = logging.getLogger(__name__)
@@ -97,49 +96,42 @@ class FileNamingMapper(DatasetMapper):
         try:
             return super().__call__(dataset_dict)
         except Exception as e:
-            message = (f"{e} [image {dataset_dict.get('file_name')}: fix or remove it; DATASETS.CHECK_IMAGES "
-                       "'all' decodes every image of DATASETS.COCO/VOC before training]")
-            try:
-                named = type(e)(message)
-            except Exception:  # an exception type whose constructor takes other arguments
-                named = RuntimeError(message)
-            raise named from e
+            e.add_note(f"[image {dataset_dict.get('file_name')}: fix or remove it; DATASETS.CHECK_IMAGES 'all' "
+                       "decodes every image of DATASETS.COCO/VOC before training]")
+            raise
 
 
 class DistillTrainer(DefaultTrainer):
     """DefaultTrainer for plain and distilled detectors of this project."""
 
     def __init__(self, cfg):
-        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-            raise ValueError(
-                f"SOLVER.AMP.ENABLED=True with MODEL.DEVICE={cfg.MODEL.DEVICE}: detectron2's AMPTrainer "
-                "trains in float16 on CUDA only. Set SOLVER.AMP.ENABLED False to train on the CPU.")
+        refuse_amp_off_cuda(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE, "SOLVER.AMP.ENABLED", "MODEL.DEVICE")
         super().__init__(cfg)
 
+    @property
+    def checkpointer(self):
+        return self._checkpointer
+
+    @checkpointer.setter
+    def checkpointer(self, checkpointer):
+        # DefaultTrainer.__init__ assigns its DetectionCheckpointer: it becomes an atomic one
+        # as it is assigned, before build_hooks or anything else uses it.
+        if not isinstance(checkpointer, SafeCheckpointer):
+            checkpointer = SafeCheckpointer(checkpointer.model, checkpointer.save_dir, **checkpointer.checkpointables)
+        self._checkpointer = checkpointer
+
     def build_hooks(self):
-        # Called by DefaultTrainer.__init__ before anything saves or loads: the checkpointer
-        # becomes an atomic one, and records the teacher (its PeriodicCheckpointer uses it).
-        old = self.checkpointer
-        self.checkpointer = SafeCheckpointer(old.model, old.save_dir, **old.checkpointables)
         cfg = self.cfg
         model = unwrap(self.model)
-        distill = is_distill_model(model)
-        if distill:
-            self.checkpointer.add_checkpointable(
-                "teacher", TeacherIdentity(model.teacher_cfg.weights, cfg.DISTILL.TEACHER.ALLOW_CHANGE))
-        # Before the first step, in this order; before IterationTimer, which would count them.
-        first = [DatasetCheck(lambda: check_datasets(cfg, model.teacher_cfg if distill else None))]
-        if parts_of(cfg.DISTILL.STUDENT_INIT):
-            first.append(StudentInit(cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg)[0]))
-        self.teacher_evaluation = None
-        if distill and cfg.DISTILL.TEACHER.EVAL_AT_START:
-            self.teacher_evaluation = TeacherEvaluation(lambda m: self.test_by_dataset(cfg, m), cfg.OUTPUT_DIR)
-            first.append(self.teacher_evaluation)
-        hooks = first + super().build_hooks()
-        if cfg.SOLVER.AMP.ENABLED:
-            # Early in the list: after_step must run before the writers put out the values.
-            hooks.insert(len(first) + 1, GradScalerMonitor(self._trainer.grad_scaler))
-        return hooks
+        teacher_cfg = model.teacher_cfg if is_distill_model(model) else None
+        self.features = DistillFeatures(
+            model, cfg.OUTPUT_DIR, check_datasets=lambda: check_datasets(cfg, teacher_cfg),
+            student_init=cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg)[0],
+            teacher_eval_at_start=cfg.DISTILL.TEACHER.EVAL_AT_START,
+            allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE, evaluate=lambda m: self.test_by_dataset(cfg, m))
+        self.features.add_to_checkpointer(self.checkpointer)
+        timer, *rest = super().build_hooks()  # IterationTimer first
+        return [*self.features.first_hooks(), timer, *self.features.grad_scaler_hooks(self._trainer), *rest]
 
     @classmethod
     def test_by_dataset(cls, cfg, model):
@@ -214,4 +206,4 @@ class DistillTrainer(DefaultTrainer):
     @property
     def teacher_results(self):
         """The teacher's {dataset: metrics} evaluated at the start (DISTILL.TEACHER.EVAL_AT_START)."""
-        return self.teacher_evaluation.results if self.teacher_evaluation else None
+        return self.features.teacher_results

@@ -12,7 +12,8 @@ import detectron2.utils.comm as comm
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-from .modeling.inherit import inherit_from_teacher
+from .checkpoint import TeacherIdentity
+from .modeling.inherit import inherit_from_teacher, parts_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,76 @@ class TeacherEvaluation(HookBase):
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "teacher_eval.json"), "w") as f:
                 json.dump(self.results, f, indent=1)
+
+
+def refuse_amp_off_cuda(amp_enabled, device, amp_setting, device_setting):
+    """detectron2's AMPTrainer trains in float16 on CUDA only: say so before anything is built."""
+    if amp_enabled and not str(device).startswith("cuda"):
+        raise ValueError(f"{amp_setting}=True with {device_setting}={device}: detectron2's AMPTrainer trains in "
+                         f"float16 on CUDA only. Set {amp_setting} to False to train on the CPU.")
+
+
+class DistillFeatures:
+    """The project's training features for one run, the same for the yacs trainer
+    (engine.DistillTrainer) and the LazyConfig one (lazy_engine.LazyDistillTrainer); each trainer
+    gives what its config says, in neutral terms:
+
+    model: the detector (a TaskDistillDetector, or a plain one trained alone);
+    output_dir: where the teacher's evaluation is written;
+    check_datasets: () -> None, raises on a dataset problem (before the first step);
+    student_init: "none", "neck", "head" or "neck+head";
+    build_teacher: () -> a teacher, for a plain model's ``student_init`` (a distillation model
+        has its own);
+    teacher_eval_at_start: evaluate the teacher with ``evaluate(model) -> {dataset: metrics}``
+        before a fresh start;
+    allow_teacher_change: resume with another teacher than the checkpoint's.
+    """
+
+    def __init__(self, model, output_dir, check_datasets, student_init="none", build_teacher=None,
+                 teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None):
+        self.model = unwrap(model)
+        self.distill = is_distill_model(self.model)
+        self.output_dir = output_dir
+        self.check_datasets = check_datasets
+        self.student_init = student_init
+        self.build_teacher = build_teacher
+        self.teacher_eval_at_start = teacher_eval_at_start
+        self.allow_teacher_change = allow_teacher_change
+        self.evaluate = evaluate
+        self.teacher_evaluation = None
+
+    def add_to_checkpointer(self, checkpointer):
+        """Checkpoints record the teacher's identity: a resume with another teacher is refused."""
+        if self.distill:
+            checkpointer.add_checkpointable(
+                "teacher", TeacherIdentity(self.model.teacher_cfg.weights, self.allow_teacher_change))
+
+    def first_hooks(self):
+        """Hooks that run before the first step, in this order (before detectron2's
+        IterationTimer, which would count them): the dataset check, the student's init, the
+        teacher's evaluation."""
+        hooks = [DatasetCheck(self.check_datasets)]
+        if parts_of(self.student_init):
+            if not self.distill and self.build_teacher is None:
+                raise ValueError(f"student_init={self.student_init!r} for a model trained alone needs a teacher to "
+                                 "copy from, and none was given")
+            hooks.append(StudentInit(self.student_init, build_teacher=None if self.distill else self.build_teacher))
+        if self.distill and self.teacher_eval_at_start:
+            self.teacher_evaluation = TeacherEvaluation(self.evaluate, self.output_dir)
+            hooks.append(self.teacher_evaluation)
+        return hooks
+
+    @property
+    def teacher_results(self):
+        """The teacher's {dataset: metrics} evaluated at the start, or None."""
+        return self.teacher_evaluation.results if self.teacher_evaluation else None
+
+    @staticmethod
+    def grad_scaler_hooks(trainer):
+        """The grad-scaler monitor where ``trainer`` (detectron2's SimpleTrainer or AMPTrainer)
+        scales gradients; to go right after IterationTimer, before the writers."""
+        scaler = getattr(trainer, "grad_scaler", None)
+        return [GradScalerMonitor(scaler)] if scaler is not None else []
 
 
 class DatasetCheck(HookBase):

@@ -12,11 +12,10 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
 
 from . import compat
-from .checkpoint import SafeCheckpointer, TeacherIdentity
+from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_dataset_names
 from .engine import usable_device
-from .hooks import (DatasetCheck, GradScalerMonitor, StudentInit, TeacherEvaluation, WRITER_PERIOD, is_distill_model,
-                    unwrap)
+from .hooks import WRITER_PERIOD, DistillFeatures, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
 
@@ -26,6 +25,10 @@ REQUIRED_NODES = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
 # Keys of ``train`` that this project reads beside lazyconfig_train_net's.
 DISTILL_TRAIN_DEFAULTS = {
     "student_init": "none",  # as DISTILL.STUDENT_INIT
+    # For a model trained alone (the baseline with inheritance): the teacher its student_init
+    # copies from, e.g. L(load_teacher)(config_file=..., weights=...). A distillation model's own
+    # teacher is used otherwise.
+    "student_init_teacher": None,
     "teacher_eval_at_start": False,  # as DISTILL.TEACHER.EVAL_AT_START
     "allow_teacher_change": False,  # as DISTILL.TEACHER.ALLOW_CHANGE
 }
@@ -61,10 +64,15 @@ def load_lazy_config(path, overrides=()):
             f"LazyConfig {path!r}: its `model` builds {name}, not a distillation model. Write "
             "model = L(TaskDistillDetector)(student=..., teacher=L(load_teacher)(...), losses={...}) "
             "(see configs/digits/*.py); train a plain detector with detectron2's tools/lazyconfig_train_net.py.")
-    for key, value in DISTILL_TRAIN_DEFAULTS.items():
-        cfg.train.setdefault(key, value)
+    set_train_defaults(cfg)
     parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
     return cfg
+
+
+def set_train_defaults(cfg):
+    """The project's ``train`` keys (DISTILL_TRAIN_DEFAULTS) where the config does not set them."""
+    for key, value in DISTILL_TRAIN_DEFAULTS.items():
+        cfg.train.setdefault(key, value)
 
 
 def dataset_names(loader_cfg):
@@ -140,6 +148,9 @@ class LazyDistillTrainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        set_train_defaults(cfg)
+        amp = cfg.train.get("amp", {}).get("enabled", False)
+        refuse_amp_off_cuda(amp, cfg.train.device, "train.amp.enabled", "train.device")
         check_lazy_datasets_registered(cfg)
         model = build_model(cfg)
         cfg.optimizer.params.model = model
@@ -148,16 +159,10 @@ class LazyDistillTrainer:
         self.unwrapped_model = model  # the detector itself (DDP wraps self.model)
         # defaults.create_ddp_model: the compat layer makes it accept CPU (gloo) workers.
         model = defaults.create_ddp_model(model, **cfg.train.get("ddp", {}))
-        amp = cfg.train.get("amp", {}).get("enabled", False)
-        if amp and not str(cfg.train.device).startswith("cuda"):
-            raise ValueError(f"train.amp.enabled=True with train.device={cfg.train.device}: AMP trains in float16 "
-                             "on CUDA only. Set train.amp.enabled=False to train on the CPU.")
         self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
         self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=self._trainer)
-        if is_distill_model(model):
-            self.checkpointer.add_checkpointable(
-                "teacher", TeacherIdentity(self.unwrapped_model.teacher_cfg.weights, cfg.train.allow_teacher_change))
-        self.teacher_evaluation = None
+        self.features = self.build_features()
+        self.features.add_to_checkpointer(self.checkpointer)
         self._trainer.register_hooks(self.build_hooks())
 
     @property
@@ -168,25 +173,32 @@ class LazyDistillTrainer:
     def storage(self):
         return self._trainer.storage
 
-    def build_hooks(self):
+    def build_features(self):
         cfg, model = self.cfg, self.unwrapped_model
         distill = is_distill_model(model)
         teacher_cfg = model.teacher_cfg if distill else None
         student_setting = (("model.student.num_classes", model.student.num_classes) if distill
                            else ("model.num_classes", model.num_classes))
-        check = DatasetCheck(lambda: check_dataset_names(
-            dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_cfg,
-            settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")))
-        result = [check]
-        if distill and parts_of(cfg.train.student_init):
-            result.append(StudentInit(cfg.train.student_init))
-        if distill and cfg.train.teacher_eval_at_start:
-            self.teacher_evaluation = TeacherEvaluation(lambda m: evaluate(cfg, m), cfg.train.output_dir)
-            result.append(self.teacher_evaluation)
-        result.append(hooks.IterationTimer())
-        if isinstance(self._trainer, AMPTrainer):
-            result.append(GradScalerMonitor(self._trainer.grad_scaler))
-        result.append(hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)))
+        teacher_node = cfg.train.student_init_teacher
+        if parts_of(cfg.train.student_init) and not distill and teacher_node is None:
+            raise ValueError(
+                f"train.student_init={cfg.train.student_init!r} for a model trained alone: set "
+                "train.student_init_teacher = L(load_teacher)(config_file=..., weights=...), the teacher to copy from")
+        return DistillFeatures(
+            model, cfg.train.output_dir,
+            check_datasets=lambda: check_dataset_names(
+                dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_cfg,
+                settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")),
+            student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
+            teacher_eval_at_start=cfg.train.teacher_eval_at_start,
+            allow_teacher_change=cfg.train.allow_teacher_change, evaluate=lambda m: evaluate(cfg, m))
+
+    def build_hooks(self):
+        """lazyconfig_train_net's hooks, with the project's features around them."""
+        cfg = self.cfg
+        result = [*self.features.first_hooks(), hooks.IterationTimer(),
+                  *self.features.grad_scaler_hooks(self._trainer),
+                  hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier))]
         if comm.is_main_process():
             result.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
         eval_period = cfg.train.get("eval_period", 0)
@@ -216,7 +228,7 @@ class LazyDistillTrainer:
 
     @property
     def teacher_results(self):
-        return self.teacher_evaluation.results if self.teacher_evaluation else None
+        return self.features.teacher_results
 
 
 def evaluate_only(cfg, resume=False):

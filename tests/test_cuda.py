@@ -42,7 +42,8 @@ def test_amp_training_every_method(detector, method, teachers, tiny_dataset, tmp
 def check_amp_training(detector, method, teachers, tmp_path):
     from detectron2.engine import AMPTrainer
 
-    from d2_taskdistill.engine import DistillTrainer, GradScalerMonitor
+    from d2_taskdistill.engine import DistillTrainer
+    from d2_taskdistill.hooks import GradScalerMonitor
 
     cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path,
                       opts=["MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "DISTILL.TEACHER.AMP", True])

@@ -65,7 +65,7 @@ def test_autocast_losses_are_float32_and_close(detector, method, dtype, teachers
 def test_grad_scaler_monitor_logs_skipped_steps(caplog, period):
     """A real GradScaler: the step whose gradient overflows is skipped and shows in the log,
     which the monitor writes every ``period`` iterations (reading the device then only)."""
-    from d2_taskdistill.engine import GradScalerMonitor
+    from d2_taskdistill.hooks import GradScalerMonitor
 
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
@@ -102,5 +102,15 @@ def test_amp_on_cpu_is_refused_with_the_setting(teachers, tiny_dataset, tmp_path
 
     cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path, device="cpu",
                       opts=["SOLVER.AMP.ENABLED", True])
-    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True with MODEL.DEVICE=cpu.*SOLVER.AMP.ENABLED False"):
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True with MODEL.DEVICE=cpu.*SOLVER.AMP.ENABLED to False"):
         DistillTrainer(cfg)
+
+
+def test_amp_on_cpu_is_refused_with_the_setting_from_a_lazy_config(teachers, tiny_dataset, tmp_path):
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer
+    from conftest import lazy_cfg
+
+    cfg = lazy_cfg("retinanet_R34-R18_tid.py", teachers["retinanet"], tmp_path,
+                   overrides=["train.device=cpu", "train.amp.enabled=True"])
+    with pytest.raises(ValueError, match=r"train.amp.enabled=True with train.device=cpu.*train.amp.enabled to False"):
+        LazyDistillTrainer(cfg)

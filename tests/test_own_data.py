@@ -200,7 +200,7 @@ def test_unreadable_images_and_unknown_categories_are_named(own_data, tmp_path):
     cfg, name = dataset("broken_unchecked", "none")
     record = next(r for r in DatasetCatalog.get(name) if r["file_name"].endswith("broken.jpg"))
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (128,), 128
-    with pytest.raises(OSError, match=r"image file is truncated.*\[image .*broken.jpg: fix or remove it"):
+    with pytest.raises(OSError, match=r"(?s)image file is truncated.*\[image .*broken.jpg: fix or remove it"):
         FileNamingMapper(cfg, is_train=True)(record)
     with pytest.raises(ValueError, match="DATASETS.CHECK_IMAGES='every'"):
         dataset("broken_typo", "every")

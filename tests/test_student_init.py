@@ -4,10 +4,13 @@ import os
 import pytest
 import torch
 
+from d2_taskdistill import load_config
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.hooks import StudentInit
+from d2_taskdistill.lazy_engine import LazyDistillTrainer
 from d2_taskdistill.modeling.inherit import inherit_from_teacher
-from conftest import distill_cfg, make_teacher_checkpoint, scratch_dir, TEST_DEVICE
+from conftest import (SMALL_TEACHER_OPTS, config_path, distill_cfg, lazy_cfg, make_teacher_checkpoint, scratch_dir,
+                      tiny_run_opts, TEST_DEVICE)
 
 # The teacher with the student's FPN width (64) and head depth (2): R34 body, R18 student.
 SAME_NECK = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RETINANET.NUM_CONVS", 2]
@@ -19,16 +22,45 @@ def same_neck_teacher(tmp_path_factory, tiny_batch):
         yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch, opts=SAME_NECK)
 
 
-def trainer_for(teacher, out, init, max_iter=2):
-    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, out, teacher_opts=SAME_NECK, max_iter=max_iter,
-                      opts=["DISTILL.STUDENT_INIT", init])
-    return DistillTrainer(cfg)
+def trainer_for(teacher, out, init, max_iter=2, path="yacs"):
+    """A distillation trainer of the FitNet config with STUDENT_INIT ``init``, from yaml or .py."""
+    if path == "yacs":
+        cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, out, teacher_opts=SAME_NECK, max_iter=max_iter,
+                          opts=["DISTILL.STUDENT_INIT", init])
+        return DistillTrainer(cfg)
+    cfg = lazy_cfg("retinanet_R34-R18_fitnet.py", teacher, out, max_iter=max_iter,
+                   overrides=[f"train.student_init={init}"])
+    cfg.model.teacher.overrides = [*cfg.model.teacher.overrides, *SAME_NECK]
+    return LazyDistillTrainer(cfg)
+
+
+def plain_trainer_for(teacher, out, path):
+    """The student trained alone (no distillation), started from ``teacher`` (neck+head)."""
+    teacher_config = config_path("digits", "retinanet_R34_FPN_teacher.yaml")
+    teacher_opts = [*SMALL_TEACHER_OPTS, *SAME_NECK]
+    if path == "yacs":
+        cfg = load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), [
+            *tiny_run_opts(out, 2), "DISTILL.STUDENT_INIT", "neck+head", "DISTILL.TEACHER.CONFIG_FILE", teacher_config,
+            "DISTILL.TEACHER.WEIGHTS", teacher, "DISTILL.TEACHER.OPTS", teacher_opts])
+        return DistillTrainer(cfg)
+    from detectron2.config import LazyCall as L
+
+    from d2_taskdistill.modeling import load_teacher
+
+    cfg = lazy_cfg("retinanet_R34-R18_fitnet.py", teacher, out, overrides=["train.student_init=neck+head"])
+    cfg.model = cfg.model.student
+    cfg.train.student_init_teacher = L(load_teacher)(config_file=teacher_config, weights=teacher,
+                                                     overrides=[str(o) for o in teacher_opts])
+    return LazyDistillTrainer(cfg)
 
 
 def start(trainer, resume=False):
     """resume_or_load, then the StudentInit hook as trainer.train() runs it, before any step."""
     trainer.resume_or_load(resume=resume)
-    next(h for h in trainer._hooks if isinstance(h, StudentInit)).before_train()
+    hooks = trainer._hooks if isinstance(trainer, DistillTrainer) else trainer._trainer._hooks
+    if not isinstance(trainer, DistillTrainer):  # as SimpleTrainer.train(start_iter, ...) sets it
+        trainer._trainer.start_iter = trainer.start_iter
+    next(h for h in hooks if isinstance(h, StudentInit)).before_train()
 
 
 def split_state(model):
@@ -38,9 +70,10 @@ def split_state(model):
     return state, neck, head
 
 
+@pytest.mark.parametrize("path", ["yacs", "lazy"])
 @pytest.mark.parametrize("init", ["neck", "head", "neck+head"])
-def test_fresh_start_copies_the_chosen_parts_only(init, same_neck_teacher, tiny_dataset, tmp_path):
-    trainer = trainer_for(same_neck_teacher, tmp_path, init)
+def test_fresh_start_copies_the_chosen_parts_only(init, path, same_neck_teacher, tiny_dataset, tmp_path):
+    trainer = trainer_for(same_neck_teacher, tmp_path, init, path=path)
     before, neck, head = split_state(trainer.model)
     start(trainer)
     after, _, _ = split_state(trainer.model)
@@ -103,17 +136,12 @@ def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):
         inherit_from_teacher(student, teacher, "head")
 
 
-def test_plain_student_starts_from_the_teacher(same_neck_teacher, tiny_dataset, tmp_path):
-    """The baseline with inheritance: a student trained alone (no distillation losses),
-    its FPN and head started from DISTILL.TEACHER's checkpoint."""
-    from d2_taskdistill import load_config
-    from conftest import SMALL_TEACHER_OPTS, config_path, tiny_run_opts
-
-    cfg = load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"), [
-        *tiny_run_opts(tmp_path, 2), "DISTILL.STUDENT_INIT", "neck+head",
-        "DISTILL.TEACHER.CONFIG_FILE", config_path("digits", "retinanet_R34_FPN_teacher.yaml"),
-        "DISTILL.TEACHER.WEIGHTS", same_neck_teacher, "DISTILL.TEACHER.OPTS", [*SMALL_TEACHER_OPTS, *SAME_NECK]])
-    trainer = DistillTrainer(cfg)
+@pytest.mark.parametrize("path", ["yacs", "lazy"])
+def test_plain_student_starts_from_the_teacher(path, same_neck_teacher, tiny_dataset, tmp_path):
+    """The baseline with inheritance: a student trained alone (no distillation losses), its FPN
+    and head started from the teacher's checkpoint (yaml: DISTILL.TEACHER.*, .py:
+    train.student_init_teacher)."""
+    trainer = plain_trainer_for(same_neck_teacher, tmp_path, path)
     assert type(trainer.model).__name__ == "RetinaNet"
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     start(trainer)
