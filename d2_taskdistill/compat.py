@@ -163,6 +163,7 @@ def yacs_train_sampler_takes_seed():
     """Whether the yacs train loader seeds its TrainingSampler with cfg.SEED (upstream main);
     v0.6 draws the sampler's seed from the global RNG, as a loader built from kwargs does.
     Found by building the sampler of a two-item dataset with a known SEED."""
+    import numpy as np
     from detectron2.config import get_cfg
     from detectron2.data import build
 
@@ -171,8 +172,12 @@ def yacs_train_sampler_takes_seed():
     build_logger = logging.getLogger(build.__name__)
     level = build_logger.level
     build_logger.setLevel(logging.WARNING)  # its "Using training sampler" line is not the user's
+    # v0.6 draws the sampler's seed from numpy's global RNG: put its state back, or the probe
+    # would change the run it is asked about.
+    numpy_state = np.random.get_state()
     try:
         sampler = build._train_loader_from_config(cfg, mapper=lambda d: d, dataset=[{}, {}])["sampler"]
     finally:
+        np.random.set_state(numpy_state)
         build_logger.setLevel(level)
     return getattr(sampler, "_seed", None) == cfg.SEED

@@ -123,10 +123,10 @@ class DistillTrainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         model = unwrap(self.model)
-        teacher_cfg = model.teacher_cfg if is_distill_model(model) else None
+        teacher_origin = model.teacher_origin if is_distill_model(model) else None
         self.features = DistillFeatures(
-            model, cfg.OUTPUT_DIR, check_datasets=lambda: check_datasets(cfg, teacher_cfg),
-            student_init=cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg)[0],
+            model, cfg.OUTPUT_DIR, check_datasets=lambda: check_datasets(cfg, teacher_origin),
+            student_init=cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg),
             teacher_eval_at_start=cfg.DISTILL.TEACHER.EVAL_AT_START,
             allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE, evaluate=lambda m: self.test_by_dataset(cfg, m))
         self.features.add_to_checkpointer(self.checkpointer)

@@ -180,7 +180,7 @@ class DistillFeatures:
         """Checkpoints record the teacher's identity: a resume with another teacher is refused."""
         if self.distill:
             checkpointer.add_checkpointable(
-                "teacher", TeacherIdentity(self.model.teacher_cfg.weights, self.allow_teacher_change))
+                "teacher", TeacherIdentity(self.model.teacher_origin.weights, self.allow_teacher_change))
 
     def first_hooks(self):
         """Hooks that run before the first step, in this order (before detectron2's

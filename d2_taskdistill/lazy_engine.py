@@ -176,7 +176,7 @@ class LazyDistillTrainer:
     def build_features(self):
         cfg, model = self.cfg, self.unwrapped_model
         distill = is_distill_model(model)
-        teacher_cfg = model.teacher_cfg if distill else None
+        teacher_origin = model.teacher_origin if distill else None
         student_setting = (("model.student.num_classes", model.student.num_classes) if distill
                            else ("model.num_classes", model.num_classes))
         teacher_node = cfg.train.student_init_teacher
@@ -187,7 +187,7 @@ class LazyDistillTrainer:
         return DistillFeatures(
             model, cfg.train.output_dir,
             check_datasets=lambda: check_dataset_names(
-                dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_cfg,
+                dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_origin,
                 settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,

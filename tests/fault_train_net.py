@@ -50,7 +50,7 @@ class KillAfter(HookBase):
 class TeacherCheck(HookBase):
     def before_train(self):
         model = unwrap(self.trainer.model)
-        saved = torch.load(model.teacher_cfg.weights, map_location="cpu", weights_only=False)["model"]
+        saved = torch.load(model.teacher_origin.weights, map_location="cpu", weights_only=False)["model"]
         state = model.teacher.state_dict()
         same = state.keys() == saved.keys() and all(torch.equal(state[k].cpu(), saved[k]) for k in state)
         name = f"teacher_check_round{torchrun_restart_count()}_rank{comm.get_rank()}.json"

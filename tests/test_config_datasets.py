@@ -14,7 +14,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
 from d2_taskdistill.data.config_datasets import check_datasets, check_voc_annotations_for_evaluation
 from d2_taskdistill.engine import build_evaluator
-from d2_taskdistill.modeling.teacher import TeacherConfig
+from d2_taskdistill.modeling.teacher import TeacherOrigin
 from conftest import config_path, TEST_DEVICE
 
 STUDENT = config_path("digits", "retinanet_R18_FPN_student.yaml")
@@ -124,11 +124,11 @@ def test_class_lists_and_num_classes_are_checked(coco_dir, tmp_path):
         check_datasets(cfg)
 
     # A teacher trained on other class names.
-    teacher_cfg = TeacherConfig(None, "teacher.yaml", "", "cpu", train_datasets=["cfg_coco_renamed"])
+    teacher_origin = TeacherOrigin(None, "teacher.yaml", "", "cpu", train_datasets=["cfg_coco_renamed"])
     cfg.DATASETS.TEST = ("cfg_coco_cls",)
     check_datasets(cfg)
     with pytest.raises(ValueError, match=r"teacher's config 'teacher.yaml' trains on 'cfg_coco_renamed'.*digit_0.*DISTILL.TEACHER.RUN"):
-        check_datasets(cfg, teacher_cfg)
+        check_datasets(cfg, teacher_origin)
 
 
 def test_unregistered_dataset_names_the_keys():

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill import load_config
 from d2_taskdistill.engine import build_evaluator
 from d2_taskdistill.modeling import TaskDistillDetector
-from d2_taskdistill.modeling.teacher import build_teacher_config
+from d2_taskdistill.modeling.teacher import build_teacher_origin
 from conftest import CONFIGS, ROOT, TEST_DEVICE, scratch_dir
 
 MODEL_CONFIGS = sorted(
@@ -30,10 +30,10 @@ def teacher_checkpoints(tmp_path_factory):
     cache = {}
 
     def get(cfg):
-        teacher_cfg = build_teacher_config(cfg)
+        teacher_origin = build_teacher_origin(cfg)
         key = cfg.DISTILL.TEACHER.CONFIG_FILE
         if key not in cache:
-            model = teacher_cfg.build_model()
+            model = teacher_origin.build_model()
             name = f"teacher{len(cache)}"
             DetectionCheckpointer(model, save_dir=str(root)).save(name)
             cache[key] = str(root / f"{name}.pth")

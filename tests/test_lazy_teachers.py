@@ -14,7 +14,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from d2_taskdistill.modeling.teacher import build_teacher_config, load_teacher_weights
+from d2_taskdistill.modeling.teacher import build_teacher_origin, load_teacher_weights
 from conftest import config_path, TEST_DEVICE
 
 ZOO = {"fcos": "COCO-Detection/fcos_R_50_FPN_1x.py", "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.py"}
@@ -96,10 +96,10 @@ def test_yaml_fcos_loads_the_zoo_lazyconfig_fcos_checkpoint(image_batch, tmp_pat
 def test_lazy_teacher_overrides_and_facts(tmp_path):
     cfg = distill_cfg_with_lazy_teacher("retinanet", "unused.pkl", [
         "DISTILL.TEACHER.OPTS", "['model.num_classes=20', 'model.backbone.bottom_up.stages.depth=101']"])
-    teacher_cfg = build_teacher_config(cfg)
-    assert teacher_cfg.is_lazy and teacher_cfg.input_format == "BGR"
-    assert teacher_cfg.train_datasets == ["coco_2017_train"]
-    model = teacher_cfg.build_model()
+    teacher_origin = build_teacher_origin(cfg)
+    assert teacher_origin.is_lazy and teacher_origin.input_format == "BGR"
+    assert teacher_origin.train_datasets == ["coco_2017_train"]
+    model = teacher_origin.build_model()
     assert model.num_classes == 20 and len(model.backbone.bottom_up.res4) == 23  # R101
 
 
@@ -112,20 +112,20 @@ def test_lazy_teacher_bad_input_is_named(tmp_path):
     cfg = distill_cfg_with_lazy_teacher("retinanet", "unused.pkl")
     cfg.DISTILL.TEACHER.CONFIG_FILE = str(no_model)
     with pytest.raises(ValueError, match="no_model.py' is a LazyConfig that defines no `model`"):
-        build_teacher_config(cfg)
+        build_teacher_origin(cfg)
     cfg.DISTILL.TEACHER.CONFIG_FILE = str(not_dense)
     with pytest.raises(ValueError, match="its `model` is a Linear; the teacher must be one of"):
-        build_teacher_config(cfg).build_model()
+        build_teacher_origin(cfg).build_model()
     cfg.DISTILL.TEACHER.CONFIG_FILE = ZOO["retinanet"]
     cfg.DISTILL.TEACHER.OPTS = ["MODEL.RETINANET.NUM_CLASSES", 20]
     with pytest.raises(ValueError, match=r"each override is key=value.*'MODEL.RETINANET.NUM_CLASSES', '20'"):
-        build_teacher_config(cfg)
+        build_teacher_origin(cfg)
     cfg.DISTILL.TEACHER.OPTS = ["model.num_classes=[1,"]
     with pytest.raises(ValueError, match="DISTILL.TEACHER.OPTS=.*do not apply to 'COCO-Detection/retinanet"):
-        build_teacher_config(cfg)
+        build_teacher_origin(cfg)
     cfg.DISTILL.TEACHER.OPTS = ["model.no_such_argument=3"]  # LazyConfig adds keys; the class refuses it
     with pytest.raises(ValueError, match="with DISTILL.TEACHER.OPTS: its `model` could not be built: .*no_such_argument"):
-        build_teacher_config(cfg).build_model()
+        build_teacher_origin(cfg).build_model()
 
 
 def test_lazy_teacher_class_count_must_match_the_student(tmp_path):
@@ -149,7 +149,7 @@ def test_teacher_from_a_lazyconfig_run_directory(image_batch, tmp_path):
     DetectionCheckpointer(trained, save_dir=str(run)).save("model_0000099")  # also writes last_checkpoint
 
     from_lazy = load_teacher(run=str(run), device=TEST_DEVICE)
-    assert from_lazy.distill_source.is_lazy and from_lazy.distill_source.weights == str(run / "model_0000099.pth")
+    assert from_lazy.teacher_origin.is_lazy and from_lazy.teacher_origin.weights == str(run / "model_0000099.pth")
     cfg = distill_cfg_with_lazy_teacher("retinanet", "", ["DISTILL.TEACHER.CONFIG_FILE", "",
                                                           "DISTILL.TEACHER.RUN", str(run)])
     from_yacs = build_model(cfg).teacher

@@ -21,7 +21,7 @@ from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import FileNamingMapper
 from d2_taskdistill.export import export_student
 from d2_taskdistill.launch import free_dist_url, launch
-from d2_taskdistill.modeling.teacher import build_teacher_config
+from d2_taskdistill.modeling.teacher import build_teacher_origin
 from conftest import ROOT, SMALL_TEACHER_OPTS, TEST_DEVICE, config_path, scratch_dir, tiny_run_opts
 
 CLASSES = ["ring", "bolt", "nut"]
@@ -75,10 +75,10 @@ def distill_opts(own_data, output_dir, teacher_opts):
 def test_teacher_from_its_run_directory(own_data, teacher_run, tmp_path):
     cfg = load_config(config_path("digits", "retinanet_R34-R18_bckd_tid.yaml"),
                       distill_opts(own_data, tmp_path, ["DISTILL.TEACHER.RUN", str(teacher_run)]))
-    teacher_cfg = build_teacher_config(cfg)
-    assert teacher_cfg.weights == str(teacher_run / "model_final.pth")
-    assert teacher_cfg.train_datasets == ["parts_train"]
-    check_datasets(cfg, teacher_cfg)  # the teacher's classes are the student's
+    teacher_origin = build_teacher_origin(cfg)
+    assert teacher_origin.weights == str(teacher_run / "model_final.pth")
+    assert teacher_origin.train_datasets == ["parts_train"]
+    check_datasets(cfg, teacher_origin)  # the teacher's classes are the student's
     model = build_model(cfg)
     assert model.teacher.num_classes == 3 and model.student.num_classes == 3
 
@@ -95,7 +95,7 @@ def test_teacher_weights_alone_name_the_run_setting(own_data, teacher_run, tmp_p
     cfg.DISTILL.TEACHER.OPTS = [*SMALL_TEACHER_OPTS, "MODEL.RETINANET.NUM_CLASSES", 3]
     with pytest.raises(ValueError, match=r"trains on 'digits_det_train'.*If the teacher was trained on 'parts_train'.*"
                                          r"DISTILL.TEACHER.RUN"):
-        check_datasets(cfg, build_teacher_config(cfg))
+        check_datasets(cfg, build_teacher_origin(cfg))
 
 
 def test_teacher_run_directory_errors(own_data, teacher_run, tmp_path, caplog):

@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
-from harness.report import bar_chart, markdown_table, method_label, write_report_files
+from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd"]
@@ -463,20 +463,21 @@ def write_report(report, output):
         table_rows = [(teacher_label + ("" if students_on_val else " (on val)"), teacher["metrics"], None)]
         table_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mean"],
                         v["std"] if v["seeds"] > 1 else None) for r, v in rows_summary.items()]
-        lines += [markdown_table(table_rows), ""]
+        lines += [metrics_table(table_rows), ""]
         if rows_summary:
             chart = bar_chart(table_rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on {report['eval_dataset']}")
             lines += [f"![{det}]({os.path.basename(chart)})", ""]
         if "baseline" in rows_summary:
             fitnet = rows_summary.get("fitnet", {}).get("mean", {}).get("AP")
-            lines += ["| row | gain over baseline (AP) | gap closed | beats FITNET | seeds' AP |", "|---|---|---|---|---|"]
+            gains = []
             for r, v in rows_summary.items():
                 if r == "baseline":
                     continue
                 beats = "-" if fitnet is None or r == "fitnet" else ("yes" if v["mean"]["AP"] > fitnet else "no")
                 gap = "-" if v.get("gap_closed") is None else f"{100 * v['gap_closed']:.0f} %"
                 seeds = ", ".join(f"{m['AP']:.1f}" for m in v["runs"])
-                lines.append(f"| {row_label(r)} | {v['gain_AP']:+.2f} | {gap} | {beats} | {seeds} |")
+                gains.append([row_label(r), f"{v['gain_AP']:+.2f}", gap, beats, seeds])
+            lines += [markdown_table(["row", "gain over baseline (AP)", "gap closed", "beats FITNET", "seeds' AP"], gains)]
             lines += ["", "Gap closed = (row AP - baseline AP) / (teacher AP - baseline AP).", ""]
             other_teacher = [f"{row_label(r)} (teacher AP {v['own_teacher_AP']:.1f})" for r, v in rows_summary.items()
                              if "own_teacher_AP" in v]

@@ -383,7 +383,7 @@ def main():
 
 
 def write_report(args, report):
-    from harness.report import write_report_files
+    from harness.report import markdown_table, write_report_files
 
     unit = "allocated (torch.cuda.max_memory_allocated)" if args.device.startswith("cuda") else "RSS growth"
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",
@@ -392,8 +392,9 @@ def write_report(args, report):
              f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights, "
              f"batch {args.batch} x {args.size} px. Ratio = method step / (student step + teacher inference), "
              f"the three steps timed one after the other; median over {args.rounds} interleaved rounds "
-             f"[quartiles] (range). Step times: medians over the rounds. Peak memory and breakdown: one "
-             f"process per kind ({args.iters} steps), peak {unit}."
+             f"[quartiles] (range). Step times: medians over the rounds. Peak memory and breakdown: "
+             f"{'one process per precision' if args.device.startswith('cuda') else 'one process per kind'} "
+             f"({args.iters} steps), peak {unit}."
              + (f" Options on every distillation run: `{' '.join(args.opts)}`." if args.opts else ""), ""]
     for precision, res in report["precision"].items():
         steps, prof = res["steps"], res["profiles"]
@@ -402,24 +403,21 @@ def write_report(args, report):
                   f"Floor: student step {statistics.median(steps['student']):.4f} s "
                   f"({prof['student']['peak_mb']:.0f} MB), teacher inference "
                   f"{statistics.median(steps['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
-                  f"{floor_mem:.0f} MB together.", "",
-                  "| losses | step (s) | / floor: median [quartiles] (range) | peak (MB) | / floor "
-                  "| masks + losses share | breakdown (s) |", "|---|---|---|---|---|---|---|"]
+                  f"{floor_mem:.0f} MB together.", ""]
+        rows = []
         for kind, m in res["methods"].items():
             r = m["ratio"]
-            breakdown = ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())
-            lines.append(f"| {kind} | {m['step']:.4f} | {r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}] "
-                         f"({r['min']:.3f}-{r['max']:.3f}) | "
-                         f"{m['peak_mb']:.0f} | {m['memory_ratio']:.2f} | {100 * m['masks_share']:.1f} % | "
-                         f"{breakdown} |")
-        lines.append("")
+            rows.append([kind, f"{m['step']:.4f}",
+                         f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}] ({r['min']:.3f}-{r['max']:.3f})",
+                         f"{m['peak_mb']:.0f}", f"{m['memory_ratio']:.2f}", f"{100 * m['masks_share']:.1f} %",
+                         ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())])
+        lines += [markdown_table(["losses", "step (s)", "/ floor: median [quartiles] (range)", "peak (MB)", "/ floor",
+                                  "masks + losses share", "breakdown (s)"], rows), ""]
     if report["scaling"]:
+        rows = [[kind, "; ".join(f"{px}: {t:.3f}" for px, t in s["points"]),
+                 "-" if s["exponent"] is None else f"{s['exponent']:.2f}"] for kind, s in report["scaling"].items()]
         lines += ["Scaling, fp32 (time against batch x pixels; fitted exponent of a power law):", "",
-                  "| run | points (pixels, s) | exponent |", "|---|---|---|"]
-    for kind, s in report["scaling"].items():
-        pts = "; ".join(f"{px}: {t:.3f}" for px, t in s["points"])
-        exponent = "-" if s["exponent"] is None else f"{s['exponent']:.2f}"
-        lines.append(f"| {kind} | {pts} | {exponent} |")
+                  markdown_table(["run", "points (pixels, s)", "exponent"], rows)]
     write_report_files(args.output, report, lines)
 
 

@@ -19,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from harness.experiments import digits_config, digits_teacher_dir, train_and_evaluate
-from harness.report import bar_chart, markdown_table, method_label
+from harness.report import bar_chart, markdown_table, method_label, metrics_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The best RetinaNet row of benchmarks/accuracy_trained.md (BCKD+TID 41.9 AP over 3 seeds; TBD
@@ -95,7 +95,7 @@ def main():
     elapsed = time.perf_counter() - start
 
     rows = [(name, r["metrics"], None) for name, r in results]
-    table = markdown_table(rows)
+    table = metrics_table(rows)
     chart = bar_chart(rows, os.path.join(out, "accuracy.png"))
     gain = results[2][1]["metrics"]["AP"] - results[1][1]["metrics"]["AP"]
     report = "\n".join([
@@ -110,10 +110,9 @@ def main():
         "",
         f"![accuracy]({os.path.basename(chart)})",
         "",
-        "| run | config | iterations | seconds |",
-        "|---|---|---|---|",
-        *[f"| {name} | {os.path.relpath(r['config_file'], ROOT)} | {r['iterations']} | "
-          f"{r['seconds']}{' (reused)' if r['reused'] else ''} |" for name, r in results],
+        markdown_table(["run", "config", "iterations", "seconds"], [
+            [name, os.path.relpath(r["config_file"], ROOT), r["iterations"],
+             f"{r['seconds']}{' (reused)' if r['reused'] else ''}"] for name, r in results]),
         "",
         f"Wall time of this demo: {elapsed:.0f} s.",
     ])

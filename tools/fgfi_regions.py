@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill import load_config
 from d2_taskdistill.losses import imitation_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from harness.report import write_report_files
+from harness.report import markdown_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,13 +75,13 @@ def main():
              f"Command: `python {' '.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])}`  ",
              f"{some['images']} training images of {some['image_size']} px, {some['gt_boxes']} GT boxes "
              f"(median sqrt(area) {some['gt_sqrt_area_median']} px); FPN strides {some['strides']}.", "",
-             "| detector | anchors / position | FGFI positions per GT, per level | total | "
-             "detector's positive positions per GT, per level | total | positives inside the FGFI region |",
-             "|---|---|---|---|---|---|---|"]
-    for det, r in results.items():
-        lines.append(f"| {det} | {r['anchors_per_position']} | {r['fgfi_positions_per_gt']} | "
-                     f"{sum(r['fgfi_positions_per_gt']):.2f} | {r['positive_positions_per_gt']} | "
-                     f"{sum(r['positive_positions_per_gt']):.2f} | {100 * r['positives_inside_fgfi']:.0f} % |")
+             markdown_table(["detector", "anchors / position", "FGFI positions per GT, per level", "total",
+                             "detector's positive positions per GT, per level", "total",
+                             "positives inside the FGFI region"],
+                            [[det, r["anchors_per_position"], r["fgfi_positions_per_gt"],
+                              f"{sum(r['fgfi_positions_per_gt']):.2f}", r["positive_positions_per_gt"],
+                              f"{sum(r['positive_positions_per_gt']):.2f}", f"{100 * r['positives_inside_fgfi']:.0f} %"]
+                             for det, r in results.items()])]
     write_report_files(args.output, results, lines)
 
 

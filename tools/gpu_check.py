@@ -279,15 +279,19 @@ class Check:
                  f"{env.get('cpus')} cores; Python {env.get('python')}, torch {env.get('torch')}, "
                  f"CUDA {env.get('cuda')}  ",
                  f"detectron2 that ran: {d2.get('kind')} (C++ ops {d2.get('cpp_ops')}, CUDA ops {d2.get('cuda_ops')})  ",
-                 f"Wall time: {self.summary['wall_seconds']:.0f} s", "",
-                 "| part | result | seconds | limit | log | last line |", "|---|---|---|---|---|---|"]
+                 f"Wall time: {self.summary['wall_seconds']:.0f} s", ""]
+        rows = []
         for name, p in self.summary["parts"].items():
             if p.get("skipped"):
-                lines.append(f"| {name} | skipped: {p['skipped']} | | | | |")
+                rows.append([name, f"skipped: {p['skipped']}", "", "", "", ""])
                 continue
             result = "timed out" if p["timed_out"] else ("ok" if p["rc"] == 0 else f"failed (rc {p['rc']})")
-            last = p["last_line"].replace("|", "/")[:120]
-            lines.append(f"| {name} | {result} | {p['seconds']:.0f} | {p['limit_s']} | {p['log']} | {last} |")
+            rows.append([name, result, f"{p['seconds']:.0f}", p["limit_s"], p["log"],
+                         p["last_line"].replace("|", "/")[:120]])
+        from tabulate import tabulate  # on the GPU machine (tools/gpu_machine.txt)
+
+        lines.append(tabulate(rows, headers=["part", "result", "seconds", "limit", "log", "last line"],
+                              tablefmt="pipe", disable_numparse=True))
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         if self.args.pack:

@@ -20,7 +20,7 @@ import sys
 from scipy.stats import kendalltau, spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness.report import write_report_files  # noqa: E402
+from harness.report import markdown_table, write_report_files  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_ITER = 500
@@ -56,9 +56,8 @@ def correlation(probe, final):
 def main():
     data, lines = {}, ["# Short probes against the trained ranking (digits)", "",
                        "Command: `python tools/probe_correlation.py`. Rows: the baseline and each method "
-                       "(mean AP over seeds), as in benchmarks/accuracy_trained.md.", "",
-                       "| detector | probe | rows | Spearman rho | Kendall tau | same best | probe order | trained order |",
-                       "|---|---|---|---|---|---|---|---|"]
+                       "(mean AP over seeds), as in benchmarks/accuracy_trained.md.", ""]
+    rows = []
     for detector in ("retinanet", "fcos"):
         trained = trained_rows(detector)
         final = {row: v[1] for row, v in trained.items()}
@@ -68,9 +67,11 @@ def main():
         for name, probe in probes.items():
             c = correlation(probe, final)
             data[detector][name] = c
-            lines.append(f"| {detector} | {name} | {len(c['rows'])} | {c['spearman']:.2f} | {c['kendall']:.2f} | "
-                         f"{'yes' if c['same_best'] else 'no'} | {' > '.join(c['probe_order'])} | "
-                         f"{' > '.join(c['final_order'])} |")
+            rows.append([detector, name, len(c["rows"]), f"{c['spearman']:.2f}", f"{c['kendall']:.2f}",
+                         "yes" if c["same_best"] else "no", " > ".join(c["probe_order"]),
+                         " > ".join(c["final_order"])])
+    lines.append(markdown_table(["detector", "probe", "rows", "Spearman rho", "Kendall tau", "same best",
+                                 "probe order", "trained order"], rows))
     write_report_files(os.path.join(ROOT, "benchmarks", "probe_rank_correlation"), data, lines)
 
 

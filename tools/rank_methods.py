@@ -29,7 +29,7 @@ import statistics
 import sys
 
 from harness.experiments import METRICS, train_and_evaluate, train_and_evaluate_lazy
-from harness.report import write_report_files
+from harness.report import markdown_table, write_report_files
 
 from d2_taskdistill import load_config
 from d2_taskdistill.config import is_lazy_config_file
@@ -137,18 +137,17 @@ def report_lines(args, ranked, teacher_ap, metrics):
              "Command: `python " + " ".join(sys.argv) + "`  ",
              f"Config: `{args.config_file}`; mean ± std over seeds, ranked by AP.",
              f"Teacher AP: {teacher_ap:.1f}" if teacher_ap is not None else "Teacher AP: not evaluated", "",
-             *probe_caveat(args.probe_iters),
-             "| rank | method | seeds | " + " | ".join(metrics) + " | gain (AP) | gap closed | AP per seed |",
-             "|---" * (len(metrics) + 6) + "|"]
+             *probe_caveat(args.probe_iters)]
+    rows = []
     for rank, (row, s) in enumerate(ranked.items(), 1):
         gain = s["mean"]["AP"] - base["mean"]["AP"] if base else None
         gap = teacher_ap - base["mean"]["AP"] if base and teacher_ap is not None else None
-        cells = [f"{s['mean'][m]:.1f} ± {s['std'][m]:.1f}" for m in metrics]
-        lines.append(f"| {rank} | {'student alone' if row == 'baseline' else row} | {s['seeds']} | "
-                     + " | ".join(cells)
-                     + f" | {'-' if gain is None else f'{gain:+.1f}'} | {'-' if not gap else f'{gain / gap:.0%}'} | "
-                     + ", ".join(f"{ap:.1f}" for ap in s["AP_per_seed"]) + " |")
-    return lines
+        rows.append([rank, "student alone" if row == "baseline" else row, s["seeds"],
+                     *(f"{s['mean'][m]:.1f} ± {s['std'][m]:.1f}" for m in metrics),
+                     "-" if gain is None else f"{gain:+.1f}", "-" if not gap else f"{gain / gap:.0%}",
+                     ", ".join(f"{ap:.1f}" for ap in s["AP_per_seed"])])
+    return lines + [markdown_table(["rank", "method", "seeds", *metrics, "gain (AP)", "gap closed", "AP per seed"],
+                                   rows)]
 
 
 def main():

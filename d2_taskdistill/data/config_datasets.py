@@ -245,19 +245,19 @@ def check_registered(names):
             )
 
 
-def check_datasets(cfg, teacher_cfg=None, train=True):
+def check_datasets(cfg, teacher_origin=None, train=True):
     """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
     DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
     check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
-                        num_classes_setting(cfg), teacher_cfg)
+                        num_classes_setting(cfg), teacher_origin)
 
 
-def check_dataset_names(train, test, num_classes=(None, None), teacher_cfg=None,
+def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=None,
                         settings=("DATASETS.TRAIN", "DATASETS.TEST")):
     """The test datasets load and pass the file and box checks (the training loader has loaded
     the train sets), class lists agree between train and test sets, with the model's class count
     ``num_classes`` ((setting, value); setting None: not checked) and with the teacher's dataset
-    (``teacher_cfg``: a TeacherConfig of d2_taskdistill.modeling.teacher). ``train`` None: only
+    (``teacher_origin``: a TeacherOrigin of d2_taskdistill.modeling.teacher). ``train`` None: only
     the test sets (evaluation). Raises with the setting (``settings`` names them) to fix."""
     train_setting, test_setting = settings
     if train is not None and not train:
@@ -291,20 +291,20 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_cfg=None,
     for name in test:
         if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
             check_voc_annotations_for_evaluation(name)
-    if teacher_cfg is not None:
-        _check_teacher_classes(teacher_cfg, reference_name, reference)
+    if teacher_origin is not None:
+        _check_teacher_classes(teacher_origin, reference_name, reference)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
 
 
-def _check_teacher_classes(teacher_cfg, student_dataset, student_classes):
-    for name in teacher_cfg.train_datasets:
+def _check_teacher_classes(teacher_origin, student_dataset, student_classes):
+    for name in teacher_origin.train_datasets:
         classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
         if classes is None:
             logger.info("Teacher's dataset %r: class names unknown here; only the class count is checked", name)
             continue
         if list(classes) != student_classes:
             raise ValueError(
-                f"The teacher's config {teacher_cfg.config_file!r} trains on {name!r} (its DATASETS.TRAIN) with "
+                f"The teacher's config {teacher_origin.config_file!r} trains on {name!r} (its DATASETS.TRAIN) with "
                 f"classes {list(classes)}; the student's dataset {student_dataset!r} has {student_classes}: the "
                 "teacher's class outputs would be compared with the wrong classes. If the teacher was trained "
                 f"on {student_dataset!r}, build it from that run's own config: DISTILL.TEACHER.RUN "

@@ -1,11 +1,12 @@
 """FCOS built from yaml configs (``MODEL.META_ARCHITECTURE: "FCOS"``).
 
-detectron2 has FCOS only as a LazyConfig model; this registers a builder for
-yaml keys ``MODEL.FCOS.*``. The model is detectron2's own FCOS class, so its
-state dict is the one stock detectron2 loads.
+detectron2 has FCOS only as a LazyConfig model; this subclass of it adds a ``from_config`` for
+the yaml keys ``MODEL.FCOS.*`` and is registered as detectron2's RetinaNet is. Its state dict is
+the one stock detectron2's FCOS loads.
 """
 import torch
 
+from detectron2.config import configurable
 from detectron2.structures import Boxes
 
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
@@ -33,8 +34,44 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
     )
 
 
+@META_ARCH_REGISTRY.register()
 class FCOS(_D2FCOS):
     """detectron2's FCOS with a yaml builder and, on v0.6, a guard for images without boxes."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg):
+        # Built in this order (backbone, head): the random init, and so every committed
+        # result, depends on it.
+        backbone = build_backbone(cfg)
+        in_features = cfg.MODEL.FCOS.IN_FEATURES
+        feature_shapes = [backbone.output_shape()[f] for f in in_features]
+        norm = cfg.MODEL.FCOS.NORM
+        head = FCOSHead(
+            input_shape=feature_shapes,
+            conv_dims=[feature_shapes[0].channels] * cfg.MODEL.FCOS.NUM_CONVS,
+            num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
+            norm=group_norm_factory if norm == "GN" else norm,
+            prior_prob=cfg.MODEL.FCOS.PRIOR_PROB,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": in_features,
+            "num_classes": cfg.MODEL.FCOS.NUM_CLASSES,
+            "center_sampling_radius": cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
+            "focal_loss_alpha": cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA,
+            "test_score_thresh": cfg.MODEL.FCOS.SCORE_THRESH_TEST,
+            "test_topk_candidates": cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": cfg.MODEL.FCOS.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
@@ -53,36 +90,3 @@ class FCOS(_D2FCOS):
             [background if e else next(labels) for e in empty],
             [no_box if e else next(boxes) for e in empty],
         )
-
-
-def build_fcos_from_cfg(cfg):
-    backbone = build_backbone(cfg)
-    in_features = cfg.MODEL.FCOS.IN_FEATURES
-    feature_shapes = [backbone.output_shape()[f] for f in in_features]
-    norm = cfg.MODEL.FCOS.NORM
-    head = FCOSHead(
-        input_shape=feature_shapes,
-        conv_dims=[feature_shapes[0].channels] * cfg.MODEL.FCOS.NUM_CONVS,
-        num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
-        norm=group_norm_factory if norm == "GN" else norm,
-        prior_prob=cfg.MODEL.FCOS.PRIOR_PROB,
-    )
-    return FCOS(
-        backbone=backbone,
-        head=head,
-        head_in_features=in_features,
-        num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
-        center_sampling_radius=cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS,
-        focal_loss_alpha=cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA,
-        focal_loss_gamma=cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA,
-        test_score_thresh=cfg.MODEL.FCOS.SCORE_THRESH_TEST,
-        test_topk_candidates=cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST,
-        test_nms_thresh=cfg.MODEL.FCOS.NMS_THRESH_TEST,
-        max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        pixel_mean=cfg.MODEL.PIXEL_MEAN,
-        pixel_std=cfg.MODEL.PIXEL_STD,
-    )
-
-
-if "FCOS" not in META_ARCH_REGISTRY:
-    META_ARCH_REGISTRY._do_register("FCOS", build_fcos_from_cfg)

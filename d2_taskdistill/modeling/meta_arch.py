@@ -41,11 +41,6 @@ def check_dense_detector(detector, role, losses):
     )
 
 
-def teacher_source(teacher):
-    """The TeacherConfig a teacher was loaded from (modeling.teacher), or None."""
-    return getattr(teacher, "distill_source", None)
-
-
 def yacs_loss_factory(name, cfg):
     if name not in DISTILL_LOSS_REGISTRY:  # before two detectors are built in vain
         known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
@@ -219,7 +214,7 @@ class TaskDistillDetector(nn.Module):
             self.teacher_needs_bgr_flip = False
             return
         check_dense_detector(teacher, "teacher", losses)
-        source = teacher_source(teacher)
+        source = getattr(teacher, "teacher_origin", None)  # set by load_teacher / build_teacher
         teacher_format = teacher_input_format or getattr(source, "input_format", None) or getattr(
             teacher, "input_format", None) or "BGR"
         if {self.input_format, teacher_format} - {"BGR", "RGB"}:
@@ -252,7 +247,7 @@ class TaskDistillDetector(nn.Module):
         # Built in this order (student, teacher, then the losses' adapters): the random init,
         # and so every committed result, depends on it.
         student = build_model(student_config(cfg))
-        teacher = build_teacher(cfg)[0] if with_teacher else None
+        teacher = build_teacher(cfg) if with_teacher else None
         return {
             "student": student,
             "teacher": teacher,
@@ -264,9 +259,10 @@ class TaskDistillDetector(nn.Module):
         }
 
     @property
-    def teacher_cfg(self):
-        """The teacher's TeacherConfig (its config file, weights, input format)."""
-        return teacher_source(self.teacher)
+    def teacher_origin(self):
+        """Where the teacher came from (modeling.teacher.TeacherOrigin: its config file, weights,
+        input format, training datasets), or None."""
+        return getattr(self.teacher, "teacher_origin", None)
 
     @property
     def device(self):

@@ -76,8 +76,9 @@ def teacher_sources(config_file, weights, run, settings=YACS_SETTINGS):
 
 
 @dataclass
-class TeacherConfig:
-    """What the project needs of a teacher's config, yaml or LazyConfig alike."""
+class TeacherOrigin:
+    """Where a teacher came from (its config, yaml or LazyConfig, weights and datasets): the one
+    record of it, carried by the teacher as ``teacher.teacher_origin``."""
 
     source: object  # the yacs CfgNode, or the LazyConfig (omegaconf) with its `model`
     config_file: str
@@ -112,14 +113,14 @@ class TeacherConfig:
         return model.to(self.device)
 
 
-def build_teacher_config(cfg):
-    """The :class:`TeacherConfig` of a yacs config's DISTILL.TEACHER."""
+def build_teacher_origin(cfg):
+    """The :class:`TeacherOrigin` of a yacs config's DISTILL.TEACHER."""
     t = cfg.DISTILL.TEACHER
-    return teacher_config(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
+    return teacher_origin_from(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
 
 
-def teacher_config(config_file="", weights="", overrides=(), device="cpu", run="", settings=YACS_SETTINGS):
-    """The teacher's :class:`TeacherConfig`: a yaml config with ``overrides`` as KEY VALUE
+def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", run="", settings=YACS_SETTINGS):
+    """The teacher's :class:`TeacherOrigin`: a yaml config with ``overrides`` as KEY VALUE
     pairs, or a LazyConfig .py with them as key=value overrides. ``run``: a train_net.py
     OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``.
     ``settings`` names the options in messages."""
@@ -128,21 +129,21 @@ def teacher_config(config_file="", weights="", overrides=(), device="cpu", run="
     lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
     overrides = [str(o) for o in overrides] if lazy else list(overrides)
     if lazy:
-        return _lazy_teacher_config(name, path, weights, overrides, device, weights_setting, settings)
-    teacher_cfg = load_config(path, overrides)
-    teacher_cfg.MODEL.DEVICE = device
-    teacher_cfg.MODEL.WEIGHTS = weights
-    arch = teacher_cfg.MODEL.META_ARCHITECTURE
+        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, settings)
+    teacher_yacs = load_config(path, overrides)
+    teacher_yacs.MODEL.DEVICE = device
+    teacher_yacs.MODEL.WEIGHTS = weights
+    arch = teacher_yacs.MODEL.META_ARCHITECTURE
     if arch not in DENSE_ARCHITECTURES:
         raise ValueError(
             f"Teacher config {name!r} has MODEL.META_ARCHITECTURE={arch!r}; "
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
-    return TeacherConfig(teacher_cfg, name, weights, device, teacher_cfg.INPUT.FORMAT,
-                         list(teacher_cfg.DATASETS.TRAIN), weights_setting, dict(settings))
+    return TeacherOrigin(teacher_yacs, name, weights, device, teacher_yacs.INPUT.FORMAT,
+                         list(teacher_yacs.DATASETS.TRAIN), weights_setting, dict(settings))
 
 
-def _lazy_teacher_config(name, path, weights, overrides, device, weights_setting, settings):
+def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, settings):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
@@ -165,7 +166,7 @@ def _lazy_teacher_config(name, path, weights, overrides, device, weights_setting
     mapper = lazy.get("dataloader", {}).get("train", {}).get("mapper", {})
     dataset = lazy.get("dataloader", {}).get("train", {}).get("dataset", {})
     names = dataset.get("names", [])
-    return TeacherConfig(
+    return TeacherOrigin(
         lazy, name, weights, device,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
         train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
@@ -246,10 +247,9 @@ def freeze(model):
 
 
 def build_teacher(cfg):
-    """The teacher of a yacs config's DISTILL.TEACHER: built, loaded, frozen and in eval mode,
-    with its TeacherConfig."""
-    teacher = _load(build_teacher_config(cfg))
-    return teacher, teacher.distill_source
+    """The teacher of a yacs config's DISTILL.TEACHER: built, loaded, frozen and in eval mode;
+    its TeacherOrigin is ``teacher.teacher_origin``."""
+    return _load(build_teacher_origin(cfg))
 
 
 def load_teacher(config_file="", weights="", overrides=(), device="cpu", run=""):
@@ -259,14 +259,14 @@ def load_teacher(config_file="", weights="", overrides=(), device="cpu", run="")
     checkpoint (.pth, model-zoo .pkl or URL), every key of which must load; overrides: KEY VALUE
     pairs (yaml) or key=value strings (.py); run: instead of both, the OUTPUT_DIR of a run of
     train_net.py or of detectron2's lazyconfig_train_net.py (its config.yaml and last checkpoint).
-    The returned detector carries its :class:`TeacherConfig` as ``distill_source``.
+    The returned detector carries its :class:`TeacherOrigin` as ``teacher_origin``.
     """
-    return _load(teacher_config(config_file, weights, overrides, device, run, LAZY_SETTINGS))
+    return _load(teacher_origin_from(config_file, weights, overrides, device, run, LAZY_SETTINGS))
 
 
-def _load(teacher_cfg):
-    teacher = teacher_cfg.build_model()
-    load_teacher_weights(teacher, teacher_cfg.weights, teacher_cfg.weights_setting, teacher_cfg.settings)
+def _load(teacher_origin):
+    teacher = teacher_origin.build_model()
+    load_teacher_weights(teacher, teacher_origin.weights, teacher_origin.weights_setting, teacher_origin.settings)
     teacher = freeze(teacher)
-    teacher.distill_source = teacher_cfg  # where it came from: input format, datasets, weights
+    teacher.teacher_origin = teacher_origin  # where it came from: input format, datasets, weights
     return teacher

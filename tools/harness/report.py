@@ -17,13 +17,19 @@ def _fmt(value, std=None):
     return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
 
 
-def markdown_table(rows, metrics=METRICS):
+def markdown_table(headers, rows):
+    """A markdown (pipe) table of already formatted cells, by tabulate."""
+    from tabulate import tabulate
+
+    return tabulate([[str(c) for c in row] for row in rows], headers=headers, tablefmt="pipe",
+                    disable_numparse=True)
+
+
+def metrics_table(rows, metrics=METRICS):
     """rows: [(name, {metric: value}, {metric: std} or None)] -> a markdown table."""
-    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for name, values, stds in rows:
-        cells = [_fmt(values.get(m), None if stds is None else stds.get(m)) for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["model", *metrics], [
+        [name, *(_fmt(values.get(m), None if stds is None else stds.get(m)) for m in metrics)]
+        for name, values, stds in rows])
 
 
 def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val"):
