@@ -122,6 +122,14 @@ def teachers_in(tmp_path_factory, batches, name):
         yield {d: make_teacher_checkpoint(d, str(root / f"{d}.pth"), batches) for d in ("retinanet", "fcos")}
 
 
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory, tiny_batch):
+    """The small teacher checkpoints of both detectors, {detector: path}: made once per test
+    process and shared (the tests read them, none writes them)."""
+    with teachers_in(tmp_path_factory, tiny_batch, "teachers") as paths:
+        yield paths
+
+
 def make_teacher_checkpoint(detector, path, batches, opts=()):
     """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_launch import cli_opts, finish, teachers  # noqa: F401  (fixture)
+from test_launch import cli_opts, finish
 
 OTHER_PYTHON = os.environ["D2_TASKDISTILL_OTHER_PYTHON"]
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, distill_cfg, teachers_in
+from conftest import ROOT, distill_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 # (its part a); the other methods' AMP runs come with the suite (part c).
 REPRESENTATIVE = "bckd_tid"
 OTHER_METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "fgd", "pkd", "cwd"]
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_batch):
-    with teachers_in(tmp_path_factory, tiny_batch, "cuda_teachers") as teachers:
-        yield teachers
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])

@@ -17,15 +17,9 @@ from d2_taskdistill.data import CLASS_NAMES
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_student
 from d2_taskdistill.modeling import TaskDistillDetector
-from conftest import distill_cfg, make_teacher_checkpoint, scratch_dir
+from conftest import distill_cfg
 
 DETECTORS = ["retinanet", "fcos"]
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_batch):
-    with scratch_dir(tmp_path_factory, "teachers") as root:
-        yield {d: make_teacher_checkpoint(d, str(root / f"{d}_teacher.pth"), tiny_batch) for d in DETECTORS}
 
 
 def teacher_state(model):

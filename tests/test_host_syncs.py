@@ -17,7 +17,7 @@ from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.losses.box_ops import giou_loss
 from d2_taskdistill.losses.maps import top_fraction_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from conftest import distill_cfg, teachers_in
+from conftest import distill_cfg
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(d2_taskdistill.__file__))
 TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -59,12 +59,6 @@ def host_reads(monkeypatch):
             return _original(self, index, *rest)
         monkeypatch.setattr(torch.Tensor, name, indexing)
     return reads
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_batch):
-    with teachers_in(tmp_path_factory, tiny_batch, "sync_teachers") as teachers:
-        yield teachers
 
 
 def every_loss():

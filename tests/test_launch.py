@@ -15,8 +15,7 @@ import torch
 
 import d2_taskdistill  # noqa: F401  (first: spawned workers import this module afresh)
 from d2_taskdistill.launch import free_port, launch
-from conftest import (ROOT, TINY_ROOT_ENV, distill_cfg, lazy_config_for_tiny_cli, register_tiny_dataset, subprocess_env,
-                      teachers_in)
+from conftest import ROOT, TINY_ROOT_ENV, distill_cfg, lazy_config_for_tiny_cli, register_tiny_dataset, subprocess_env
 
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 RESUMED = ["retinanet_tbd", "fcos_tid"]
@@ -63,12 +62,6 @@ def _train_every_method(cfgs, teachers, out_dir, resume, keep=()):
         comm.synchronize()
         if rank == 0 and name not in keep:
             shutil.rmtree(cfg.OUTPUT_DIR)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_batch):
-    with teachers_in(tmp_path_factory, tiny_batch, "launch_teachers") as teachers:
-        yield teachers
 
 
 def _configs(teachers, root, max_iter):
@@ -341,16 +334,15 @@ def test_a_killed_worker_stops_the_others_and_resume_finishes(teachers, tiny_dat
     """Under launch(): rank 1 SIGKILLed after iteration 4 of 6; rank 0 does not wait for it (the
     launcher ends the group, naming the dead process), and --resume goes on from the last
     checkpoint (iteration 3) to the end."""
-    import time
-
     out = tmp_path / "run"
     env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS="0:1:step:4")
     args = ["--num-gpus", "2", *cli_opts(teachers["retinanet"], out, 6)]
-    started = time.monotonic()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_train_net.py"), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    text = proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0 and time.monotonic() - started < 300
+    # The bound: the group must end within the time limit (communicate raises past it), not
+    # wait for the dead rank.
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
     assert "process 1 terminated with signal SIGKILL" in text
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
     text = finish(_run_train_net(["--resume", *args], _env(tiny_dataset), tmp_path / "resume.log"), tmp_path / "resume.log")

@@ -16,18 +16,15 @@ from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
-from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, teachers_in
+from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg
+
+# The configs here train and evaluate on the tiny dataset: registered for every test.
+pytestmark = pytest.mark.usefixtures("tiny_dataset")
 
 DIGITS = config_path("digits")
 METHODS = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
                   for p in glob.glob(os.path.join(DIGITS, "retinanet_R34-R18_*.yaml"))})
 ITERATIONS = 2
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, tiny_batch, tiny_dataset):
-    with teachers_in(tmp_path_factory, tiny_batch, "lazy_teachers") as teachers:
-        yield teachers
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
