@@ -56,10 +56,6 @@ def add_distill_config(cfg):
     # is an error unless this is True.
     cfg.DISTILL.TEACHER.ALLOW_CHANGE = False
 
-    # Every loss is tested for finiteness on the device each iteration; the result is read
-    # (a host-device sync) and raised every N iterations, naming the first bad iteration.
-    cfg.DISTILL.FINITE_CHECK_PERIOD = 20
-
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0
 

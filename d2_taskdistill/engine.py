@@ -20,7 +20,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from . import compat
 from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_datasets, check_registered
-from .hooks import DistillFeatures, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,11 @@ class FileNamingMapper(DatasetMapper):
             raise
 
 
-class DistillTrainer(DefaultTrainer):
+class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
     """DefaultTrainer for plain and distilled detectors of this project."""
+
+    non_finite_hint = ("A loss is not finite: lower SOLVER.BASE_LR or the distillation weights (DISTILL.*), or "
+                       "set SOLVER.CLIP_GRADIENTS.ENABLED True.")
 
     def __init__(self, cfg):
         refuse_amp_off_cuda(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE, "SOLVER.AMP.ENABLED", "MODEL.DEVICE")

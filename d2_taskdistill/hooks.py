@@ -147,6 +147,21 @@ def refuse_amp_off_cuda(amp_enabled, device, amp_setting, device_setting):
                          f"float16 on CUDA only. Set {amp_setting} to False to train on the CPU.")
 
 
+class NonFiniteLossHint:
+    """A trainer mixin: detectron2's trainer reads every loss to the host each step and raises
+    FloatingPointError, naming them all, before the optimizer step; this adds what to change
+    (``non_finite_hint``, in the config system's own setting names) without a read of its own."""
+
+    non_finite_hint = ""
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            e.add_note(self.non_finite_hint)
+            raise
+
+
 class DistillFeatures:
     """The project's training features for one run, the same for the yacs trainer
     (engine.DistillTrainer) and the LazyConfig one (lazy_engine.LazyDistillTrainer); each trainer

@@ -15,7 +15,7 @@ from . import compat
 from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_dataset_names
 from .engine import usable_device
-from .hooks import WRITER_PERIOD, DistillFeatures, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
 
@@ -139,6 +139,17 @@ def build_model(cfg, with_teacher=True):
     return model.to(cfg.train.device)
 
 
+LAZY_NON_FINITE_HINT = "A loss is not finite: lower optimizer.lr or the weights of model.losses."
+
+
+class _SimpleTrainer(NonFiniteLossHint, SimpleTrainer):
+    non_finite_hint = LAZY_NON_FINITE_HINT
+
+
+class _AMPTrainer(NonFiniteLossHint, AMPTrainer):
+    non_finite_hint = LAZY_NON_FINITE_HINT
+
+
 class LazyDistillTrainer:
     """Trains ``cfg.model`` (a TaskDistillDetector) as lazyconfig_train_net's do_train does:
     model, optimizer and data loader built in that order (the yacs DistillTrainer's order, so
@@ -159,7 +170,7 @@ class LazyDistillTrainer:
         self.unwrapped_model = model  # the detector itself (DDP wraps self.model)
         # defaults.create_ddp_model: the compat layer makes it accept CPU (gloo) workers.
         model = defaults.create_ddp_model(model, **cfg.train.get("ddp", {}))
-        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = (_AMPTrainer if amp else _SimpleTrainer)(model, data_loader, optimizer)
         self.checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=self._trainer)
         self.features = self.build_features()
         self.features.add_to_checkpointer(self.checkpointer)

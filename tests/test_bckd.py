@@ -94,17 +94,14 @@ def test_bckd_loss_on_toy_outputs():
     assert student2.logits_flat.grad is not None and teacher.logits_flat.grad is None
 
 
-def test_non_finite_student_boxes_have_a_clear_error():
-    from d2_taskdistill.modeling.meta_arch import FiniteLossCheck
-
+def test_non_finite_student_boxes_stay_in_their_own_term():
+    """A NaN box makes the localisation term NaN and leaves the classification term finite, so
+    the trainer's non-finite error (tests/test_distill_errors.py) names the term that diverged."""
     student = ToyOutputs([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0, 1, 1], [float("nan"), 0, 2, 2]], [True, False])
     teacher = ToyOutputs([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0, 1, 1], [0.0, 0, 2, 2]], [True, False])
     losses = bckd_module()(student, teacher)  # no host read in the loss: the value is NaN
     assert math.isfinite(losses["loss_distill_bckd_cls"].item())
     assert math.isnan(losses["loss_distill_bckd_loc"].item())
-    with pytest.raises(FloatingPointError, match=r"\{'loss_distill_bckd_loc': nan\}\. The student's box "
-                                                 r"regression diverged.*SOLVER.BASE_LR"):
-        FiniteLossCheck(period=20).update(losses)
 
 
 @pytest.mark.parametrize("config", ["retinanet_R34-R18_bckd.yaml", "fcos_R34-R18_bckd.yaml",

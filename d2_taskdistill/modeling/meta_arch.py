@@ -7,7 +7,6 @@ import torch.nn as nn
 
 from detectron2.config import configurable, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.utils.events import get_event_storage
 
 from ..losses import DISTILL_LOSS_REGISTRY, build_distill_loss
 from .dense_outputs import DENSE_DETECTOR_ATTRIBUTES, run_dense_detector
@@ -117,56 +116,6 @@ def loss_description(name, loss):
     return f"{name} ({', '.join(f'{k}={v}' for k, v in weights.items())})"
 
 
-class FiniteLossCheck:
-    """Raises on a non-finite loss without reading a value back from the device every step.
-
-    Each step's losses are tested on the device, where the first iteration at which each loss
-    was not finite, and its value then, are kept; the host reads them every ``period``
-    iterations of a training loop (detectron2's event storage), and at once outside one.
-    """
-
-    NEVER, OUTSIDE_TRAINING = -2, -1
-
-    def __init__(self, period):
-        if period < 1:
-            raise ValueError(f"DISTILL.FINITE_CHECK_PERIOD={period}; use 1 (every iteration) or more")
-        self.period = period
-        self.names = None
-
-    def update(self, losses):
-        try:
-            iteration = get_event_storage().iter
-        except AssertionError:
-            iteration = None
-        values = torch.stack([v.detach().float() for v in losses.values()])
-        if list(losses) != self.names:
-            self.names = list(losses)
-            self.first_bad_iter = torch.full(values.shape, self.NEVER, dtype=torch.long, device=values.device)
-            self.first_bad_value = torch.zeros_like(values)
-        new = ~torch.isfinite(values) & (self.first_bad_iter == self.NEVER)
-        at = self.OUTSIDE_TRAINING if iteration is None else iteration
-        self.first_bad_iter = torch.where(new, at, self.first_bad_iter)
-        self.first_bad_value = torch.where(new, values, self.first_bad_value)
-        if iteration is None or (iteration + 1) % self.period == 0:
-            self.raise_if_bad()
-
-    def raise_if_bad(self):
-        first_iter = self.first_bad_iter.tolist()  # the one host read
-        bad = [i for i, it in enumerate(first_iter) if it != self.NEVER]
-        if not bad:
-            return
-        earliest = min(first_iter[i] for i in bad)
-        values = self.first_bad_value.tolist()
-        terms = {self.names[i]: values[i] for i in bad if first_iter[i] == earliest}
-        self.names = None  # start afresh if the caller goes on
-        where = "outside a training loop" if earliest == self.OUTSIDE_TRAINING else f"at iteration {earliest}"
-        hint = ""
-        if any("loc" in k or "box" in k for k in terms):
-            hint = (" The student's box regression diverged: lower SOLVER.BASE_LR or the distillation "
-                    "weights (DISTILL.*), or enable SOLVER.CLIP_GRADIENTS.")
-        raise FloatingPointError(f"Non-finite loss {where}: {terms}.{hint}")
-
-
 @META_ARCH_REGISTRY.register()
 class TaskDistillDetector(nn.Module):
     """Student + frozen teacher + distillation losses, for yacs and LazyConfig alike.
@@ -184,7 +133,7 @@ class TaskDistillDetector(nn.Module):
 
     @configurable
     def __init__(self, *, student, teacher, losses, input_format=None, teacher_input_format=None,
-                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, finite_check_period=20):
+                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False):
         """
         Args:
             student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass).
@@ -205,7 +154,6 @@ class TaskDistillDetector(nn.Module):
         self.input_format = input_format or getattr(student, "input_format", None) or "BGR"
         self.fcos_thresholds = tuple(fcos_iou_thresholds)
         self.teacher_amp = teacher_amp
-        self.finite_check = FiniteLossCheck(finite_check_period)
         self.__dict__["teacher"] = teacher  # not a submodule, on purpose (see class doc)
         self.distill_losses = nn.ModuleDict()
         if teacher is None:  # inference only: the losses need the teacher's shapes
@@ -255,7 +203,6 @@ class TaskDistillDetector(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "fcos_iou_thresholds": tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS),
             "teacher_amp": cfg.DISTILL.TEACHER.AMP,
-            "finite_check_period": cfg.DISTILL.FINITE_CHECK_PERIOD,
         }
 
     @property
@@ -302,7 +249,8 @@ class TaskDistillDetector(nn.Module):
             losses = dict(student_out.detector_losses())
             for loss in self.distill_losses.values():
                 losses.update(loss(student_out, teacher_out))
-        self.finite_check.update(losses)
+        # A non-finite term: detectron2's trainer reads every loss each step and raises
+        # FloatingPointError naming them before the optimizer step (hooks.NonFiniteLossHint).
         return losses
 
     def image_sizes_on_device(self, batched_inputs):
