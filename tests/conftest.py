@@ -59,6 +59,9 @@ def tiny_batch(tiny_digits):
     return [mapper(d) for d in dicts[:4]]
 
 
+# Every method of the digits configs (configs/digits/<detector>_R34-R18_<method>.yaml).
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
+
 TINY_TRAIN = "digits_tiny_train"
 # Where the session's tiny dataset lives, for processes the tests start (launch workers).
 TINY_ROOT_ENV = "D2_TASKDISTILL_TEST_TINY_ROOT"

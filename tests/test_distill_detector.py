@@ -17,13 +17,28 @@ from d2_taskdistill.data import CLASS_NAMES
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_student
 from d2_taskdistill.modeling import TaskDistillDetector
-from conftest import distill_cfg
+from conftest import METHODS, distill_cfg
 
 DETECTORS = ["retinanet", "fcos"]
 
 
 def teacher_state(model):
     return {k: v.clone() for k, v in model.teacher.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_one_step_reaches_every_trainable_tensor(detector, method, teachers, tiny_batch, tmp_path):
+    """What DDP without find_unused_parameters (detectron2's default) needs of every method: one
+    step gives a gradient to every trainable tensor, the student's and the method's adapters'."""
+    from detectron2.utils.events import EventStorage
+
+    model = build_model(distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path)).train()
+    with EventStorage(0):
+        sum(model(tiny_batch[:2]).values()).backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("student.") for n in trainable)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 @pytest.mark.parametrize("detector", DETECTORS)
