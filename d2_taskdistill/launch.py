@@ -171,4 +171,10 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
                             rank=global_rank, timeout=timeout)
     compat.create_local_process_group(num_per_machine)
     comm.synchronize()
-    main_func(*args)
+    try:
+        main_func(*args)
+        comm.synchronize()  # every rank done before any takes its group down
+    finally:
+        # Torn down here, not at interpreter exit, where gloo's threads can abort the process
+        # ("terminate called without an active exception", seen on torch 2.11).
+        dist.destroy_process_group()
