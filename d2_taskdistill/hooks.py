@@ -203,9 +203,7 @@ class DistillFeatures:
         teacher's evaluation."""
         hooks = [DatasetCheck(self.check_datasets)]
         if parts_of(self.student_init):
-            if not self.distill and self.build_teacher is None:
-                raise ValueError(f"student_init={self.student_init!r} for a model trained alone needs a teacher to "
-                                 "copy from, and none was given")
+            # A plain model needs build_teacher: each trainer checks that with its own setting's name.
             hooks.append(StudentInit(self.student_init, build_teacher=None if self.distill else self.build_teacher))
         if self.distill and self.teacher_eval_at_start:
             self.teacher_evaluation = TeacherEvaluation(self.evaluate, self.output_dir)
