@@ -5,7 +5,7 @@
   POSIX): a process killed mid-write, or a full disk, leaves the previous files as they were,
   and no reader ever sees half a checkpoint.
 - :class:`TeacherIdentity` puts the teacher's weights file and its sha256 into every
-  checkpoint; resuming with a different teacher is an error (DISTILL.TEACHER.ALLOW_CHANGE).
+  checkpoint; resuming with a different teacher is an error unless allowed.
 """
 import hashlib
 import logging
@@ -16,6 +16,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class TeacherIdentity:
         message = (f"the checkpoint was trained with teacher {state.get('weights')!r} (sha256 "
                    f"{str(state.get('sha256'))[:16]}), this run loads {self.weights!r} (sha256 {self.sha256[:16]})")
         if self.allow_change:
-            logger.warning("Resuming with another teacher, as DISTILL.TEACHER.ALLOW_CHANGE allows: %s", message)
+            logger.warning("Resuming with another teacher, as %s allows: %s", setting("teacher.allow_change"), message)
             return
-        raise ValueError(f"Resuming with another teacher: {message}. Resume with the teacher the run "
-                         "started with, or set DISTILL.TEACHER.ALLOW_CHANGE True to go on with this one.")
+        raise ValueError(f"Resuming with another teacher: {message}. Resume with the teacher the run started "
+                         f"with, or set {setting('teacher.allow_change')} True to go on with this one.")

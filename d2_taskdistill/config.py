@@ -4,6 +4,23 @@ import os
 
 from detectron2.config import CfgNode as CN
 
+# The yacs keys that errors name (d2_taskdistill.settings): what a yaml user sets.
+YACS_SETTING_NAMES = {
+    "teacher.run": "DISTILL.TEACHER.RUN",
+    "teacher.config_file": "DISTILL.TEACHER.CONFIG_FILE",
+    "teacher.weights": "DISTILL.TEACHER.WEIGHTS",
+    "teacher.overrides": "DISTILL.TEACHER.OPTS",
+    "teacher.allow_change": "DISTILL.TEACHER.ALLOW_CHANGE",
+    "losses": "DISTILL.LOSSES",
+    "student.num_classes": "MODEL.RETINANET.NUM_CLASSES / MODEL.FCOS.NUM_CLASSES",
+    "student.input_format": "INPUT.FORMAT",
+    "teacher.input_format": "the teacher config's INPUT.FORMAT",
+    "anchor_layout": "MODEL.ANCHOR_GENERATOR / MODEL.FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student",
+    "fpn_channels": "MODEL.FPN.OUT_CHANNELS",
+    "student_init": "DISTILL.STUDENT_INIT",
+    "loss_argument": "DISTILL.{node}.{key}={value!r}",
+}
+
 
 def add_fcos_config(cfg):
     """Yaml keys for FCOS, which detectron2 only offers as a LazyConfig.

@@ -19,9 +19,11 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from . import compat
 from .checkpoint import SafeCheckpointer
+from .config import YACS_SETTING_NAMES
 from .data.config_datasets import check_datasets, check_registered
 from .hooks import DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
+from .settings import using_setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,16 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
 
     def __init__(self, cfg):
         refuse_amp_off_cuda(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE, "SOLVER.AMP.ENABLED", "MODEL.DEVICE")
-        super().__init__(cfg)
+        with using_setting_names(YACS_SETTING_NAMES):
+            super().__init__(cfg)
+
+    def resume_or_load(self, resume=True):
+        with using_setting_names(YACS_SETTING_NAMES):
+            super().resume_or_load(resume)
+
+    def train(self):
+        with using_setting_names(YACS_SETTING_NAMES):
+            return super().train()
 
     @property
     def checkpointer(self):

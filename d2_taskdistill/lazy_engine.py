@@ -18,10 +18,24 @@ from .engine import usable_device
 from .hooks import WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
+from .settings import using_setting_names
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_NODES = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+# The config paths that errors name (d2_taskdistill.settings); the teacher's settings keep
+# load_teacher's argument names, as it is written in model.teacher or train.student_init_teacher.
+LAZY_SETTING_NAMES = {
+    "teacher.allow_change": "train.allow_teacher_change",
+    "losses": "model.losses",
+    "student.num_classes": "model.student.num_classes",
+    "student.input_format": "model.input_format",
+    "teacher.input_format": "model.teacher_input_format",
+    "anchor_layout": "model.student.anchor_generator / the FPN of model.student and of the teacher's config",
+    "fpn_channels": "model.student.backbone.out_channels",
+    "student_init": "train.student_init",
+    "loss_argument": "model.losses.{node}.{name}={value!r}",
+}
 # Keys of ``train`` that this project reads beside lazyconfig_train_net's.
 DISTILL_TRAIN_DEFAULTS = {
     "student_init": "none",  # as DISTILL.STUDENT_INIT
@@ -65,7 +79,8 @@ def load_lazy_config(path, overrides=()):
             "model = L(TaskDistillDetector)(student=..., teacher=L(load_teacher)(...), losses={...}) "
             "(see configs/digits/*.py); train a plain detector with detectron2's tools/lazyconfig_train_net.py.")
     set_train_defaults(cfg)
-    parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
+    with using_setting_names(LAZY_SETTING_NAMES):
+        parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
     return cfg
 
 
@@ -135,7 +150,8 @@ def build_model(cfg, with_teacher=True):
     if not with_teacher:
         model_cfg = model_cfg.copy()
         model_cfg.teacher = None
-    model = instantiate(model_cfg)
+    with using_setting_names(LAZY_SETTING_NAMES):
+        model = instantiate(model_cfg)
     return model.to(cfg.train.device)
 
 
@@ -158,6 +174,10 @@ class LazyDistillTrainer:
     without the teacher's hooks."""
 
     def __init__(self, cfg):
+        with using_setting_names(LAZY_SETTING_NAMES):
+            self._build(cfg)
+
+    def _build(self, cfg):
         self.cfg = cfg
         set_train_defaults(cfg)
         amp = cfg.train.get("amp", {}).get("enabled", False)
@@ -228,14 +248,16 @@ class LazyDistillTrainer:
     def resume_or_load(self, resume=True):
         """As DefaultTrainer's: the last checkpoint of train.output_dir with ``resume`` (when one
         exists), else train.init_checkpoint (model weights only)."""
-        self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
+        with using_setting_names(LAZY_SETTING_NAMES):
+            self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self._trainer.iter + 1
         else:
             self.start_iter = 0
 
     def train(self):
-        self._trainer.train(getattr(self, "start_iter", 0), self.cfg.train.max_iter)
+        with using_setting_names(LAZY_SETTING_NAMES):
+            self._trainer.train(getattr(self, "start_iter", 0), self.cfg.train.max_iter)
 
     @property
     def teacher_results(self):

@@ -10,7 +10,8 @@ from detectron2.modeling import build_model
 
 from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.modeling import TaskDistillDetector
-from conftest import distill_cfg, make_teacher_checkpoint, scratch_dir
+from d2_taskdistill.lazy_engine import build_model as build_lazy_model
+from conftest import distill_cfg, lazy_cfg, make_teacher_checkpoint, scratch_dir
 
 
 class _ZeroLayoutLoss(nn.Module):
@@ -97,8 +98,15 @@ def test_class_count_mismatch(tmp_path, tiny_batch):
                                    opts=["MODEL.RETINANET.NUM_CLASSES", 5])
     cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", five, tmp_path,
                       teacher_opts=["MODEL.RETINANET.NUM_CLASSES", 5])
-    with pytest.raises(ValueError, match="Teacher has 5 classes, student 10"):
+    with pytest.raises(ValueError, match=r"Teacher has 5 classes, student 10: .*DISTILL.TEACHER.WEIGHTS='.*t5.pth'\) were "
+                                         r"trained for 5: .*set MODEL.RETINANET.NUM_CLASSES / MODEL.FCOS.NUM_CLASSES to 5"):
         build(cfg)
+    # The .py twin names its own settings.
+    lazy = lazy_cfg("retinanet_R34-R18_fitnet.py", five, tmp_path)
+    lazy.model.teacher.overrides = [*lazy.model.teacher.overrides, "MODEL.RETINANET.NUM_CLASSES", "5"]
+    with pytest.raises(ValueError, match=r"load_teacher\(weights=...\)='.*t5.pth'\) were trained for 5: .*"
+                                         r"set model.student.num_classes to 5"):
+        build_lazy_model(lazy)
 
 
 def test_anchor_layout_mismatch(teacher_ckpt, tmp_path):

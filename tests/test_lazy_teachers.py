@@ -14,7 +14,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from d2_taskdistill.modeling.teacher import build_teacher_origin, load_teacher_weights
+from d2_taskdistill.modeling.teacher import build_teacher, build_teacher_origin, load_teacher_weights
 from conftest import config_path, TEST_DEVICE
 
 ZOO = {"fcos": "COCO-Detection/fcos_R_50_FPN_1x.py", "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.py"}
@@ -115,7 +115,7 @@ def test_lazy_teacher_bad_input_is_named(tmp_path):
         build_teacher_origin(cfg)
     cfg.DISTILL.TEACHER.CONFIG_FILE = str(not_dense)
     with pytest.raises(ValueError, match="its `model` is a Linear; the teacher must be one of"):
-        build_teacher_origin(cfg).build_model()
+        build_teacher(cfg)  # builds the model before it looks for the weights
     cfg.DISTILL.TEACHER.CONFIG_FILE = ZOO["retinanet"]
     cfg.DISTILL.TEACHER.OPTS = ["MODEL.RETINANET.NUM_CLASSES", 20]
     with pytest.raises(ValueError, match=r"each override is key=value.*'MODEL.RETINANET.NUM_CLASSES', '20'"):
@@ -125,7 +125,7 @@ def test_lazy_teacher_bad_input_is_named(tmp_path):
         build_teacher_origin(cfg)
     cfg.DISTILL.TEACHER.OPTS = ["model.no_such_argument=3"]  # LazyConfig adds keys; the class refuses it
     with pytest.raises(ValueError, match="with DISTILL.TEACHER.OPTS: its `model` could not be built: .*no_such_argument"):
-        build_teacher_origin(cfg).build_model()
+        build_teacher(cfg)  # builds the model before it looks for the weights
 
 
 def test_lazy_teacher_class_count_must_match_the_student(tmp_path):

@@ -14,7 +14,11 @@ from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 
 from d2_taskdistill import add_taskdistill_config, load_config
+from d2_taskdistill.config import YACS_SETTING_NAMES
+from d2_taskdistill.lazy_engine import LAZY_SETTING_NAMES
 from d2_taskdistill.losses import CWD, FGD, FGFI, FITNET, PKD, TBD, TID, DISTILL_LOSS_REGISTRY, DistillLoss
+from d2_taskdistill.losses.registry import check_choices
+from d2_taskdistill.settings import using_setting_names
 from conftest import config_path
 
 # The project's losses (tests register losses of their own into the same registry).
@@ -137,19 +141,30 @@ def test_yacs_and_keywords_give_the_same_tid_loss():
 
 
 @pytest.mark.parametrize("cls,kwargs,message", [
-    (TID, {"importance": "x"}, r"TID importance='x' \(yacs DISTILL.TID.IMPORTANCE='x'\); choose one of"),
-    (TID, {"areas": "all"}, r"TID areas='all' \(yacs DISTILL.TID.AREAS='all'\)"),
-    (TBD, {"balance": "auto"}, r"TBD balance='auto' \(yacs DISTILL.TBD.BALANCE='auto'\)"),
-    (PKD, {"normalize_over": "nhw"}, r"PKD normalize_over='nhw' \(yacs DISTILL.PKD.NORMALIZE_OVER='nhw'\)"),
-    (CWD, {"normalize": "pixel"}, r"CWD normalize='pixel' \(yacs DISTILL.CWD.NORMALIZE='pixel'\)"),
-    (CWD, {"tau": 0.0}, r"CWD tau=0.0 \(yacs DISTILL.CWD.TAU=0.0\); must be positive"),
-    (FGD, {"temperature": -1.0}, r"FGD temperature=-1.0 \(yacs DISTILL.FGD.TEMPERATURE=-1.0\); must be positive"),
-    (FGD, {"num_levels": -1}, r"FGD num_levels=-1 \(yacs DISTILL.FGD.NUM_LEVELS=-1\); choose 0"),
-    (PKD, {"num_levels": -2}, r"PKD num_levels=-2 \(yacs DISTILL.PKD.NUM_LEVELS=-2\)"),
+    (TID, {"importance": "x"}, r"^TID\(importance='x'\); choose one of \('both', 'cls', 'reg'\)"),
+    (TID, {"areas": "all"}, r"^TID\(areas='all'\); choose one of"),
+    (TBD, {"balance": "auto"}, r"^TBD\(balance='auto'\); choose one of"),
+    (PKD, {"normalize_over": "nhw"}, r"^PKD\(normalize_over='nhw'\); choose one of"),
+    (CWD, {"normalize": "pixel"}, r"^CWD\(normalize='pixel'\); choose one of \('channel', 'spatial'\)"),
+    (CWD, {"tau": 0.0}, r"^CWD\(tau=0.0\); must be positive"),
+    (FGD, {"temperature": -1.0}, r"^FGD\(temperature=-1.0\); must be positive"),
+    (FGD, {"num_levels": -1}, r"^FGD\(num_levels=-1\); choose 0"),
+    (PKD, {"num_levels": -2}, r"^PKD\(num_levels=-2\); choose 0"),
 ])
-def test_invalid_keywords_name_both_spellings(cls, kwargs, message):
+def test_invalid_keywords_are_named(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(student_shapes=STUDENT, teacher_shapes=TEACHER, **kwargs)
+
+
+@pytest.mark.parametrize("names,expected", [
+    (YACS_SETTING_NAMES, r"^DISTILL.TID.AREAS='all'; choose one of"),
+    (LAZY_SETTING_NAMES, r"^model.losses.TID.areas='all'; choose one of"),
+])
+def test_invalid_settings_are_named_as_the_config_system_writes_them(names, expected):
+    with using_setting_names(names), pytest.raises(ValueError, match=expected):
+        TID(student_shapes=STUDENT, teacher_shapes=TEACHER, areas="all")
+    with using_setting_names(names), pytest.raises(ValueError, match=r"^(DISTILL\.FGD\.GLOBAL|model\.losses\.FGD\.global_)"):
+        check_choices("FGD", global_=("x", (True, False)))
 
 
 def test_from_config_reads_the_node_and_keywords_override_it():

@@ -7,8 +7,10 @@ import torch
 from d2_taskdistill import load_config
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.hooks import StudentInit
-from d2_taskdistill.lazy_engine import LazyDistillTrainer
+from d2_taskdistill.config import YACS_SETTING_NAMES
+from d2_taskdistill.lazy_engine import LAZY_SETTING_NAMES, LazyDistillTrainer
 from d2_taskdistill.modeling.inherit import inherit_from_teacher
+from d2_taskdistill.settings import using_setting_names
 from conftest import (SMALL_TEACHER_OPTS, config_path, distill_cfg, lazy_cfg, make_teacher_checkpoint, scratch_dir,
                       tiny_run_opts, TEST_DEVICE)
 
@@ -55,12 +57,15 @@ def plain_trainer_for(teacher, out, path):
 
 
 def start(trainer, resume=False):
-    """resume_or_load, then the StudentInit hook as trainer.train() runs it, before any step."""
+    """resume_or_load, then the StudentInit hook as trainer.train() runs it, before any step
+    (with the trainer's setting names)."""
     trainer.resume_or_load(resume=resume)
-    hooks = trainer._hooks if isinstance(trainer, DistillTrainer) else trainer._trainer._hooks
-    if not isinstance(trainer, DistillTrainer):  # as SimpleTrainer.train(start_iter, ...) sets it
+    yacs = isinstance(trainer, DistillTrainer)
+    hooks = trainer._hooks if yacs else trainer._trainer._hooks
+    if not yacs:  # as SimpleTrainer.train(start_iter, ...) sets it
         trainer._trainer.start_iter = trainer.start_iter
-    next(h for h in hooks if isinstance(h, StudentInit)).before_train()
+    with using_setting_names(YACS_SETTING_NAMES if yacs else LAZY_SETTING_NAMES):
+        next(h for h in hooks if isinstance(h, StudentInit)).before_train()
 
 
 def split_state(model):
@@ -108,9 +113,10 @@ def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dat
     cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teachers_with_other_neck, tmp_path,
                       opts=["DISTILL.STUDENT_INIT", "neck"])
     trainer = DistillTrainer(cfg)  # the teacher's FPN has 96 channels, the student's 64
-    with pytest.raises(ValueError, match=r"STUDENT_INIT='neck' copies nothing.*shape: student \(64,"):
+    with pytest.raises(ValueError, match=r"^DISTILL.STUDENT_INIT='neck' copies nothing.*shape: student \(64,.*"
+                                         r"same FPN channels \(MODEL.FPN.OUT_CHANNELS\)"):
         start(trainer)
-    with pytest.raises(ValueError, match=r"DISTILL.STUDENT_INIT='fpn'; choose one of"):
+    with pytest.raises(ValueError, match=r"^inherit_from_teacher\(choice=...\)='fpn'; choose one of"):
         inherit_from_teacher(trainer.model.student, trainer.model.teacher, "fpn")
 
 

@@ -5,6 +5,8 @@ import torch.nn as nn
 
 from detectron2.utils.registry import Registry
 
+from ..settings import loss_setting, setting
+
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
 A distillation loss is a :class:`DistillLoss` whose forward takes ``(student, teacher)``
@@ -51,17 +53,16 @@ class DistillLoss(nn.Module):
         once both exist. Default: none."""
 
 
-def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
+def registered_loss(name):
+    """The loss class registered as ``name``, or a KeyError listing the registered ones."""
     if name not in DISTILL_LOSS_REGISTRY:
         known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
-        raise KeyError(f"Unknown loss {name!r} in DISTILL.LOSSES; registered losses: {known}")
-    return DISTILL_LOSS_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
+        raise KeyError(f"Unknown loss {name!r} in {setting('losses')}; registered losses: {known}")
+    return DISTILL_LOSS_REGISTRY.get(name)
 
 
-def describe_setting(node, name, value):
-    """A setting in both spellings, e.g. "TID areas='all' (yacs DISTILL.TID.AREAS='all')"."""
-    key = name.rstrip("_").upper()
-    return f"{node} {name}={value!r} (yacs DISTILL.{node}.{key}={value!r})"
+def build_distill_loss(name, cfg, student_shapes, teacher_shapes):
+    return registered_loss(name)(cfg, student_shapes, teacher_shapes)
 
 
 def check_choices(node, **settings):
@@ -71,19 +72,19 @@ def check_choices(node, **settings):
     """
     for name, (value, allowed) in settings.items():
         if value not in allowed:
-            raise ValueError(f"{describe_setting(node, name, value)}; choose one of {allowed}")
+            raise ValueError(f"{loss_setting(node, name, value)}; choose one of {allowed}")
 
 
 def check_positive(node, **settings):
     """Raise a ValueError naming the setting when a value (name=value) is not positive."""
     for name, value in settings.items():
         if value <= 0:
-            raise ValueError(f"{describe_setting(node, name, value)}; must be positive")
+            raise ValueError(f"{loss_setting(node, name, value)}; must be positive")
 
 
 def check_num_levels(node, num_levels, available):
     """``num_levels`` as a count of FPN levels, finest first: 0, or more than the
     ``available`` levels, means all of them. Raise a ValueError naming the setting when negative."""
     if num_levels < 0:
-        raise ValueError(f"{describe_setting(node, 'num_levels', num_levels)}; choose 0 (all levels) or more")
+        raise ValueError(f"{loss_setting(node, 'num_levels', num_levels)}; choose 0 (all levels) or more")
     return min(num_levels, available) or available

@@ -1,8 +1,10 @@
-"""Start the student's neck (FPN) and/or head from the teacher's weights (DISTILL.STUDENT_INIT),
-as ICD and FGD do: where parameter names and shapes match (R101->R50, R34->R18 FPN and head)."""
+"""Start the student's neck (FPN) and/or head from the teacher's weights (yacs DISTILL.STUDENT_INIT,
+LazyConfig train.student_init), as ICD and FGD do: where parameter names and shapes match (R101->R50, R34->R18 FPN and head)."""
 import logging
 
 import torch
+
+from ..settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +18,7 @@ CHOICES = ("none", "neck", "head", "neck+head")
 
 def parts_of(choice):
     if choice not in CHOICES:
-        raise ValueError(f"DISTILL.STUDENT_INIT={choice!r}; choose one of {CHOICES}")
+        raise ValueError(f"{setting('student_init')}={choice!r}; choose one of {CHOICES}")
     return [] if choice == "none" else choice.split("+")
 
 
@@ -53,10 +55,10 @@ def inherit_from_teacher(student, teacher, choice):
     if not copied:
         examples = dict(list(skipped.items())[:3])
         raise ValueError(
-            f"DISTILL.STUDENT_INIT={choice!r} copies nothing from the teacher: no {' or '.join(parts)} "
+            f"{setting('student_init')}={choice!r} copies nothing from the teacher: no {' or '.join(parts)} "
             f"tensor matches in name and shape (e.g. {examples}). It needs the same FPN channels "
-            "(MODEL.FPN.OUT_CHANNELS) and head layout as the teacher; set it to 'none' otherwise."
+            f"({setting('fpn_channels')}) and head layout as the teacher; set it to 'none' otherwise."
         )
-    logger.info("DISTILL.STUDENT_INIT=%s: copied %d tensors from the teacher; skipped %d%s", choice,
+    logger.info("%s=%s: copied %d tensors from the teacher; skipped %d%s", setting("student_init"), choice,
                 len(copied), len(skipped), f": {skipped}" if skipped else "")
     return copied, skipped

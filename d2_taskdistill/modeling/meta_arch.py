@@ -8,7 +8,10 @@ import torch.nn as nn
 from detectron2.config import configurable, instantiate
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
+from ..config import YACS_SETTING_NAMES
 from ..losses import DISTILL_LOSS_REGISTRY, build_distill_loss
+from ..losses.registry import registered_loss
+from ..settings import setting, using_setting_names
 from .dense_outputs import DENSE_DETECTOR_ATTRIBUTES, run_dense_detector
 from .inherit import parts_of
 from .teacher import DENSE_ARCHITECTURES, build_teacher
@@ -41,9 +44,7 @@ def check_dense_detector(detector, role, losses):
 
 
 def yacs_loss_factory(name, cfg):
-    if name not in DISTILL_LOSS_REGISTRY:  # before two detectors are built in vain
-        known = sorted(k for k, _ in DISTILL_LOSS_REGISTRY)
-        raise KeyError(f"Unknown loss {name!r} in DISTILL.LOSSES; registered losses: {known}")
+    registered_loss(name)  # before two detectors are built in vain
     return lambda student_shapes, teacher_shapes: build_distill_loss(name, cfg, student_shapes, teacher_shapes)
 
 
@@ -91,9 +92,13 @@ def check_losses_compatible(student, teacher, losses):
 
 def check_compatible(student, teacher, needs_same_layout, loss_names):
     if student.num_classes != teacher.num_classes:
+        origin = getattr(teacher, "teacher_origin", None)
+        weights = f" ({origin.weights_setting}={origin.weights!r})" if origin is not None else ""
         raise ValueError(
-            f"Teacher has {teacher.num_classes} classes, student {student.num_classes}: set the "
-            "teacher's NUM_CLASSES (DISTILL.TEACHER.OPTS) or the student's to the same dataset."
+            f"Teacher has {teacher.num_classes} classes, student {student.num_classes}: the losses compare "
+            f"class outputs, so both must know the same classes. The teacher's weights{weights} were trained "
+            f"for {teacher.num_classes}: use a teacher trained on the student's dataset, or set "
+            f"{setting('student.num_classes')} to {teacher.num_classes} if the student trains on the teacher's classes."
         )
     s_layout, t_layout = anchor_layout(student), anchor_layout(teacher)
     keys = list(s_layout) if needs_same_layout else ["strides", "padding (size_divisibility)"]
@@ -105,8 +110,7 @@ def check_compatible(student, teacher, needs_same_layout, loss_names):
                           f"{type(teacher).__name__}), use losses that compare features only: {layout_free_losses()}.")
             raise ValueError(
                 f"Teacher and student differ in {key} (student {s_layout[key]}, teacher "
-                f"{t_layout[key]}), which losses {loss_names} need equal. Align "
-                "MODEL.ANCHOR_GENERATOR / FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student." + across
+                f"{t_layout[key]}), which losses {loss_names} need equal. Align {setting('anchor_layout')}." + across
             )
 
 
@@ -133,7 +137,7 @@ class TaskDistillDetector(nn.Module):
 
     @configurable
     def __init__(self, *, student, teacher, losses, input_format=None, teacher_input_format=None,
-                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False):
+                 fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, setting_names=None):
         """
         Args:
             student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass).
@@ -142,12 +146,18 @@ class TaskDistillDetector(nn.Module):
                 ``(student_shapes, teacher_shapes) -> DistillLoss``}.
             input_format / teacher_input_format: "BGR" or "RGB"; default: the detector's own
                 ``input_format`` attribute, else the teacher's config (``load_teacher``), else BGR.
+            setting_names: what errors call the settings (d2_taskdistill.settings); default: the
+                caller's vocabulary.
         """
         super().__init__()
+        with using_setting_names(setting_names):
+            self._build(student, teacher, losses, input_format, teacher_input_format, fcos_iou_thresholds, teacher_amp)
+
+    def _build(self, student, teacher, losses, input_format, teacher_input_format, fcos_iou_thresholds, teacher_amp):
         if not losses:
             raise ValueError(
-                "TaskDistillDetector has no distillation losses (DISTILL.LOSSES, or `losses` of the "
-                "LazyConfig model): name at least one (e.g. ['TID']) or train the student's own architecture."
+                f"TaskDistillDetector has no distillation losses ({setting('losses')}): name at least one "
+                "(e.g. TID) or train the student's own architecture."
             )
         check_dense_detector(student, "student", losses)
         self.student = student
@@ -167,8 +177,8 @@ class TaskDistillDetector(nn.Module):
             teacher, "input_format", None) or "BGR"
         if {self.input_format, teacher_format} - {"BGR", "RGB"}:
             raise ValueError(
-                f"Input formats {self.input_format} (student, INPUT.FORMAT) / {teacher_format} "
-                "(teacher INPUT.FORMAT): only BGR and RGB are supported"
+                f"Input formats {self.input_format} (student, {setting('student.input_format')}) / {teacher_format} "
+                f"(teacher, {setting('teacher.input_format')}): only BGR and RGB are supported"
             )
         self.teacher_needs_bgr_flip = self.input_format != teacher_format
 
@@ -185,6 +195,11 @@ class TaskDistillDetector(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, with_teacher=True):
+        with using_setting_names(YACS_SETTING_NAMES):
+            return cls._yacs_arguments(cfg, with_teacher)
+
+    @classmethod
+    def _yacs_arguments(cls, cfg, with_teacher):
         if not cfg.DISTILL.LOSSES:
             raise ValueError(
                 "MODEL.META_ARCHITECTURE is TaskDistillDetector but DISTILL.LOSSES is empty; name "
@@ -203,6 +218,7 @@ class TaskDistillDetector(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "fcos_iou_thresholds": tuple(cfg.DISTILL.FCOS_IOU_THRESHOLDS),
             "teacher_amp": cfg.DISTILL.TEACHER.AMP,
+            "setting_names": YACS_SETTING_NAMES,
         }
 
     @property

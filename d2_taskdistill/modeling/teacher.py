@@ -10,25 +10,19 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
 
 from ..compat import group_norm_factory
-from ..config import is_lazy_config_file, load_config
+from ..config import YACS_SETTING_NAMES, is_lazy_config_file, load_config
+from ..settings import setting, using_setting_names
 
 logger = logging.getLogger(__name__)
 
 DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
 
 
-# What each teacher setting is called in messages: yacs keys, or load_teacher()'s arguments
-# where a LazyConfig builds the teacher.
-YACS_SETTINGS = {"run": "DISTILL.TEACHER.RUN", "config_file": "DISTILL.TEACHER.CONFIG_FILE",
-                 "weights": "DISTILL.TEACHER.WEIGHTS", "overrides": "DISTILL.TEACHER.OPTS"}
-LAZY_SETTINGS = {key: f"load_teacher({key}=...)" for key in YACS_SETTINGS}
-
-
-def resolve_teacher_config_file(name, setting=YACS_SETTINGS["config_file"]):
+def resolve_teacher_config_file(name):
     """A yaml or LazyConfig .py path, else a detectron2 model-zoo config name."""
     if not name:
         raise ValueError(
-            f"{setting} is empty: set it to the teacher's config (yaml or "
+            f"{setting('teacher.config_file')} is empty: set it to the teacher's config (yaml or "
             "LazyConfig .py), a path or a detectron2 model-zoo name such as "
             "'COCO-Detection/retinanet_R_101_FPN_3x.yaml' or 'COCO-Detection/fcos_R_50_FPN_1x.py'."
         )
@@ -40,18 +34,20 @@ def resolve_teacher_config_file(name, setting=YACS_SETTINGS["config_file"]):
         return model_zoo.get_config_file(name)
     except RuntimeError:
         raise FileNotFoundError(
-            f"{setting}={name!r} is neither a file (relative to {os.getcwd()}) "
+            f"{setting('teacher.config_file')}={name!r} is neither a file (relative to {os.getcwd()}) "
             "nor a detectron2 model-zoo config name."
         ) from None
 
 
-def run_files(run_dir, setting):
+def run_files(run_dir, option=None):
     """(config.yaml, checkpoint) of a train_net.py run directory: the checkpoint its
-    ``last_checkpoint`` names, else model_final.pth. ``setting`` names the option in errors."""
+    ``last_checkpoint`` names, else model_final.pth. ``option`` names it in errors (default: the
+    teacher's run setting)."""
+    option = option or setting("teacher.run")
     config = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config):
         raise FileNotFoundError(
-            f"{setting}={run_dir!r}: no config.yaml there; name the OUTPUT_DIR of a train_net.py run "
+            f"{option}={run_dir!r}: no config.yaml there; name the OUTPUT_DIR of a train_net.py run "
             f"(relative to {os.getcwd()})")
     last = os.path.join(run_dir, "last_checkpoint")
     name = "model_final.pth"
@@ -60,19 +56,19 @@ def run_files(run_dir, setting):
             name = f.read().strip()
     weights = os.path.join(run_dir, name)
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{setting}={run_dir!r}: no checkpoint {name} there; has the run trained?")
+        raise FileNotFoundError(f"{option}={run_dir!r}: no checkpoint {name} there; has the run trained?")
     if name != "model_final.pth":
-        logger.warning("%s=%r has not finished training: using its last checkpoint %s", setting, run_dir, name)
+        logger.warning("%s=%r has not finished training: using its last checkpoint %s", option, run_dir, name)
     return config, weights
 
 
-def teacher_sources(config_file, weights, run, settings=YACS_SETTINGS):
+def teacher_sources(config_file, weights, run):
     """(config file, weights, the setting they come from): the run's config.yaml and
     checkpoint when ``run`` is set, else ``config_file`` and ``weights``."""
     if run:
-        config, weights = run_files(run, settings["run"])
-        return config, weights, f"{settings['run']}={run!r} (checkpoint {os.path.basename(weights)})"
-    return config_file, weights, settings["weights"]
+        config, weights = run_files(run)
+        return config, weights, f"{setting('teacher.run')}={run!r} (checkpoint {os.path.basename(weights)})"
+    return config_file, weights, setting("teacher.weights")
 
 
 @dataclass
@@ -86,8 +82,8 @@ class TeacherOrigin:
     device: str
     input_format: str = "BGR"
     train_datasets: list = field(default_factory=list)
-    weights_setting: str = "DISTILL.TEACHER.WEIGHTS"  # where the weights come from, for messages
-    settings: dict = field(default_factory=lambda: dict(YACS_SETTINGS))
+    weights_setting: str = ""  # where the weights come from, for messages
+    run: str = ""  # the teacher's train_net.py OUTPUT_DIR, where it came from one
 
     @property
     def is_lazy(self):
@@ -102,12 +98,12 @@ class TeacherOrigin:
             model = instantiate(self.source.model)
         except Exception as e:  # e.g. an override that added a key the class does not take
             raise ValueError(
-                f"{self.settings['config_file']}={self.config_file!r} with {self.settings['overrides']}: its "
+                f"{setting('teacher.config_file')}={self.config_file!r} with {setting('teacher.overrides')}: its "
                 f"`model` could not be built: {type(e).__name__}: {e}"
             ) from e
         if not isinstance(model, (RetinaNet, FCOS)):
             raise ValueError(
-                f"{self.settings['config_file']}={self.config_file!r}: its `model` is a "
+                f"{setting('teacher.config_file')}={self.config_file!r}: its `model` is a "
                 f"{type(model).__name__}; the teacher must be one of {DENSE_ARCHITECTURES}."
             )
         return model.to(self.device)
@@ -116,20 +112,20 @@ class TeacherOrigin:
 def build_teacher_origin(cfg):
     """The :class:`TeacherOrigin` of a yacs config's DISTILL.TEACHER."""
     t = cfg.DISTILL.TEACHER
-    return teacher_origin_from(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
+    with using_setting_names(YACS_SETTING_NAMES):
+        return teacher_origin_from(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
 
 
-def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", run="", settings=YACS_SETTINGS):
+def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", run=""):
     """The teacher's :class:`TeacherOrigin`: a yaml config with ``overrides`` as KEY VALUE
     pairs, or a LazyConfig .py with them as key=value overrides. ``run``: a train_net.py
-    OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``.
-    ``settings`` names the options in messages."""
-    name, weights, weights_setting = teacher_sources(config_file, weights, run, settings)
-    path = resolve_teacher_config_file(name, settings["config_file"])
+    OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``."""
+    name, weights, weights_setting = teacher_sources(config_file, weights, run)
+    path = resolve_teacher_config_file(name)
     lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
     overrides = [str(o) for o in overrides] if lazy else list(overrides)
     if lazy:
-        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, settings)
+        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, run)
     teacher_yacs = load_config(path, overrides)
     teacher_yacs.MODEL.DEVICE = device
     teacher_yacs.MODEL.WEIGHTS = weights
@@ -140,25 +136,25 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
     return TeacherOrigin(teacher_yacs, name, weights, device, teacher_yacs.INPUT.FORMAT,
-                         list(teacher_yacs.DATASETS.TRAIN), weights_setting, dict(settings))
+                         list(teacher_yacs.DATASETS.TRAIN), weights_setting, run)
 
 
-def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, settings):
+def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, run):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
     if "model" not in lazy:
-        raise ValueError(f"{settings['config_file']}={name!r} is a LazyConfig that defines no `model`.")
+        raise ValueError(f"{setting('teacher.config_file')}={name!r} is a LazyConfig that defines no `model`.")
     malformed = [o for o in overrides if "=" not in o]
     if malformed:
         raise ValueError(
-            f"{settings['overrides']}={overrides} for the LazyConfig teacher {name!r}: each override is "
+            f"{setting('teacher.overrides')}={overrides} for the LazyConfig teacher {name!r}: each override is "
             f"key=value (e.g. 'model.num_classes=20'); these are not: {malformed}"
         )
     try:
         lazy = LazyConfig.apply_overrides(lazy, overrides)
     except Exception as e:  # omegaconf's errors name the key but not the setting
-        raise ValueError(f"{settings['overrides']}={overrides} do not apply to {name!r}: {e}") from e
+        raise ValueError(f"{setting('teacher.overrides')}={overrides} do not apply to {name!r}: {e}") from e
     head = lazy.model.get("head", None)
     if head is not None and head.get("norm", None) == "GN":
         # As the yaml FCOS does: v0.6's head probes GroupNorm(32, 1), which torch rejects.
@@ -170,7 +166,7 @@ def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting
         lazy, name, weights, device,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
         train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
-        settings=dict(settings),
+        run=run,
     )
 
 
@@ -207,33 +203,35 @@ def weight_problems(model, path):
     return problems
 
 
-def load_teacher_weights(teacher, weights, setting="DISTILL.TEACHER.WEIGHTS", settings=YACS_SETTINGS):
+def load_teacher_weights(teacher, weights, source=None):
     """Load every key of ``weights`` into ``teacher``; anything that does not load is an error
-    naming ``setting``, where the weights come from."""
+    naming ``source``, the setting the weights come from (default: the teacher's weights)."""
+    source = source or setting("teacher.weights")
     if not weights:
         raise ValueError(
-            f"{settings['weights']} is empty: a teacher without trained weights has nothing to "
-            f"teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl), or {settings['run']} "
+            f"{setting('teacher.weights')} is empty: a teacher without trained weights has nothing to "
+            f"teach. Set it to the teacher's checkpoint (.pth or model-zoo .pkl), or {setting('teacher.run')} "
             "to the teacher's train_net.py output directory."
         )
     try:
         local = PathManager.get_local_path(weights)
     except Exception as e:  # download failures surface with the setting named
-        raise FileNotFoundError(f"{setting}={weights!r} could not be fetched: {e}") from e
+        raise FileNotFoundError(f"{source}={weights!r} could not be fetched: {e}") from e
     if not os.path.isfile(local):
         raise FileNotFoundError(
-            f"{setting}={weights!r}: no such file. Train the teacher first "
-            "(train_net.py with its config) or point to its checkpoint."
+            f"{source}={weights!r}: no such file. Train the teacher first (train_net.py with its config) and "
+            f"set {setting('teacher.run')} to that run's OUTPUT_DIR, or point {setting('teacher.weights')} "
+            "to an existing checkpoint."
         )
     problems = weight_problems(teacher, local)
     if problems:
         hint = ""
-        if setting == settings["weights"]:
-            hint = (f" If the weights come from a train_net.py run, set {settings['run']} to that run's "
+        if source == setting("teacher.weights"):
+            hint = (f" If the weights come from a train_net.py run, set {setting('teacher.run')} to that run's "
                     "OUTPUT_DIR instead: its own config.yaml then builds the teacher.")
         raise KeyError(
-            f"Teacher weights {setting}={weights!r} do not match the teacher built from "
-            f"{settings['config_file']} (and {settings['overrides']}): " + "; ".join(problems) + "." + hint
+            f"Teacher weights {source}={weights!r} do not match the teacher built from "
+            f"{setting('teacher.config_file')} (and {setting('teacher.overrides')}): " + "; ".join(problems) + "." + hint
         )
     num_tensors = len(teacher.state_dict())
     logger.info("Loaded teacher weights from %s (%d tensors)", weights, num_tensors)
@@ -249,7 +247,8 @@ def freeze(model):
 def build_teacher(cfg):
     """The teacher of a yacs config's DISTILL.TEACHER: built, loaded, frozen and in eval mode;
     its TeacherOrigin is ``teacher.teacher_origin``."""
-    return _load(build_teacher_origin(cfg))
+    with using_setting_names(YACS_SETTING_NAMES):
+        return _load(build_teacher_origin(cfg))
 
 
 def load_teacher(config_file="", weights="", overrides=(), device="cpu", run=""):
@@ -261,12 +260,12 @@ def load_teacher(config_file="", weights="", overrides=(), device="cpu", run="")
     train_net.py or of detectron2's lazyconfig_train_net.py (its config.yaml and last checkpoint).
     The returned detector carries its :class:`TeacherOrigin` as ``teacher_origin``.
     """
-    return _load(teacher_origin_from(config_file, weights, overrides, device, run, LAZY_SETTINGS))
+    return _load(teacher_origin_from(config_file, weights, overrides, device, run))
 
 
 def _load(teacher_origin):
     teacher = teacher_origin.build_model()
-    load_teacher_weights(teacher, teacher_origin.weights, teacher_origin.weights_setting, teacher_origin.settings)
+    load_teacher_weights(teacher, teacher_origin.weights, teacher_origin.weights_setting)
     teacher = freeze(teacher)
     teacher.teacher_origin = teacher_origin  # where it came from: input format, datasets, weights
     return teacher
