@@ -62,6 +62,20 @@ def tiny_batch(tiny_digits):
 # Every method of the digits configs (configs/digits/<detector>_R34-R18_<method>.yaml).
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 
+
+def project_losses():
+    """The project's registered losses, sorted (tests register losses of their own too)."""
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    return sorted(name for name, cls in DISTILL_LOSS_REGISTRY if cls.__module__.startswith("d2_taskdistill."))
+
+
+def every_loss_cfg(detector, teacher_weights, output_dir, opts=(), **kwargs):
+    """The digits config of ``detector`` with every project loss in one model: one forward
+    covers them all."""
+    return distill_cfg(f"{detector}_R34-R18_tid.yaml", teacher_weights, output_dir,
+                       opts=["DISTILL.LOSSES", project_losses(), *opts], **kwargs)
+
 TINY_TRAIN = "digits_tiny_train"
 # Where the session's tiny dataset lives, for processes the tests start (launch workers).
 TINY_ROOT_ENV = "D2_TASKDISTILL_TEST_TINY_ROOT"
@@ -188,16 +202,14 @@ def lazy_cfg(config_file, teacher_weights, output_dir, max_iter=2, overrides=())
     return cfg
 
 
-def train_tiny(config_file, batches, tmp_path, opts=()):
-    """Train a digits distillation config 3 iterations on the tiny dataset with a fresh small
-    teacher; returns the trainer's metric histories."""
-    from d2_taskdistill.engine import DistillTrainer
+def without_checkpoints_or_evaluation(trainer):
+    """``trainer`` (DistillTrainer or LazyDistillTrainer) with no checkpoint writer and no final
+    evaluation, for a test that checks neither: each is a 100+ MB save or a COCO evaluation."""
+    from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer
 
-    detector = os.path.basename(config_file).split("_")[0]
-    teacher = make_teacher_checkpoint(detector, str(tmp_path / "teacher.pth"), batches)
-    trainer = DistillTrainer(distill_cfg(config_file, teacher, tmp_path, opts))
-    trainer.train()
-    return trainer.storage.histories()
+    owner = trainer if hasattr(trainer, "_hooks") else trainer._trainer
+    owner._hooks = [h for h in owner._hooks if not isinstance(h, (PeriodicCheckpointer, EvalHook))]
+    return trainer
 
 
 def finite_positive_history(histories, name, iterations=3):

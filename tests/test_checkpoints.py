@@ -12,13 +12,12 @@ import torch
 
 from d2_taskdistill.checkpoint import TeacherIdentity, file_sha256
 from d2_taskdistill.engine import DistillTrainer
-from conftest import ROOT, distill_cfg, make_teacher_checkpoint, scratch_dir
+from conftest import ROOT, distill_cfg, make_teacher_checkpoint
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_batch):
-    with scratch_dir(tmp_path_factory, "ckpt_teacher") as root:
-        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
+@pytest.fixture
+def teacher(teachers):
+    return teachers["retinanet"]
 
 
 def trained_run(teacher, tiny_dataset, out, opts=()):

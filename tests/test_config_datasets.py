@@ -3,7 +3,6 @@ pass before training, with data the tests write (COCO json and Pascal VOC XML)."
 import json
 import logging
 import os
-import shutil
 
 import pytest
 

@@ -17,7 +17,7 @@ from d2_taskdistill.data import CLASS_NAMES
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_student
 from d2_taskdistill.modeling import TaskDistillDetector
-from conftest import METHODS, distill_cfg
+from conftest import METHODS, distill_cfg, every_loss_cfg, finite_positive_history, without_checkpoints_or_evaluation
 
 DETECTORS = ["retinanet", "fcos"]
 
@@ -39,6 +39,30 @@ def test_one_step_reaches_every_trainable_tensor(detector, method, teachers, tin
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("student.") for n in trainable)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+# Each loss's terms, by their own code: BCKD's centerness term on FCOS only; FGD's four terms
+# with its global one on (the default); TBD's harmony (hd) and task-decoupled (tfd) terms.
+DISTILL_TERMS = {"loss_distill_" + t for t in (
+    "bckd_cls", "bckd_loc", "cwd", "fgd_attention", "fgd_bg", "fgd_fg", "fgd_global", "fgfi", "fitnet", "pkd",
+    "tbd_hd_box", "tbd_hd_cls", "tbd_tfd_cls", "tbd_tfd_reg", "tid")}
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_every_loss_trains_finite_and_positive(detector, teachers, tiny_dataset, tmp_path):
+    """Three iterations of DistillTrainer with every loss in one model: each term is logged at
+    every iteration, finite and positive; TBD's diagnostic every LOG_PERIOD (2: once, at 1)."""
+    cfg = every_loss_cfg(detector, teachers[detector], tmp_path, opts=["DISTILL.TBD.LOG_PERIOD", 2])
+    trainer = without_checkpoints_or_evaluation(DistillTrainer(cfg))
+    trainer.train()
+    histories = trainer.storage.histories()
+    expected = DISTILL_TERMS | ({"loss_distill_bckd_ctr"} if detector == "fcos" else set())
+    assert {n for n in histories if n.startswith("loss_distill")} == expected
+    for name in expected:
+        assert finite_positive_history(histories, name), name
+    for who in ("teacher", "student"):
+        shares = [v for v, _ in histories[f"tbd/harmonious_share_{who}"].values()]
+        assert len(shares) == 1 and 0.0 <= shares[0] <= 1.0
 
 
 @pytest.mark.parametrize("detector", DETECTORS)

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.lazy_engine import build_model as build_lazy_model
-from conftest import distill_cfg, lazy_cfg, make_teacher_checkpoint, scratch_dir
+from conftest import distill_cfg, lazy_cfg, make_teacher_checkpoint
 
 
 class _ZeroLayoutLoss(nn.Module):
@@ -36,10 +36,9 @@ for _cls, _name in [(_ZeroLayoutLoss, "TEST_LAYOUT"), (_NaNLoss, "TEST_NAN")]:
         DISTILL_LOSS_REGISTRY._do_register(_name, _cls)
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory, tiny_batch):
-    with scratch_dir(tmp_path_factory, "t") as root:
-        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
+@pytest.fixture
+def teacher_ckpt(teachers):
+    return teachers["retinanet"]
 
 
 def build(cfg):
@@ -61,8 +60,8 @@ def test_empty_teacher_weights(tmp_path):
         build(distill_cfg("retinanet_R34-R18_fitnet.yaml", "", tmp_path))
 
 
-def test_teacher_keys_that_do_not_load(tmp_path, tiny_batch):
-    fcos_ckpt = make_teacher_checkpoint("fcos", str(tmp_path / "fcos.pth"), tiny_batch)
+def test_teacher_keys_that_do_not_load(tmp_path, teachers):
+    fcos_ckpt = teachers["fcos"]
     with pytest.raises(KeyError) as err:
         build(distill_cfg("retinanet_R34-R18_fitnet.yaml", fcos_ckpt, tmp_path))
     message = str(err.value)

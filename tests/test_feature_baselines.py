@@ -22,7 +22,7 @@ from d2_taskdistill.losses import (
     standardize,
 )
 from d2_taskdistill.losses.maps import padded_gt_boxes
-from conftest import config_path, finite_positive_history, train_tiny
+from conftest import config_path
 
 LN3 = math.log(3.0)
 
@@ -190,7 +190,7 @@ def test_pkd_normalization_axes_and_levels():
     s, t = FeatureOutputs([student, student]), FeatureOutputs([teacher, teacher])
     assert two_levels(s, t)["loss_distill_pkd"].item() == pytest.approx(1.5 * (1 - r), rel=1e-5)
     assert first_only(s, t)["loss_distill_pkd"].item() == pytest.approx(0.75 * (1 - r), rel=1e-5)
-    with pytest.raises(ValueError, match="DISTILL.PKD.NORMALIZE_OVER='nhw'"):
+    with pytest.raises(ValueError, match=r"PKD\(normalize_over='nhw'\)"):
         loss_module(PKD, "retinanet_R34-R18_pkd.yaml", NORMALIZE_OVER="nhw")
 
 
@@ -216,7 +216,7 @@ def test_cwd_hand_values_and_normalization():
     cwd = loss_module(CWD, "retinanet_R34-R18_cwd.yaml")  # WEIGHT 5, tau 1
     assert cwd(FeatureOutputs([CWD_STUDENT]), FeatureOutputs([CWD_TEACHER]))["loss_distill_cwd"].item() == \
         pytest.approx(5 * KL_CHANNEL / 2, rel=1e-5)
-    with pytest.raises(ValueError, match="DISTILL.CWD.NORMALIZE='pixel'"):
+    with pytest.raises(ValueError, match=r"CWD\(normalize='pixel'\)"):
         loss_module(CWD, "retinanet_R34-R18_cwd.yaml", NORMALIZE="pixel")
 
 
@@ -253,12 +253,3 @@ def test_builds_with_unequal_widths_and_trains_student_features(config):
     total.backward()
     grad = student_features[0].grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
-    histories = train_tiny(config, tiny_batch, tmp_path)
-    names = [n for n in histories if n.startswith("loss_distill_")]
-    assert len(names) == (4 if "fgd" in config else 1)
-    for name in names:
-        assert finite_positive_history(histories, name), name

@@ -13,8 +13,8 @@ from d2_taskdistill.hooks import TeacherOnItsInputs
 from conftest import ROOT, distill_cfg, make_teacher_checkpoint
 
 
-def test_teacher_is_evaluated_on_its_own_input_format(tiny_batch, tiny_dataset, tmp_path):
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+def test_teacher_is_evaluated_on_its_own_input_format(teachers, tiny_batch, tiny_dataset, tmp_path):
+    teacher = teachers["retinanet"]
     cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teacher, tmp_path, teacher_opts=["INPUT.FORMAT", "RGB"],
                       opts=["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0])
     cfg.DISTILL.TEACHER.OPTS += ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0]

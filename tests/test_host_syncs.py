@@ -13,11 +13,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import d2_taskdistill
-from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 from d2_taskdistill.losses.box_ops import giou_loss
 from d2_taskdistill.losses.maps import top_fraction_mask
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
-from conftest import distill_cfg
+from conftest import every_loss_cfg
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(d2_taskdistill.__file__))
 TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -61,15 +60,8 @@ def host_reads(monkeypatch):
     return reads
 
 
-def every_loss():
-    return sorted(name for name, _ in DISTILL_LOSS_REGISTRY if not name.startswith("TEST_"))
-
-
 def distill_model(detector, teachers, tmp_path):
-    # Every registered loss in one model: one forward covers all of them.
-    cfg = distill_cfg(f"{detector}_R34-R18_tid.yaml", teachers[detector], tmp_path,
-                      opts=["DISTILL.LOSSES", every_loss()])
-    return build_model(cfg).train()
+    return build_model(every_loss_cfg(detector, teachers[detector], tmp_path)).train()
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])

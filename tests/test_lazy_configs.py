@@ -16,14 +16,12 @@ from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
-from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg
+from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, without_checkpoints_or_evaluation
 
 # The configs here train and evaluate on the tiny dataset: registered for every test.
 pytestmark = pytest.mark.usefixtures("tiny_dataset")
 
 DIGITS = config_path("digits")
-METHODS = sorted({os.path.basename(p)[len("retinanet_R34-R18_"):-len(".yaml")]
-                  for p in glob.glob(os.path.join(DIGITS, "retinanet_R34-R18_*.yaml"))})
 ITERATIONS = 2
 
 
@@ -69,8 +67,10 @@ def loss_histories(trainer):
             if k.startswith(("loss", "total_loss", "lr", "distill/"))}
 
 
-@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
-@pytest.mark.parametrize("method", METHODS)
+# The training wiring (loader order, optimizer, schedule, hooks) does not depend on the method,
+# and every twin builds the same model (the test above): one twin per detector trains, with the
+# methods that log the most (TBD's diagnostics; BCKD and TID together).
+@pytest.mark.parametrize("detector,method", [("retinanet", "tbd"), ("fcos", "bckd_tid")])
 def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
     """Same seed and initial weights: every loss and the lr bit-identical at the first step,
     within RTOL after it (see RTOL)."""
@@ -84,14 +84,14 @@ def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
     cfg.defrost()
     cfg.MODEL.WEIGHTS = init
     seed_all_rng(0)
-    trainer = DistillTrainer(cfg)
+    trainer = without_checkpoints_or_evaluation(DistillTrainer(cfg))
     trainer.resume_or_load(resume=False)
     trainer.train()
     from_yaml = loss_histories(trainer)
 
     lazy = lazy_cfg(name + ".py", teachers[detector], tmp_path / "py", overrides=[f"train.init_checkpoint={init}", "train.seed=0"])
     seed_all_rng(0)
-    lazy_trainer = LazyDistillTrainer(lazy)
+    lazy_trainer = without_checkpoints_or_evaluation(LazyDistillTrainer(lazy))
     lazy_trainer.resume_or_load(resume=False)
     lazy_trainer.train()
     from_py = loss_histories(lazy_trainer)

@@ -19,10 +19,9 @@ from d2_taskdistill.lazy_engine import LAZY_SETTING_NAMES
 from d2_taskdistill.losses import CWD, FGD, FGFI, FITNET, PKD, TBD, TID, DISTILL_LOSS_REGISTRY, DistillLoss
 from d2_taskdistill.losses.registry import check_choices
 from d2_taskdistill.settings import using_setting_names
-from conftest import config_path
+from conftest import config_path, project_losses
 
-# The project's losses (tests register losses of their own into the same registry).
-LOSSES = sorted(name for name, cls in DISTILL_LOSS_REGISTRY if cls.__module__.startswith("d2_taskdistill."))
+LOSSES = project_losses()
 # Unequal widths, so that the losses with optional adapters build them too.
 STUDENT = [ShapeSpec(channels=4, stride=2 ** i) for i in range(3, 8)]
 TEACHER = [ShapeSpec(channels=6, stride=2 ** i) for i in range(3, 8)]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
@@ -22,7 +21,7 @@ from d2_taskdistill.engine import FileNamingMapper
 from d2_taskdistill.export import export_student
 from d2_taskdistill.launch import free_dist_url, launch
 from d2_taskdistill.modeling.teacher import build_teacher_origin
-from conftest import ROOT, SMALL_TEACHER_OPTS, TEST_DEVICE, config_path, scratch_dir, tiny_run_opts
+from conftest import ROOT, SMALL_TEACHER_OPTS, config_path, scratch_dir, tiny_run_opts
 
 CLASSES = ["ring", "bolt", "nut"]
 

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import (ROOT, SMALL_TEACHER_OPTS, TINY_ROOT_ENV, lazy_config_for_tiny_cli, make_teacher_checkpoint,
+from conftest import (ROOT, SMALL_TEACHER_OPTS, TINY_ROOT_ENV, lazy_config_for_tiny_cli,
                       subprocess_env, tiny_run_opts)
 
 
@@ -23,33 +23,33 @@ def table_cells(markdown):
             if line.startswith("|")]
 
 
-def test_rank_methods_on_own_data_ranks_resumes_and_probes(tiny_batch, tiny_dataset, tmp_path):
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+def test_rank_methods_on_own_data_ranks_resumes_and_probes(teachers, tiny_dataset, tmp_path):
+    teacher = teachers["retinanet"]
     root = os.environ[TINY_ROOT_ENV]
     declared = [("my_set", os.path.join(root, "train.json"), os.path.join(root, "train"))]
     opts = [*tiny_run_opts(tmp_path / "unused", 2, device="cpu"), "DATASETS.COCO", str(declared),
             "DATASETS.TRAIN", "('my_set',)", "DISTILL.TEACHER.WEIGHTS", teacher,
             "DISTILL.TEACHER.OPTS", str(SMALL_TEACHER_OPTS), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
     args = ["--config-file", "configs/digits/retinanet_R34-R18_tid.yaml", "--eval-dataset", "my_set",
-            "--methods", "TID", "FITNET", "--seeds", "2", "--work-dir", str(tmp_path / "work"), *map(str, opts)]
+            "--methods", "TID", "--seeds", "2", "--work-dir", str(tmp_path / "work"), *map(str, opts)]
     env = subprocess_env()
     out = rank(args, env)
-    assert out.count("(finished earlier)") == 0 and out.count("[rank]") == 6
+    assert out.count("(finished earlier)") == 0 and out.count("[rank]") == 4
     report = json.load(open(tmp_path / "work" / "ranking.json"))
     rows = report["rows"]
-    assert set(rows) == {"baseline", "TID", "FITNET"} and all(r["seeds"] == 2 for r in rows.values())
+    assert set(rows) == {"baseline", "TID"} and all(r["seeds"] == 2 for r in rows.values())
     means = [r["mean"]["AP"] for r in rows.values()]
     assert means == sorted(means, reverse=True)  # ranked, best first
     for r in rows.values():
         assert abs(r["mean"]["AP"] - sum(r["AP_per_seed"]) / 2) < 1e-9
     assert report["teacher_AP"] is not None  # evaluated once, with the first method's first seed
     header, _, *ranked = table_cells(open(tmp_path / "work" / "ranking.md").read())
-    assert "gap closed" in header and [r[0] for r in ranked] == ["1", "2", "3"]
+    assert "gap closed" in header and [r[0] for r in ranked] == ["1", "2"]
     assert "student alone" in [r[1] for r in ranked]
 
     # Run again: nothing is trained, the same table comes back.
     again = rank(args, env)
-    assert again.count("(finished earlier)") == 6
+    assert again.count("(finished earlier)") == 4
     assert json.load(open(tmp_path / "work" / "ranking.json"))["rows"] == rows
 
     probe = rank([*args[:-len(opts)], "--seeds", "1", "--probe-iters", "1", *map(str, opts)], env)
@@ -57,36 +57,36 @@ def test_rank_methods_on_own_data_ranks_resumes_and_probes(tiny_batch, tiny_data
     assert json.load(open(tmp_path / "work" / "ranking_probe1.json"))["rows"]["TID"]["seeds"] == 1
 
 
-def test_rank_methods_on_a_lazyconfig(tiny_batch, tiny_dataset, tmp_path):
+def test_rank_methods_on_a_lazyconfig(teachers, tiny_dataset, tmp_path):
     """A user's .py distillation config: each method replaces model.losses, the student alone is
     model.student trained without a teacher, and a rerun trains nothing."""
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+    teacher = teachers["retinanet"]
     config = lazy_config_for_tiny_cli(tmp_path / "my_distill.py", teacher)
     work = tmp_path / "work"
-    args = ["--config-file", config, "--eval-dataset", "tiny_cli", "--methods", "TID", "BCKD+TID", "--seeds", "1",
+    args = ["--config-file", config, "--eval-dataset", "tiny_cli", "--methods", "BCKD+TID", "--seeds", "1",
             "--work-dir", str(work), "train.max_iter=2", "model.student.test_score_thresh=0.0"]
     env = subprocess_env()
     out = rank(args, env)
-    assert out.count("[rank]") == 3 and "(finished earlier)" not in out
+    assert out.count("[rank]") == 2 and "(finished earlier)" not in out
     report = json.load(open(work / "ranking.json"))
-    assert set(report["rows"]) == {"baseline", "TID", "BCKD+TID"}
+    assert set(report["rows"]) == {"baseline", "BCKD+TID"}
     assert report["teacher_AP"] is not None
     # The student alone is a plain RetinaNet; a method's checkpoint holds that student inside the
     # distillation model.
     keys = {row: set(torch.load(work / f"{row}_seed0" / "model_final.pth", weights_only=False)["model"])
             for row in report["rows"]}
     assert not any(k.startswith("student.") for k in keys["baseline"])
-    assert {f"student.{k}" for k in keys["baseline"]} <= keys["TID"]
-    assert rank(args, env).count("(finished earlier)") == 3
+    assert {f"student.{k}" for k in keys["baseline"]} <= keys["BCKD+TID"]
+    assert rank(args, env).count("(finished earlier)") == 2
 
     out = rank([*args[:-2], "--probe-iters", "1", *args[-2:]], env, returncode=2)
     assert "--probe-iters takes yaml configs only" in out
 
 
-def test_rank_methods_refuses_methods_that_cannot_cross_the_pair_before_training(tiny_batch, tmp_path):
+def test_rank_methods_refuses_methods_that_cannot_cross_the_pair_before_training(teachers, tmp_path):
     """An FCOS teacher for a RetinaNet student: methods that need the same anchor layout are named,
     with the feature-only losses to use instead, before any run trains."""
-    teacher = make_teacher_checkpoint("fcos", str(tmp_path / "fcos_teacher.pth"), tiny_batch)
+    teacher = teachers["fcos"]
     work = tmp_path / "work"
     args = ["--config-file", "configs/digits/retinanet_R34-R18_pkd.yaml", "--eval-dataset", "digits_det_val",
             "--methods", "PKD", "TID", "BCKD+TID", "--seeds", "1", "--work-dir", str(work),
@@ -100,14 +100,14 @@ def test_rank_methods_refuses_methods_that_cannot_cross_the_pair_before_training
     assert not any(p.name.endswith("_seed0") for p in work.iterdir())
 
 
-def test_rank_methods_on_a_pascal_voc_split(tiny_batch, tmp_path):
+def test_rank_methods_on_a_pascal_voc_split(teachers, tmp_path):
     """A VOC split is scored with AP, AP50 and AP75 only (detectron2's VOC evaluator): the table
     has those columns."""
     from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
 
     generate_split(str(tmp_path / "data"), "train", num_images=8, image_size=128, seed=5)
     voc_dir = write_voc_split(str(tmp_path / "data"), "train")
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+    teacher = teachers["retinanet"]
     work = tmp_path / "work"
     opts = [*tiny_run_opts(tmp_path / "unused", 2, device="cpu"),
             "DATASETS.VOC", str([("my_voc", voc_dir, "train", 2007, CLASS_NAMES)]), "DATASETS.TRAIN", "('my_voc',)",

@@ -120,10 +120,9 @@ def test_init_that_copies_nothing_is_an_error(teachers_with_other_neck, tiny_dat
         inherit_from_teacher(trainer.model.student, trainer.model.teacher, "fpn")
 
 
-@pytest.fixture(scope="module")
-def teachers_with_other_neck(tmp_path_factory, tiny_batch):
-    with scratch_dir(tmp_path_factory, "init_other") as root:
-        yield make_teacher_checkpoint("retinanet", str(root / "teacher.pth"), tiny_batch)
+@pytest.fixture
+def teachers_with_other_neck(teachers):
+    return teachers["retinanet"]  # SMALL_TEACHER_OPTS: a 96-channel FPN
 
 
 def test_a_layer_is_copied_whole_or_not_at_all(tiny_batch):

@@ -10,7 +10,7 @@ from detectron2.structures import Boxes, Instances
 from d2_taskdistill import load_config
 from d2_taskdistill.losses import FITNET, TBD, harmonious_share, harmony_score, imitation_mask
 from d2_taskdistill.losses.maps import unflatten_levels
-from conftest import config_path, finite_positive_history, train_tiny
+from conftest import config_path
 
 
 def test_harmony_score_hand_values():
@@ -115,7 +115,7 @@ def test_tbd_switches():
     teacher.features = student.features
     assert set(tbd_module(COMPONENTS="hd")(student, teacher)) == {"loss_distill_tbd_hd_cls", "loss_distill_tbd_hd_box"}
     assert set(tbd_module(COMPONENTS="tfd")(student, teacher)) == {"loss_distill_tbd_tfd_cls", "loss_distill_tbd_tfd_reg"}
-    with pytest.raises(ValueError, match="DISTILL.TBD.BALANCE='auto'"):
+    with pytest.raises(ValueError, match=r"TBD\(balance='auto'\)"):
         tbd_module(BALANCE="auto")
 
 
@@ -161,18 +161,3 @@ def test_fitnet_hand_value():
     teacher.features = [torch.tensor([[[[2.0], [0.0]], [[0.0], [0.0]]]]), torch.tensor([1.0, 1.0]).view(1, 2, 1, 1)]
     # Level 0: errors (4 + 0) / 2 = 2 and 0, mean 1; level 1: (1 + 1) / 2 = 1; mean over levels 1.
     assert fitnet(student, teacher)["loss_distill_fitnet"].item() == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("config", ["retinanet_R34-R18_tbd.yaml", "fcos_R34-R18_tbd.yaml",
-                                    "retinanet_R34-R18_fgfi.yaml", "fcos_R34-R18_fgfi.yaml"])
-def test_training_iterations(config, tiny_batch, tiny_dataset, tmp_path):
-    # Iterations 0, 1, 2 with the diagnostic every 2nd ((iter + 1) % 2 == 0): logged once, at 1.
-    histories = train_tiny(config, tiny_batch, tmp_path, ["DISTILL.TBD.LOG_PERIOD", 2])
-    names = [n for n in histories if n.startswith("loss_distill_")]
-    assert len(names) == (4 if "tbd" in config else 1)
-    for name in names:
-        assert finite_positive_history(histories, name), name
-    if "tbd" in config:
-        for who in ("teacher", "student"):
-            shares = [v for v, _ in histories[f"tbd/harmonious_share_{who}"].values()]
-            assert len(shares) == 1 and 0.0 <= shares[0] <= 1.0

@@ -11,14 +11,14 @@ from detectron2.modeling import build_model
 
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.visualize import VISUALIZED_LOSSES, distill_maps, plot_metrics, read_metrics, visualize_batch
-from conftest import ROOT, config_path, distill_cfg, make_teacher_checkpoint, TEST_DEVICE
+from conftest import ROOT, config_path, distill_cfg, TEST_DEVICE, without_checkpoints_or_evaluation
 
 MAPS = ["tid_key_area", "tid_weak_area", "tid_value", "tbd_harmony_teacher", "tbd_harmony_student",
         "tbd_tfd_cls", "tbd_tfd_reg", "bckd_weight"]
 
 
-def test_visualize_batch_files_and_value_maps(tiny_batch, tmp_path):
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
+def test_visualize_batch_files_and_value_maps(teachers, tiny_batch, tmp_path):
+    teacher = teachers["retinanet"]
     cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teacher, tmp_path, opts=["DISTILL.LOSSES", VISUALIZED_LOSSES])
     model = build_model(cfg)
     batch = tiny_batch[:2]
@@ -55,8 +55,8 @@ def test_visualize_batch_files_and_value_maps(tiny_batch, tmp_path):
     assert far_positions > 0  # large digits' bands can cover a whole 128 px image, not both
 
 
-def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
-    teacher = make_teacher_checkpoint("fcos", str(tmp_path / "teacher.pth"), tiny_batch)
+def test_visualize_command_on_an_image(teachers, tiny_digits, tmp_path):
+    teacher = teachers["fcos"]
     image = os.path.join(tiny_digits[1], "000001.png")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "visualize_distill.py"),
            "--config-file", config_path("digits", "fcos_R34-R18_bckd.yaml"), "--input", image,
@@ -69,9 +69,9 @@ def test_visualize_command_on_an_image(tiny_batch, tiny_digits, tmp_path):
     assert cv2.imread(str(tmp_path / "vis" / "000001" / "bckd_weight_p3.png")).shape == (128, 128, 3)
 
 
-def test_plot_reads_real_metrics(tiny_batch, tiny_dataset, tmp_path):
-    teacher = make_teacher_checkpoint("retinanet", str(tmp_path / "teacher.pth"), tiny_batch)
-    DistillTrainer(distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, tmp_path)).train()
+def test_plot_reads_real_metrics(teachers, tiny_dataset, tmp_path):
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teachers["retinanet"], tmp_path)
+    without_checkpoints_or_evaluation(DistillTrainer(cfg)).train()
     metrics = str(tmp_path / "metrics.json")
     records = read_metrics(metrics)
     assert any("loss_distill_fitnet" in r for r in records)
