@@ -21,7 +21,7 @@ PYTEST = D2_TASKDISTILL_TEST_THREADS=1 $(1) -m pytest -q -n $(TEST_WORKERS) --ti
 # Accuracy-table runs trained at the same time (one thread each on this 2-core machine).
 BENCH_JOBS ?= 2
 
-# The offline GPU check (README, "Checking on a GPU"): its bundle, built here, travels with the tree.
+# The offline GPU check (docs/development.md, "Checking on a GPU"): its bundle, built here, travels with the tree.
 GPU_BUNDLE ?= gpu_bundle
 GPU_TWIN_OUT ?= output/gpu_twin
 # Which detectron2 sources the twin checks (the check itself builds upstream, v0.6 where that fails).

@@ -16,6 +16,7 @@ from d2_taskdistill import lazy_engine, load_config
 from d2_taskdistill.config import is_lazy_config_file
 from d2_taskdistill.data.config_datasets import check_datasets
 from d2_taskdistill.engine import DistillTrainer, build_model_for_evaluation, resolve_device, setup_project_logger
+from d2_taskdistill.schedule import apply_epoch_schedule
 from d2_taskdistill.launch import (
     config_device,
     free_dist_url,
@@ -42,7 +43,8 @@ def setup(args):
         cfg = lazy_engine.resolve_device(lazy_engine.load_lazy_config(args.config_file, args.opts))
         output_dir = cfg.train.output_dir
     else:
-        cfg = resolve_device(load_config(args.config_file, args.opts))
+        # SOLVER.EPOCHS becomes iterations here, so that the run's config.yaml holds them.
+        cfg = apply_epoch_schedule(resolve_device(load_config(args.config_file, args.opts)))
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
     default_setup(cfg, args)
@@ -91,6 +93,12 @@ def invoke_main():
                         help="minutes a process waits for the others (at start, and in each collective) "
                              "before it gives up: bounds a job whose peer on another machine died")
     args = parser.parse_args()
+    # argparse hands everything after the first override to the overrides, flags included.
+    misplaced = [o for o in args.opts if o.startswith("--")]
+    if misplaced:
+        parser.error(f"{misplaced} come after the config overrides, which take everything after the first "
+                     "KEY VALUE pair: put the flags before the overrides, e.g. "
+                     "train_net.py --config-file CFG --num-gpus 2 --resume SOLVER.MAX_ITER 1000")
     timeout = timedelta(minutes=args.dist_timeout)
     print("Command Line Args:", args)
     device = config_device(args.config_file, args.opts)

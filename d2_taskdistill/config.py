@@ -1,6 +1,9 @@
 """Config keys of d2_taskdistill, in the style of detectron2 projects
 (``add_*_config`` functions that extend a default CfgNode)."""
+import contextlib
+import difflib
 import os
+import re
 
 from detectron2.config import CfgNode as CN
 
@@ -119,6 +122,10 @@ def add_taskdistill_config(cfg):
     """Add every key this project reads; idempotent."""
     if not hasattr(cfg.SOLVER, "OPTIMIZER"):
         cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" (detectron2's) | "ADAMW"
+    if not hasattr(cfg.SOLVER, "EPOCHS"):
+        # Passes over DATASETS.TRAIN; > 0 sets MAX_ITER, STEPS, warmup, checkpoint and evaluation
+        # periods from the training set's size and IMS_PER_BATCH (d2_taskdistill/schedule.py).
+        cfg.SOLVER.EPOCHS = 0
     if not hasattr(cfg.MODEL, "FCOS"):
         add_fcos_config(cfg)
     if not hasattr(cfg, "DISTILL"):
@@ -147,12 +154,41 @@ def load_config(config_file, opts=()):
 
     cfg = get_cfg()
     add_taskdistill_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    with unknown_keys_named(cfg, f"config file {config_file!r}"):
+        cfg.merge_from_file(config_file)
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"The overrides {opts} are not KEY VALUE pairs (an odd count): a value is missing, or "
+                         "a flag such as --resume was written after them (flags go before the overrides)")
+    with unknown_keys_named(cfg, "the overrides"):
+        cfg.merge_from_list(opts)
     from .data.config_datasets import register_datasets_from_config
 
     register_datasets_from_config(cfg)
     return cfg
+
+
+@contextlib.contextmanager
+def unknown_keys_named(cfg, where):
+    """yacs' "Non-existent key" errors, with the file or overrides and the closest existing keys."""
+    try:
+        yield
+    except (KeyError, AssertionError) as e:
+        match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+        if match is None:
+            raise
+        key = match.group(1)
+        close = difflib.get_close_matches(key, flat_keys(cfg), n=2, cutoff=0.85)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ": see d2_taskdistill/config.py and detectron2's defaults"
+        raise KeyError(f"{where}: {key} is not a config key{hint}") from None
+
+
+def flat_keys(node, prefix=""):
+    """Every setting of a CfgNode, dotted (MODEL.RETINANET.NUM_CLASSES, ...): the leaves."""
+    keys = []
+    for name, value in node.items():
+        keys += flat_keys(value, f"{prefix}{name}.") if isinstance(value, CN) else [prefix + name]
+    return keys
 
 
 def add_bckd_config(cfg):

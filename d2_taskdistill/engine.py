@@ -23,6 +23,7 @@ from .config import YACS_SETTING_NAMES
 from .data.config_datasets import check_datasets, check_registered
 from .hooks import DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
+from .schedule import apply_epoch_schedule
 from .settings import using_setting_names
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
 
     def __init__(self, cfg):
         refuse_amp_off_cuda(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE, "SOLVER.AMP.ENABLED", "MODEL.DEVICE")
+        cfg = apply_epoch_schedule(cfg)  # train_net.py has applied it already: then a no-op
         with using_setting_names(YACS_SETTING_NAMES):
             super().__init__(cfg)
 

@@ -128,6 +128,11 @@ def test_class_lists_and_num_classes_are_checked(coco_dir, tmp_path):
     check_datasets(cfg)
     with pytest.raises(ValueError, match=r"teacher's config 'teacher.yaml' trains on 'cfg_coco_renamed'.*digit_0.*DISTILL.TEACHER.RUN"):
         check_datasets(cfg, teacher_origin)
+    # ... whose json its config declares and nothing here has loaded yet: read to compare.
+    load_config(STUDENT, ["DATASETS.COCO", str([("cfg_coco_teacher_only", str(renamed), image_root)])])
+    unread = TeacherOrigin(None, "teacher.yaml", "", "cpu", train_datasets=["cfg_coco_teacher_only"])
+    with pytest.raises(ValueError, match=r"trains on 'cfg_coco_teacher_only'.*digit_0"):
+        check_datasets(cfg, unread)
 
 
 def test_unregistered_dataset_names_the_keys():

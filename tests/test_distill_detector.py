@@ -159,7 +159,7 @@ def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_b
         assert torch.equal(e.scores, a.scores)
         assert torch.equal(e.pred_classes, a.pred_classes)
 
-    # As the README shows a user: DefaultPredictor on the exported config (CPU), class names
+    # As docs/usage.md shows a user: DefaultPredictor on the exported config (CPU), class names
     # from metadata.json under a fresh metadata name, and detectron2's Visualizer.
     assert stock_cfg.MODEL.DEVICE == "cpu"
     stock_cfg.DATASETS.TEST = ("exported_student_" + detector,)

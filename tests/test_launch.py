@@ -345,7 +345,7 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
     OUTPUT_DIR; torchrun restarts the group, which resumes from its last complete checkpoint by
     itself. The job reaches MAX_ITER; every checkpoint on disk loads; no fault costs more than
     CHECKPOINT_PERIOD iterations; every worker of every round holds the teacher of its file, bit
-    for bit; the teacher's and the final evaluation are written once. (The figures are in the README.)"""
+    for bit; the teacher's and the final evaluation are written once. (The figures are in docs/distributed.md.)"""
     out = tmp_path / "run"
     plan = ",".join(":".join(map(str, f)) for f in FAULTS)
     env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS=plan)
@@ -357,8 +357,9 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
     assert log.count("Rank of current process: 0. World size: 2") == len(FAULTS) + 1
     assert "Rank of current process: 1. World size: 2" in open(out / "log.txt.rank1").read()
     assert re.search(r"Loading from .*model_0000003\.pth", log)  # round 2: the save of 5 was killed
-    # Rank 0 alone writes events: one file per round.
-    assert len([f for f in os.listdir(out) if f.startswith("events.out")]) == len(FAULTS) + 1
+    # Rank 0 alone writes events: at most one file per round (v0.6 opens it at start, upstream at
+    # its first write).
+    assert 1 <= len([f for f in os.listdir(out) if f.startswith("events.out")]) <= len(FAULTS) + 1
     for name in os.listdir(out):
         if name.endswith(".pth"):
             assert "model" in torch.load(out / name, weights_only=False), name

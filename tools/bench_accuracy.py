@@ -483,7 +483,7 @@ def write_report(report, output):
                              if "own_teacher_AP" in v]
             if other_teacher:
                 lines += ["Trained with a teacher retrained since the table's (same config and seed, another AP: "
-                          "README, Rerunning), so their gap closed is measured against that teacher's AP: "
+                          "docs/results.md, Rerunning), so their gap closed is measured against that teacher's AP: "
                           + "; ".join(other_teacher) + ".", ""]
     write_report_files(output, report, lines)
 

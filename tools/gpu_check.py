@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The offline GPU check, in one command (README, "Checking on a GPU").
+"""The offline GPU check, in one command (docs/development.md, "Checking on a GPU").
 
 Run from the project root on a GPU machine without internet, with the folder that
 `make gpu-bundle` built here copied beside the project:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU machine's twin, on this machine's CPU (make gpu-twin; README, "Checking on a GPU").
+"""The GPU machine's twin, on this machine's CPU (make gpu-twin; docs/development.md, "Checking on a GPU").
 
     python tools/gpu_twin.py --bundle gpu_bundle --out output/gpu_twin [--detectron2 upstream registry]
 

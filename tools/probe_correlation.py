@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How well does a short run rank distillation methods the way the full schedule does?
 Measured on the committed digits records, for both detectors; the caveat that
-tools/rank_methods.py --probe-iters prints, and the README states.
+tools/rank_methods.py --probe-iters prints, and docs/results.md states.
 
     python tools/probe_correlation.py      # writes benchmarks/probe_rank_correlation.{md,json}
 

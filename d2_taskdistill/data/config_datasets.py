@@ -134,6 +134,10 @@ def checked_dicts(name, load, check_files, image_check="sample", explain_key_err
     check_files()
     try:
         dicts = load()
+    except json.JSONDecodeError as e:
+        json_file = MetadataCatalog.get(name).get("json_file", "its json_file")
+        raise ValueError(f"dataset {name!r}: {json_file} is not valid JSON ({e}); fix the file, or declare the "
+                         "dataset with its COCO-format annotation file") from None
     except KeyError:
         problem = explain_key_error() if explain_key_error else None
         if problem is None:
@@ -270,7 +274,7 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=No
             raise ValueError(
                 f"dataset {name!r} ({test_setting}) has no annotations: AP cannot be computed on it. "
                 f"Evaluate on a labelled set, or set {test_setting} empty to train without evaluation; "
-                "for predictions on unlabelled images use DefaultPredictor (README).")
+                "for predictions on unlabelled images use DefaultPredictor (docs/usage.md).")
     if not names:
         return
     classes = {name: thing_classes(name) for name in names}
@@ -298,9 +302,14 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=No
 
 def _check_teacher_classes(teacher_origin, student_dataset, student_classes):
     for name in teacher_origin.train_datasets:
-        classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
+        try:
+            classes = thing_classes(name) if name in DatasetCatalog.list() else None
+        except (OSError, ValueError) as e:  # e.g. the teacher trained where its json is, not here
+            logger.warning("The teacher's dataset %r cannot be read here (%s): only its class count is checked",
+                           name, e)
+            continue
         if classes is None:
-            logger.info("Teacher's dataset %r: class names unknown here; only the class count is checked", name)
+            logger.warning("The teacher's dataset %r is not registered here: only its class count is checked", name)
             continue
         if list(classes) != student_classes:
             raise ValueError(

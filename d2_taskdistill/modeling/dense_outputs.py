@@ -1,7 +1,7 @@
 """One batch's outputs of a dense detector (RetinaNet or FCOS), computed once and
 shared by every distillation loss.
 
-Notation (see the project README): N images, L FPN levels, A anchors per
+Notation: N images, L FPN levels, A anchors per
 location (1 for FCOS), K classes, R = sum over levels of H_l * W_l * A
 locations per image. Flattened tensors follow detectron2's order
 (level, y, x, anchor), the order of ``Boxes.cat(anchors)``.
