@@ -39,12 +39,16 @@ def is_lazy(args):
 
 
 def setup(args):
+    # An epoch count becomes iterations here, so that the run's config.yaml holds them.
     if is_lazy(args):
         cfg = lazy_engine.resolve_device(lazy_engine.load_lazy_config(args.config_file, args.opts))
+        if not args.eval_only:
+            lazy_engine.apply_lazy_epoch_schedule(cfg)
         output_dir = cfg.train.output_dir
     else:
-        # SOLVER.EPOCHS becomes iterations here, so that the run's config.yaml holds them.
-        cfg = apply_epoch_schedule(resolve_device(load_config(args.config_file, args.opts)))
+        cfg = resolve_device(load_config(args.config_file, args.opts))
+        if not args.eval_only:
+            cfg = apply_epoch_schedule(cfg)
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
     default_setup(cfg, args)

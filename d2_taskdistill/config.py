@@ -22,6 +22,10 @@ YACS_SETTING_NAMES = {
     "fpn_channels": "MODEL.FPN.OUT_CHANNELS",
     "student_init": "DISTILL.STUDENT_INIT",
     "loss_argument": "DISTILL.{node}.{key}={value!r}",
+    "epochs": "SOLVER.EPOCHS",
+    "ims_per_batch": "SOLVER.IMS_PER_BATCH",
+    "train_datasets": "DATASETS.TRAIN",
+    "filter_empty": "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
 }
 
 

@@ -18,6 +18,7 @@ from .engine import usable_device
 from .hooks import WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
+from .schedule import epoch_schedule, kept_images, log_schedule
 from .settings import using_setting_names
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,14 @@ LAZY_SETTING_NAMES = {
     "fpn_channels": "model.student.backbone.out_channels",
     "student_init": "train.student_init",
     "loss_argument": "model.losses.{node}.{name}={value!r}",
+    "epochs": "train.epochs",
+    "ims_per_batch": "dataloader.train.total_batch_size",
+    "train_datasets": "dataloader.train.dataset.names",
+    "filter_empty": "dataloader.train.dataset.filter_empty",
 }
 # Keys of ``train`` that this project reads beside lazyconfig_train_net's.
 DISTILL_TRAIN_DEFAULTS = {
+    "epochs": 0,  # as SOLVER.EPOCHS: > 0 sets the iterations from the training set (schedule.py)
     "student_init": "none",  # as DISTILL.STUDENT_INIT
     # For a model trained alone (the baseline with inheritance): the teacher its student_init
     # copies from, e.g. L(load_teacher)(config_file=..., weights=...). A distillation model's own
@@ -107,6 +113,43 @@ def check_lazy_datasets_registered(cfg, nodes=("train", "test")):
                 ".py config itself (e.g. detectron2's register_coco_instances, guarded by `if name not in "
                 "DatasetCatalog.list()`), so that every worker does. A run's config.yaml keeps no registrations: "
                 "resume or evaluate with the .py config, with train.output_dir set to the run's.")
+
+
+def apply_lazy_epoch_schedule(cfg):
+    """``train.epochs`` (0: off) as iterations (d2_taskdistill/schedule.py): ``train.max_iter``,
+    the milestones and ``num_updates`` of ``lr_multiplier.scheduler``, the warm-up fraction,
+    ``train.eval_period`` and ``train.checkpointer.period``, written into ``cfg``; a second call
+    changes nothing."""
+    epochs = cfg.train.get("epochs", 0)
+    if not epochs:
+        return cfg
+    with using_setting_names(LAZY_SETTING_NAMES):
+        multiplier = cfg.lr_multiplier
+        scheduler = multiplier.get("scheduler", None)
+        if scheduler is None or "milestones" not in scheduler or "warmup_length" not in multiplier:
+            raise ValueError(
+                "train.epochs sets the lr steps of lr_multiplier = L(WarmupParamScheduler)(scheduler="
+                "L(MultiStepParamScheduler)(values=..., milestones=..., num_updates=...), warmup_length=...), as "
+                "detectron2's model zoo writes it; this config's lr_multiplier is another kind: remove "
+                "train.epochs and set train.max_iter and the schedule yourself")
+        check_lazy_datasets_registered(cfg, nodes=("train",))
+        loader = cfg.dataloader.train
+        num_images = kept_images(tuple(dataset_names(loader)), bool(loader.dataset.get("filter_empty", True)))
+        schedule = epoch_schedule(epochs, num_images, loader.total_batch_size,
+                                  round(multiplier.warmup_length * cfg.train.max_iter), cfg.train.checkpointer.period)
+        max_iter = schedule["max_iter"]
+        cfg.train.max_iter = max_iter
+        scheduler.milestones = list(schedule["steps"])
+        scheduler["values"] = list(scheduler["values"])[:len(schedule["steps"]) + 1]  # one value per phase
+        scheduler.num_updates = max_iter
+        multiplier.warmup_length = schedule["warmup_iters"] / max_iter
+        cfg.train.eval_period = schedule["eval_period"]
+        cfg.train.checkpointer.period = schedule["checkpoint_period"]
+        log_schedule(epochs, num_images, loader.total_batch_size, {
+            "train.max_iter": max_iter, "lr_multiplier.scheduler.milestones": list(schedule["steps"]),
+            "warm-up iterations": schedule["warmup_iters"], "train.checkpointer.period": schedule["checkpoint_period"],
+            "train.eval_period": schedule["eval_period"]})
+    return cfg
 
 
 def evaluate(cfg, model):
@@ -180,6 +223,7 @@ class LazyDistillTrainer:
     def _build(self, cfg):
         self.cfg = cfg
         set_train_defaults(cfg)
+        apply_lazy_epoch_schedule(cfg)  # train_net.py has applied it already: then a no-op
         amp = cfg.train.get("amp", {}).get("enabled", False)
         refuse_amp_off_cuda(amp, cfg.train.device, "train.amp.enabled", "train.device")
         check_lazy_datasets_registered(cfg)

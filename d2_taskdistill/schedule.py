@@ -1,5 +1,5 @@
-"""The schedule in a user's terms: ``SOLVER.EPOCHS`` (yaml) sets the iteration settings from the
-training set's size and the batch.
+"""The schedule in a user's terms: ``SOLVER.EPOCHS`` (yaml) or ``train.epochs`` (LazyConfig) sets
+the iteration settings from the training set's size and the batch.
 
 detectron2 counts in iterations, tuned for COCO (90k iterations of 16 images, steps at 60k and
 80k, warmup 1000, a checkpoint every 5000). On another dataset those numbers mean nothing; an
@@ -14,11 +14,18 @@ epoch count does. With ``SOLVER.EPOCHS > 0``:
 - ``TEST.EVAL_PERIOD``: four evaluations over the run (every ceil(epochs / 4) epochs) and the
   final one, so that the AP curve shows whether the schedule was long enough.
 
-The chosen values are logged; ``SOLVER.EPOCHS 0`` (the default) leaves the configured iterations.
+The chosen values are logged; 0 (the default) leaves the configured iterations. A LazyConfig
+gets the same: ``train.max_iter``, the milestones and ``num_updates`` of its
+``lr_multiplier.scheduler`` (a MultiStepParamScheduler, as the model zoo's), the warm-up fraction,
+``train.eval_period`` and ``train.checkpointer.period``.
 """
 import functools
 import logging
 import math
+
+from .config import YACS_SETTING_NAMES
+from .data.config_datasets import check_registered
+from .settings import setting, using_setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -27,57 +34,61 @@ EVALUATIONS = 4
 
 
 def epoch_schedule(epochs, num_images, ims_per_batch, warmup_iters, checkpoint_period):
-    """{setting: value} of the iteration settings for ``epochs`` passes over ``num_images``."""
+    """The iteration settings for ``epochs`` passes over ``num_images`` at ``ims_per_batch``:
+    {"max_iter", "steps", "warmup_iters", "checkpoint_period", "eval_period" (0: at the end only)}."""
     if epochs <= 0:
-        raise ValueError(f"SOLVER.EPOCHS={epochs}: give a positive number of passes over the training set "
-                         "(or 0 to use SOLVER.MAX_ITER and SOLVER.STEPS as configured)")
+        raise ValueError(f"{setting('epochs')}={epochs}: give a positive number of passes over the training set "
+                         "(or 0 to keep the configured iterations)")
     if num_images == 0:
-        raise ValueError("SOLVER.EPOCHS is set but the training set (DATASETS.TRAIN) has no image that "
-                         "detectron2's loader keeps: check its annotations, or "
-                         "DATALOADER.FILTER_EMPTY_ANNOTATIONS if its images have none")
+        raise ValueError(f"{setting('epochs')} is set but the training set ({setting('train_datasets')}) has no image "
+                         f"that detectron2's loader keeps: check its annotations, or {setting('filter_empty')} if "
+                         "its images have none")
     if ims_per_batch > num_images:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={ims_per_batch} is larger than the training set ({num_images} "
-                         f"images): an epoch would be less than one batch. Lower SOLVER.IMS_PER_BATCH to at most "
-                         f"{num_images}.")
+        raise ValueError(f"{setting('ims_per_batch')}={ims_per_batch} is larger than the training set ({num_images} "
+                         f"images): an epoch would be less than one batch. Lower it to at most {num_images}.")
     per_epoch = math.ceil(num_images / ims_per_batch)
     max_iter = max(1, round(epochs * per_epoch))
-    eval_epochs = max(1, math.ceil(epochs / EVALUATIONS))
+    eval_every = max(1, math.ceil(epochs / EVALUATIONS)) * per_epoch
     return {
-        "SOLVER.MAX_ITER": max_iter,
+        "max_iter": max_iter,
         # Strictly increasing and inside the run: a very short one keeps fewer steps.
-        "SOLVER.STEPS": tuple(sorted({round(max_iter * f) for f in STEP_FRACTIONS} - {0, max_iter})),
-        "SOLVER.WARMUP_ITERS": min(warmup_iters, per_epoch),
-        "SOLVER.CHECKPOINT_PERIOD": min(checkpoint_period, per_epoch),
-        "TEST.EVAL_PERIOD": eval_epochs * per_epoch if eval_epochs * per_epoch < max_iter else 0,
+        "steps": tuple(sorted({round(max_iter * f) for f in STEP_FRACTIONS} - {0, max_iter})),
+        "warmup_iters": min(warmup_iters, per_epoch),
+        "checkpoint_period": min(checkpoint_period, per_epoch),
+        "eval_period": eval_every if eval_every < max_iter else 0,
     }
 
 
-def training_set_size(cfg):
-    """How many images detectron2's training loader keeps of ``cfg.DATASETS.TRAIN``."""
-    return _kept_images(tuple(cfg.DATASETS.TRAIN), bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
-
-
 @functools.lru_cache(maxsize=None)
-def _kept_images(names, filter_empty):
-    # Once per process: train_net.py and the trainer both apply the schedule, and a COCO json
-    # takes seconds to load.
+def kept_images(names, filter_empty):
+    """How many images of the datasets ``names`` detectron2's training loader keeps. Once per
+    process: train_net.py and the trainer both apply the schedule, and a COCO json takes seconds."""
     from detectron2.data import get_detection_dataset_dicts
 
     return len(get_detection_dataset_dicts(list(names), filter_empty=filter_empty))
 
 
+def log_schedule(epochs, num_images, ims_per_batch, chosen):
+    logger.info("%s %s on %d training images at %s %d (%d iterations an epoch): %s", setting("epochs"), epochs,
+                num_images, setting("ims_per_batch"), ims_per_batch, math.ceil(num_images / ims_per_batch),
+                ", ".join(f"{name} {value}" for name, value in chosen.items()))
+
+
 def apply_epoch_schedule(cfg):
-    """``cfg`` with the iteration settings of ``SOLVER.EPOCHS`` (unchanged when it is 0); a clone
-    when it changes anything, so a frozen config stays as it was."""
+    """A yacs ``cfg`` with the iteration settings of ``SOLVER.EPOCHS`` (unchanged when it is 0); a
+    clone when it changes anything, so a frozen config stays as it was."""
     if not cfg.SOLVER.EPOCHS:
         return cfg
-    num_images = training_set_size(cfg)
-    settings = epoch_schedule(cfg.SOLVER.EPOCHS, num_images, cfg.SOLVER.IMS_PER_BATCH,
-                              cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD)
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.merge_from_list([item for setting in settings.items() for item in setting])
-    logger.info("SOLVER.EPOCHS %s on %d training images at SOLVER.IMS_PER_BATCH %d (%d iterations an epoch): %s",
-                cfg.SOLVER.EPOCHS, num_images, cfg.SOLVER.IMS_PER_BATCH, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH),
-                ", ".join(f"{k} {v}" for k, v in settings.items()))
+    check_registered(cfg.DATASETS.TRAIN)
+    with using_setting_names(YACS_SETTING_NAMES):
+        num_images = kept_images(tuple(cfg.DATASETS.TRAIN), bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
+        s = cfg.SOLVER
+        schedule = epoch_schedule(s.EPOCHS, num_images, s.IMS_PER_BATCH, s.WARMUP_ITERS, s.CHECKPOINT_PERIOD)
+        chosen = {"SOLVER.MAX_ITER": schedule["max_iter"], "SOLVER.STEPS": schedule["steps"],
+                  "SOLVER.WARMUP_ITERS": schedule["warmup_iters"],
+                  "SOLVER.CHECKPOINT_PERIOD": schedule["checkpoint_period"], "TEST.EVAL_PERIOD": schedule["eval_period"]}
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.merge_from_list([item for pair in chosen.items() for item in pair])
+        log_schedule(s.EPOCHS, num_images, s.IMS_PER_BATCH, chosen)
     return cfg

@@ -22,6 +22,10 @@ API_SETTING_NAMES = {
     "fpn_channels": "the student's FPN out_channels",
     "student_init": "inherit_from_teacher(choice=...)",
     "teacher.allow_change": "DistillFeatures(allow_teacher_change=...)",
+    "epochs": "epoch_schedule(epochs=...)",
+    "ims_per_batch": "epoch_schedule(ims_per_batch=...)",
+    "train_datasets": "the training datasets",
+    "filter_empty": "the loader's filter of images without annotations",
     # A distillation loss's keyword argument and its value, e.g. TID(areas='all').
     "loss_argument": "{node}({name}={value!r})",
 }

@@ -33,6 +33,16 @@ def subprocess_env(**extra):
     return dict(os.environ, PYTHONPATH=path, **extra)
 
 
+def load_train_net():
+    """train_net.py as a module, for tests that call its functions in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net_under_test", os.path.join(ROOT, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def config_path(*parts):
     return os.path.join(CONFIGS, *parts)
 

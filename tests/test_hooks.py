@@ -1,6 +1,5 @@
 """Training features as hooks: the teacher evaluated on its own input format; a distilled
 run evaluated (--eval-only) without the teacher's checkpoint."""
-import importlib.util
 import os
 
 import torch
@@ -10,7 +9,7 @@ from detectron2.modeling import build_model
 
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.hooks import TeacherOnItsInputs
-from conftest import ROOT, distill_cfg, make_teacher_checkpoint
+from conftest import distill_cfg, load_train_net, make_teacher_checkpoint
 
 
 def test_teacher_is_evaluated_on_its_own_input_format(teachers, tiny_batch, tiny_dataset, tmp_path):
@@ -29,13 +28,6 @@ def test_teacher_is_evaluated_on_its_own_input_format(teachers, tiny_batch, tiny
         assert len(a["instances"]) > 0
         assert torch.equal(a["instances"].scores, b["instances"].scores)
         assert not torch.equal(a["instances"].scores, c["instances"].scores)  # the student's channel order
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net_under_test", os.path.join(ROOT, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_eval_only_of_a_distilled_run_needs_no_teacher_checkpoint(tiny_batch, tiny_dataset, tmp_path):
