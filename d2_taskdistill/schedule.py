@@ -65,7 +65,12 @@ def kept_images(names, filter_empty):
     process: train_net.py and the trainer both apply the schedule, and a COCO json takes seconds."""
     from detectron2.data import get_detection_dataset_dicts
 
-    return len(get_detection_dataset_dicts(list(names), filter_empty=filter_empty))
+    try:
+        return len(get_detection_dataset_dicts(list(names), filter_empty=filter_empty))
+    except AssertionError as e:  # detectron2's "No valid data found" / "is empty"
+        if "No valid data found" in str(e) or "is empty" in str(e):
+            return 0
+        raise
 
 
 def log_schedule(epochs, num_images, ims_per_batch, chosen):

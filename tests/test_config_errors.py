@@ -52,3 +52,49 @@ def test_an_annotation_file_that_is_not_json_is_named(tmp_path):
     load_config(STUDENT, ["DATASETS.COCO", [("broken_json_set", str(broken), str(tmp_path / "images"))]])
     with pytest.raises(ValueError, match=rf"dataset 'broken_json_set': {broken} is not valid JSON \(Expecting value: "):
         DatasetCatalog.get("broken_json_set")
+
+
+def test_declared_datasets_that_the_run_does_not_use_are_named(tiny_digits):
+    from d2_taskdistill.data.config_datasets import check_datasets
+
+    json_path, image_root = tiny_digits
+    cfg = load_config(STUDENT, ["DATASETS.COCO", [("declared_unused", json_path, image_root)],
+                                "MODEL.RETINANET.NUM_CLASSES", 3])
+    with pytest.raises(ValueError, match=r"DATASETS.COCO / DATASETS.VOC declare \['declared_unused'\], but the run uses "
+                                         r"\['digits_det_train', 'digits_det_val'\].*DATASETS.TRAIN \"\('declared_unused',\)\""):
+        check_datasets(cfg)
+
+
+def test_an_image_whose_size_disagrees_with_its_annotation_is_named_before_training(tiny_digits, tmp_path):
+    import json
+
+    json_path, image_root = tiny_digits
+    coco = json.load(open(json_path))
+    coco["images"][3]["width"] = 200
+    wrong = tmp_path / "wrong_size.json"
+    wrong.write_text(json.dumps(coco))
+    load_config(STUDENT, ["DATASETS.COCO", [("wrong_size", str(wrong), image_root)], "DATASETS.CHECK_IMAGES", "all"])
+    with pytest.raises(ValueError, match=rf"dataset 'wrong_size': image .*{coco['images'][3]['file_name']} is 128x128 but "
+                                         r"its annotation says 200x128.*fix the annotation's width and height"):
+        DatasetCatalog.get("wrong_size")
+
+
+def test_a_training_set_without_annotations_says_what_to_check(tiny_digits, tmp_path):
+    import json
+
+    from d2_taskdistill.engine import DistillTrainer
+
+    json_path, image_root = tiny_digits
+    coco = json.load(open(json_path))
+    coco["annotations"] = []
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(coco))
+    cfg = load_config(STUDENT, ["DATASETS.COCO", [("bare_train", str(bare), image_root)], "DATASETS.TRAIN", "('bare_train',)",
+                                "MODEL.DEVICE", "cpu"])
+    with pytest.raises(ValueError, match=r"training datasets \['bare_train'\] have no image with an annotation"):
+        DistillTrainer.build_train_loader(cfg)
+    cfg.SOLVER.EPOCHS = 2
+    with pytest.raises(ValueError, match=r"SOLVER.EPOCHS is set but the training set \(DATASETS.TRAIN\) has no image"):
+        from d2_taskdistill.schedule import apply_epoch_schedule
+
+        apply_epoch_schedule(cfg)

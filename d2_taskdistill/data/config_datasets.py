@@ -6,6 +6,7 @@ every tool and every launch worker (which loads the config itself) sees them.
 detectron2's ``register_coco_instances`` / ``register_pascal_voc`` do the
 registering; the loader is wrapped with the checks below.
 """
+import contextlib
 import json
 import logging
 import os
@@ -104,11 +105,20 @@ def check_images(name, dicts, mode):
         try:
             with Image.open(record["file_name"]) as image:
                 image.load()  # decodes: a truncated file fails here, not at its header
+                size = image.size
         except Exception as e:
             raise ValueError(
                 f"dataset {name!r}: image {record['file_name']} cannot be read ({type(e).__name__}: {e}); "
                 "fix or remove it. DATASETS.CHECK_IMAGES 'all' decodes every image before training "
                 f"(now {mode!r})") from None
+        # detectron2's mapper stops at this image, mid-training, when the annotation says otherwise.
+        declared = (record.get("width"), record.get("height"))
+        if None not in declared and tuple(declared) != size:
+            raise ValueError(
+                f"dataset {name!r}: image {record['file_name']} is {size[0]}x{size[1]} but its annotation says "
+                f"{declared[0]}x{declared[1]} (width x height): fix the annotation's width and height (its boxes "
+                "are in the same pixels). DATASETS.CHECK_IMAGES 'all' checks every image before training "
+                f"(now {mode!r})")
 
 
 def _check_coco_files(name, json_file, image_root):
@@ -239,6 +249,21 @@ def check_voc_annotations_for_evaluation(name):
         )
 
 
+@contextlib.contextmanager
+def no_training_images_named(names):
+    """detectron2's bare assertion when a training set keeps no image (none has an annotation):
+    the datasets and what to check instead."""
+    try:
+        yield
+    except AssertionError as e:
+        if "No valid data found" not in str(e) and "is empty" not in str(e):
+            raise
+        raise ValueError(
+            f"The training datasets {list(names)} have no image with an annotation ({e}): check the json's "
+            "'annotations' (image_id, category_id, bbox); images without any are dropped for training "
+            "(DATALOADER.FILTER_EMPTY_ANNOTATIONS)") from None
+
+
 def check_registered(names):
     for name in names:
         if name not in DatasetCatalog.list():
@@ -252,6 +277,14 @@ def check_registered(names):
 def check_datasets(cfg, teacher_origin=None, train=True):
     """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
     DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
+    declared = [entry[0] for entry in [*cfg.DATASETS.COCO, *cfg.DATASETS.VOC]]
+    used = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST] if train else list(cfg.DATASETS.TEST)
+    if declared and not set(declared) & set(used):
+        # Declared, then not named: the run would train on the config's own (e.g. digits) sets.
+        raise ValueError(
+            f"DATASETS.COCO / DATASETS.VOC declare {declared}, but the run uses {used} (DATASETS.TRAIN "
+            f"{tuple(cfg.DATASETS.TRAIN)}, DATASETS.TEST {tuple(cfg.DATASETS.TEST)}): name the declared sets there, "
+            f"e.g. DATASETS.TRAIN \"('{declared[0]}',)\" DATASETS.TEST \"('{declared[-1]}',)\"")
     check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
                         num_classes_setting(cfg), teacher_origin)
 
