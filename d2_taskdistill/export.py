@@ -60,7 +60,8 @@ def _write_student_weights(weights, output_dir):
         checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
     state = student_state_dict(checkpoint["model"])
     os.makedirs(output_dir, exist_ok=True)
-    weights_path = os.path.join(output_dir, "model_final.pth")
+    # Absolute: the exported config then loads from any working directory.
+    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
     torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
     return weights_path
 

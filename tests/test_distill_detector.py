@@ -125,13 +125,16 @@ def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("detector", DETECTORS)
-def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_batch, tmp_path):
+def test_export_matches_trained_student(detector, teachers, tiny_dataset, tiny_batch, tmp_path, monkeypatch):
     cfg = distill_cfg(f"{detector}_R34-R18_fitnet.yaml", teachers[detector], tmp_path / "train",
                       opts=["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0, "MODEL.FCOS.SCORE_THRESH_TEST", 0.0])
     trainer = DistillTrainer(cfg)
     trainer.train()
-    weights, config, metadata = export_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
-                                               tmp_path / "export")
+    monkeypatch.chdir(tmp_path)
+    weights, config, metadata = export_student(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "export")
+    config, metadata = os.path.abspath(config), os.path.abspath(metadata)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the exported folder is used from another directory
     with open(metadata) as f:
         assert json.load(f) == {"thing_classes": CLASS_NAMES, "dataset": cfg.DATASETS.TRAIN[0]}
 
