@@ -21,7 +21,7 @@ from . import compat
 from .checkpoint import SafeCheckpointer
 from .config import YACS_SETTING_NAMES
 from .data.config_datasets import check_datasets, check_registered, no_training_images_named
-from .hooks import DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import TEACHER_EVAL_FOLDER, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
 from .schedule import apply_epoch_schedule
 from .settings import using_setting_names
@@ -144,15 +144,19 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
             model, cfg.OUTPUT_DIR, check_datasets=lambda: check_datasets(cfg, teacher_origin),
             student_init=cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg),
             teacher_eval_at_start=cfg.DISTILL.TEACHER.EVAL_AT_START,
-            allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE, evaluate=lambda m: self.test_by_dataset(cfg, m))
+            allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE,
+            evaluate=lambda m: self.test_by_dataset(cfg, m, os.path.join(cfg.OUTPUT_DIR, TEACHER_EVAL_FOLDER)))
         self.features.add_to_checkpointer(self.checkpointer)
         timer, *rest = super().build_hooks()  # IterationTimer first
         return [*self.features.first_hooks(), timer, *self.features.grad_scaler_hooks(self._trainer), *rest]
 
     @classmethod
-    def test_by_dataset(cls, cfg, model):
-        """DefaultTrainer.test as {dataset: metrics}, also for a single test set."""
-        results = cls.test(cfg, model)
+    def test_by_dataset(cls, cfg, model, output_folder=None):
+        """DefaultTrainer.test as {dataset: metrics}, also for a single test set; the evaluators
+        write to ``output_folder`` (default: OUTPUT_DIR/inference)."""
+        evaluators = None if output_folder is None else [
+            cls.build_evaluator(cfg, name, os.path.join(output_folder, name)) for name in cfg.DATASETS.TEST]
+        results = cls.test(cfg, model, evaluators)
         if len(cfg.DATASETS.TEST) == 1:  # DefaultTrainer.test unwraps a single dataset
             results = {cfg.DATASETS.TEST[0]: results}
         return results

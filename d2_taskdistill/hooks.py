@@ -117,10 +117,14 @@ class TeacherOnItsInputs(nn.Module):
         return model.teacher(model.teacher_inputs(batched_inputs))
 
 
+# Where the evaluators write the teacher's predictions (OUTPUT_DIR/inference holds the student's).
+TEACHER_EVAL_FOLDER = "inference_teacher"
+
+
 class TeacherEvaluation(HookBase):
     """Evaluates the teacher once before a fresh start (not on resume), with ``evaluate(model)``
-    (returns {dataset: metrics}); logs the metrics and writes ``teacher_eval.json`` to
-    ``output_dir``. The results stay in ``self.results``."""
+    (returns {dataset: metrics}; the trainers' write to OUTPUT_DIR/inference_teacher); logs the
+    metrics and writes ``teacher_eval.json`` to ``output_dir``. The results stay in ``self.results``."""
 
     def __init__(self, evaluate, output_dir):
         self.evaluate = evaluate
@@ -130,6 +134,8 @@ class TeacherEvaluation(HookBase):
     def before_train(self):
         if self.trainer.start_iter != 0:
             return
+        logger.info("Evaluating the teacher before training (its predictions go to %s)",
+                    os.path.join(self.output_dir, TEACHER_EVAL_FOLDER))
         self.results = self.evaluate(TeacherOnItsInputs(unwrap(self.trainer.model)))
         if comm.is_main_process():
             for dataset, metrics in self.results.items():

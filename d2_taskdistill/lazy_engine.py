@@ -15,7 +15,7 @@ from . import compat
 from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_dataset_names
 from .engine import usable_device
-from .hooks import WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
 from .schedule import epoch_schedule, kept_images, log_schedule
@@ -152,11 +152,16 @@ def apply_lazy_epoch_schedule(cfg):
     return cfg
 
 
-def evaluate(cfg, model):
-    """{dataset: metrics} of ``model`` on dataloader.test with dataloader.evaluator."""
+def evaluate(cfg, model, output_dir=None):
+    """{dataset: metrics} of ``model`` on dataloader.test with dataloader.evaluator, which writes to
+    ``output_dir`` where it takes one (default: its own)."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    evaluator = cfg.dataloader.evaluator
+    if output_dir is not None and "output_dir" in evaluator:
+        evaluator = evaluator.copy()
+        evaluator.output_dir = output_dir
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     names = dataset_names(cfg.dataloader.test)
@@ -266,7 +271,8 @@ class LazyDistillTrainer:
                 settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
-            allow_teacher_change=cfg.train.allow_teacher_change, evaluate=lambda m: evaluate(cfg, m))
+            allow_teacher_change=cfg.train.allow_teacher_change,
+            evaluate=lambda m: evaluate(cfg, m, os.path.join(cfg.train.output_dir, TEACHER_EVAL_FOLDER)))
 
     def build_hooks(self):
         """lazyconfig_train_net's hooks, with the project's features around them."""

@@ -102,6 +102,9 @@ def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_pat
         teacher_eval = json.load(f)
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(teacher_eval[tiny_dataset]["bbox"])
     assert json.dumps(trainer.teacher_results, sort_keys=True) == json.dumps(teacher_eval, sort_keys=True)
+    # The teacher's predictions in their own folder; the student's final evaluation in detectron2's.
+    assert os.path.isfile(os.path.join(tmp_path, "inference_teacher", tiny_dataset, "coco_instances_results.json"))
+    assert os.path.isfile(os.path.join(tmp_path, "inference", "coco_instances_results.json"))
 
 
 def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):

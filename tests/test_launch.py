@@ -223,6 +223,7 @@ def test_train_net_lazy_config_num_gpus_2_on_cpu_trains_evaluates_resumes(teache
     assert (out / "model_final.pth").exists() and (out / "model_0000001.pth").exists()
     assert (out / "log.txt.rank1").exists() and (out / "config.yaml").exists()
     assert "AP" in json.load(open(out / "teacher_eval.json"))["tiny_cli"]["bbox"]
+    assert (out / "inference_teacher" / "coco_instances_results.json").exists()  # apart from the student's
     assert "copypaste: AP,AP50" in text and "Datasets checked: tiny_cli, tiny_cli, 10 classes" in text
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2 and not any(k.startswith("teacher.") for k in ckpt["model"])
