@@ -139,3 +139,24 @@ def test_unregistered_dataset_names_the_keys():
     cfg = load_config(STUDENT, ["DATASETS.TRAIN", "('shapes_train',)"])
     with pytest.raises(KeyError, match="'shapes_train' is not registered: declare it in DATASETS.COCO"):
         check_datasets(cfg)
+
+
+def test_training_set_summary_hand_computed():
+    from detectron2.structures import BoxMode
+
+    from d2_taskdistill.data.config_datasets import dataset_summary
+
+    def box(w, h, category):
+        return {"bbox": [5, 5, w, h], "bbox_mode": BoxMode.XYWH_ABS, "category_id": category}
+
+    dicts = [{"height": 100, "width": 200, "annotations": [box(10, 10, 0), box(20, 5, 1)]},
+             {"height": 400, "width": 300, "annotations": [box(40, 40, 1)]}]
+    line = dataset_summary("hand", dicts, ["bolt", "nut"], input_short_side=128)
+    # Short sides 100 and 300 (median 200); box sides sqrt(w h) 10, 10, 40: p10 10, p50 10,
+    # p90 10 + 0.8 x 30 = 34; x0.64 at a 128 px short side: 6.4, 6.4, 21.8.
+    assert line == ("Training set 'hand': 2 images, short side 100-300 px (median 200); 3 boxes, per class "
+                    "{'bolt': 1, 'nut': 2}; box side (sqrt of area) p10/p50/p90 10/10/34 px; resized to a 128 px "
+                    "short side (x0.64 for the median image), 6/6/22 px. A tenth of the boxes end up under 8 px, "
+                    "the stride of the finest FPN level: a larger input size (closer to the images' own) detects "
+                    "them better")
+    assert "A tenth" not in dataset_summary("hand", dicts, ["bolt", "nut"], input_short_side=400)

@@ -9,8 +9,11 @@ registering; the loader is wrapped with the checks below.
 import contextlib
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
+
+import numpy as np
 
 from PIL import Image
 
@@ -197,6 +200,34 @@ def drop_invalid_boxes(name, dicts):
     return dicts
 
 
+# The finest FPN level both detectors' heads read (P3): objects much smaller than its stride are hard.
+FINEST_STRIDE = 8
+
+
+def dataset_summary(name, dicts, classes, input_short_side=None):
+    """What a training set holds, in one log line: images, boxes per class, image and box sizes;
+    with the short side the config resizes images to (``input_short_side``), the box sizes that
+    gives and a note when the smallest boxes fall below the finest FPN level's stride."""
+    shorts = np.array([min(d["height"], d["width"]) for d in dicts], dtype=float)
+    annotations = [a for d in dicts for a in d.get("annotations", [])]
+    per_class = np.bincount([a["category_id"] for a in annotations], minlength=len(classes))
+    sides = np.array([math.sqrt(max(b[2] - b[0], 0) * max(b[3] - b[1], 0)) for b in (
+        BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations)] or [0.0])
+    p10, p50, p90 = np.percentile(sides, [10, 50, 90])
+    line = (f"Training set {name!r}: {len(dicts)} images, short side {shorts.min():.0f}-{shorts.max():.0f} px "
+            f"(median {np.median(shorts):.0f}); {len(annotations)} boxes, per class "
+            f"{dict(zip(classes, per_class.tolist()))}; box side (sqrt of area) p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f} px")
+    if input_short_side:
+        scale = input_short_side / np.median(shorts)
+        line += (f"; resized to a {input_short_side} px short side (x{scale:.2f} for the median image), "
+                 f"{p10 * scale:.0f}/{p50 * scale:.0f}/{p90 * scale:.0f} px")
+        if p10 * scale < FINEST_STRIDE:
+            line += (f". A tenth of the boxes end up under {FINEST_STRIDE} px, the stride of the finest FPN level: "
+                     "a larger input size (closer to the images' own) detects them better")
+    logger.info(line)
+    return line
+
+
 def thing_classes(name):
     """The dataset's class names; loads it when the names come from its annotations (COCO json)."""
     meta = MetadataCatalog.get(name)
@@ -286,11 +317,11 @@ def check_datasets(cfg, teacher_origin=None, train=True):
             f"{tuple(cfg.DATASETS.TRAIN)}, DATASETS.TEST {tuple(cfg.DATASETS.TEST)}): name the declared sets there, "
             f"e.g. DATASETS.TRAIN \"('{declared[0]}',)\" DATASETS.TEST \"('{declared[-1]}',)\"")
     check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
-                        num_classes_setting(cfg), teacher_origin)
+                        num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN))
 
 
 def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=None,
-                        settings=("DATASETS.TRAIN", "DATASETS.TEST")):
+                        settings=("DATASETS.TRAIN", "DATASETS.TEST"), input_short_side=None):
     """The test datasets load and pass the file and box checks (the training loader has loaded
     the train sets), class lists agree between train and test sets, with the model's class count
     ``num_classes`` ((setting, value); setting None: not checked) and with the teacher's dataset
@@ -331,6 +362,8 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=No
     if teacher_origin is not None:
         _check_teacher_classes(teacher_origin, reference_name, reference)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
+    if train:
+        dataset_summary(train[0], DatasetCatalog.get(train[0]), reference, input_short_side)
 
 
 def _check_teacher_classes(teacher_origin, student_dataset, student_classes):
