@@ -23,6 +23,7 @@ YACS_SETTING_NAMES = {
     "student_init": "DISTILL.STUDENT_INIT",
     "loss_argument": "DISTILL.{node}.{key}={value!r}",
     "epochs": "SOLVER.EPOCHS",
+    "student_alone_run": "DISTILL.STUDENT_ALONE_RUN",
     "ims_per_batch": "SOLVER.IMS_PER_BATCH",
     "train_datasets": "DATASETS.TRAIN",
     "filter_empty": "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
@@ -79,6 +80,9 @@ def add_distill_config(cfg):
     # Checkpoints record the teacher's weights file and sha256; --resume with another teacher
     # is an error unless this is True.
     cfg.DISTILL.TEACHER.ALLOW_CHANGE = False
+    # The OUTPUT_DIR of the student trained alone (its own config): the teacher is then evaluated
+    # at the start and a warning says so when it is not better than that student.
+    cfg.DISTILL.STUDENT_ALONE_RUN = ""
 
     cfg.DISTILL.FITNET = CN()
     cfg.DISTILL.FITNET.WEIGHT = 1.0

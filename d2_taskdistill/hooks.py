@@ -14,6 +14,7 @@ from detectron2.utils.events import get_event_storage
 
 from .checkpoint import TeacherIdentity
 from .modeling.inherit import inherit_from_teacher, parts_of
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,10 @@ class TeacherEvaluation(HookBase):
     (returns {dataset: metrics}; the trainers' write to OUTPUT_DIR/inference_teacher); logs the
     metrics and writes ``teacher_eval.json`` to ``output_dir``. The results stay in ``self.results``."""
 
-    def __init__(self, evaluate, output_dir):
+    def __init__(self, evaluate, output_dir, student_alone_run=""):
         self.evaluate = evaluate
         self.output_dir = output_dir
+        self.student_alone_run = student_alone_run
         self.results = None
 
     def before_train(self):
@@ -144,6 +146,38 @@ class TeacherEvaluation(HookBase):
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "teacher_eval.json"), "w") as f:
                 json.dump(self.results, f, indent=1)
+            if self.student_alone_run:
+                compare_with_student_alone(self.results, self.student_alone_run)
+
+
+def final_ap(run_dir):
+    """The box AP of the last evaluation a train_net.py run wrote to its metrics.json."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{setting('student_alone_run')}={run_dir!r}: no metrics.json there; name the "
+                                "OUTPUT_DIR of the student's own run (train_net.py with the student's config)")
+    with open(path) as f:
+        aps = [value for line in f if line.strip() for key, value in json.loads(line).items()
+               if key == "bbox/AP" or key.endswith("/bbox/AP")]
+    if not aps:
+        raise ValueError(f"{setting('student_alone_run')}={run_dir!r}: its metrics.json holds no evaluation (bbox/AP); "
+                         "has that run finished, with a test set?")
+    return aps[-1]
+
+
+def compare_with_student_alone(teacher_results, run_dir):
+    """A warning when the teacher is no better than the student trained alone: distilling it
+    teaches the student the teacher's mistakes."""
+    student_ap = final_ap(run_dir)
+    dataset, metrics = next(iter(teacher_results.items()))
+    teacher_ap = metrics.get("bbox", metrics)["AP"]
+    if teacher_ap > student_ap:
+        logger.info("Teacher AP %.2f on %s; the student alone (%s) reached %.2f", teacher_ap, dataset, run_dir, student_ap)
+        return
+    logger.warning(
+        "The teacher (AP %.2f on %s) is not better than the student trained alone (AP %.2f, %s): distillation would "
+        "teach the student the teacher's mistakes. Train the teacher longer or larger first (e.g. more %s, a deeper "
+        "backbone), then distil.", teacher_ap, dataset, student_ap, run_dir, setting("epochs"))
 
 
 def refuse_amp_off_cuda(amp_enabled, device, amp_setting, device_setting):
@@ -181,11 +215,13 @@ class DistillFeatures:
         has its own);
     teacher_eval_at_start: evaluate the teacher with ``evaluate(model) -> {dataset: metrics}``
         before a fresh start;
-    allow_teacher_change: resume with another teacher than the checkpoint's.
+    allow_teacher_change: resume with another teacher than the checkpoint's;
+    student_alone_run: the OUTPUT_DIR of the student trained alone: the teacher is evaluated at
+        the start and compared with it (a warning when it is not better).
     """
 
     def __init__(self, model, output_dir, check_datasets, student_init="none", build_teacher=None,
-                 teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None):
+                 teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None, student_alone_run=""):
         self.model = unwrap(model)
         self.distill = is_distill_model(self.model)
         self.output_dir = output_dir
@@ -195,6 +231,9 @@ class DistillFeatures:
         self.teacher_eval_at_start = teacher_eval_at_start
         self.allow_teacher_change = allow_teacher_change
         self.evaluate = evaluate
+        self.student_alone_run = student_alone_run
+        if student_alone_run and self.distill:
+            final_ap(student_alone_run)  # a wrong folder fails now, not after the teacher's evaluation
         self.teacher_evaluation = None
 
     def add_to_checkpointer(self, checkpointer):
@@ -211,8 +250,8 @@ class DistillFeatures:
         if parts_of(self.student_init):
             # A plain model needs build_teacher: each trainer checks that with its own setting's name.
             hooks.append(StudentInit(self.student_init, build_teacher=None if self.distill else self.build_teacher))
-        if self.distill and self.teacher_eval_at_start:
-            self.teacher_evaluation = TeacherEvaluation(self.evaluate, self.output_dir)
+        if self.distill and (self.teacher_eval_at_start or self.student_alone_run):
+            self.teacher_evaluation = TeacherEvaluation(self.evaluate, self.output_dir, self.student_alone_run)
             hooks.append(self.teacher_evaluation)
         return hooks
 

@@ -37,6 +37,7 @@ LAZY_SETTING_NAMES = {
     "student_init": "train.student_init",
     "loss_argument": "model.losses.{node}.{name}={value!r}",
     "epochs": "train.epochs",
+    "student_alone_run": "train.student_alone_run",
     "ims_per_batch": "dataloader.train.total_batch_size",
     "train_datasets": "dataloader.train.dataset.names",
     "filter_empty": "dataloader.train.dataset.filter_empty",
@@ -51,6 +52,7 @@ DISTILL_TRAIN_DEFAULTS = {
     "student_init_teacher": None,
     "teacher_eval_at_start": False,  # as DISTILL.TEACHER.EVAL_AT_START
     "allow_teacher_change": False,  # as DISTILL.TEACHER.ALLOW_CHANGE
+    "student_alone_run": "",  # as DISTILL.STUDENT_ALONE_RUN
 }
 
 
@@ -271,7 +273,7 @@ class LazyDistillTrainer:
                 settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
-            allow_teacher_change=cfg.train.allow_teacher_change,
+            allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,
             evaluate=lambda m: evaluate(cfg, m, os.path.join(cfg.train.output_dir, TEACHER_EVAL_FOLDER)))
 
     def build_hooks(self):

@@ -23,6 +23,7 @@ API_SETTING_NAMES = {
     "student_init": "inherit_from_teacher(choice=...)",
     "teacher.allow_change": "DistillFeatures(allow_teacher_change=...)",
     "epochs": "epoch_schedule(epochs=...)",
+    "student_alone_run": "DistillFeatures(student_alone_run=...)",
     "ims_per_batch": "epoch_schedule(ims_per_batch=...)",
     "train_datasets": "the training datasets",
     "filter_empty": "the loader's filter of images without annotations",

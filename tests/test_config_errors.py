@@ -8,6 +8,8 @@ import pytest
 from detectron2.data import DatasetCatalog
 
 from d2_taskdistill import load_config
+from d2_taskdistill.config import YACS_SETTING_NAMES
+from d2_taskdistill.settings import using_setting_names
 from conftest import ROOT, config_path, subprocess_env
 
 STUDENT = config_path("digits", "retinanet_R18_FPN_student.yaml")
@@ -98,3 +100,15 @@ def test_a_training_set_without_annotations_says_what_to_check(tiny_digits, tmp_
         from d2_taskdistill.schedule import apply_epoch_schedule
 
         apply_epoch_schedule(cfg)
+
+
+def test_a_student_alone_run_without_an_evaluation_is_named(tmp_path):
+    from d2_taskdistill.hooks import final_ap
+
+    with using_setting_names(YACS_SETTING_NAMES), pytest.raises(FileNotFoundError, match=r"DISTILL.STUDENT_ALONE_RUN=.*no metrics.json"):
+        final_ap(str(tmp_path))
+    (tmp_path / "metrics.json").write_text('{"iteration": 9, "total_loss": 1.0}\n')
+    with using_setting_names(YACS_SETTING_NAMES), pytest.raises(ValueError, match=r"holds no evaluation \(bbox/AP\)"):
+        final_ap(str(tmp_path))
+    (tmp_path / "metrics.json").write_text('{"iteration": 9, "parts_val/bbox/AP": 31.5}\n')  # several test sets
+    assert final_ap(str(tmp_path)) == 31.5

@@ -1,5 +1,6 @@
 """TaskDistillDetector, DistillTrainer, resume and export, with FITNET on CPU."""
 import json
+import logging
 import math
 import os
 
@@ -66,9 +67,13 @@ def test_every_loss_trains_finite_and_positive(detector, teachers, tiny_dataset,
 
 
 @pytest.mark.parametrize("detector", DETECTORS)
-def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_path):
-    cfg = distill_cfg(f"{detector}_R34-R18_fitnet.yaml", teachers[detector], tmp_path,
-                      opts=["DISTILL.TEACHER.EVAL_AT_START", True])
+def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_path, caplog):
+    # A student-alone run whose last evaluation (99 AP) the untrained teacher does not reach.
+    alone = tmp_path / "student_alone"
+    alone.mkdir()
+    (alone / "metrics.json").write_text('{"iteration": 9, "bbox/AP": 12.5}\n{"iteration": 19, "bbox/AP": 99.0}\n')
+    cfg = distill_cfg(f"{detector}_R34-R18_fitnet.yaml", teachers[detector], tmp_path / "run",
+                      opts=["DISTILL.TEACHER.EVAL_AT_START", True, "DISTILL.STUDENT_ALONE_RUN", str(alone)])
     trainer = DistillTrainer(cfg)
     model = trainer.model
     assert isinstance(model, TaskDistillDetector)
@@ -83,7 +88,10 @@ def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_pat
     assert all(k.startswith(("student.", "distill_losses.")) for k in model.state_dict())
     assert any(k.startswith("distill_losses.FITNET.adapter") for k in model.state_dict())
 
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="d2_taskdistill.hooks"):
+        trainer.train()
+    assert f"is not better than the student trained alone (AP 99.00, {alone})" in caplog.text
+    assert "more SOLVER.EPOCHS" in caplog.text
     assert not model.teacher.training  # model.train() does not reach the teacher
     assert all(not p.requires_grad for p in model.teacher.parameters())
     for k, v in model.teacher.state_dict().items():
@@ -94,17 +102,17 @@ def test_training_updates_student_only(detector, teachers, tiny_dataset, tmp_pat
 
     metrics = trainer.storage.latest()
     assert math.isfinite(metrics["loss_distill_fitnet"][0]) and metrics["loss_distill_fitnet"][0] > 0
-    saved = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)["model"]
+    saved = torch.load(os.path.join(tmp_path, "run", "model_final.pth"), weights_only=False)["model"]
     assert not any(k.startswith("teacher") for k in saved)
 
     # The teacher was evaluated once, before training, on DATASETS.TEST.
-    with open(os.path.join(tmp_path, "teacher_eval.json")) as f:
+    with open(os.path.join(tmp_path, "run", "teacher_eval.json")) as f:
         teacher_eval = json.load(f)
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(teacher_eval[tiny_dataset]["bbox"])
     assert json.dumps(trainer.teacher_results, sort_keys=True) == json.dumps(teacher_eval, sort_keys=True)
     # The teacher's predictions in their own folder; the student's final evaluation in detectron2's.
-    assert os.path.isfile(os.path.join(tmp_path, "inference_teacher", tiny_dataset, "coco_instances_results.json"))
-    assert os.path.isfile(os.path.join(tmp_path, "inference", "coco_instances_results.json"))
+    assert os.path.isfile(os.path.join(tmp_path, "run", "inference_teacher", tiny_dataset, "coco_instances_results.json"))
+    assert os.path.isfile(os.path.join(tmp_path, "run", "inference", "coco_instances_results.json"))
 
 
 def test_resume_continues_and_reloads_teacher(teachers, tiny_dataset, tmp_path):
