@@ -79,13 +79,14 @@ def load_lazy_config(path, overrides=()):
         if node not in cfg.dataloader:
             raise ValueError(f"LazyConfig {path!r}: dataloader.{node} is missing")
     target = cfg.model.get("_target_", None)
+    if target is None:
+        raise ValueError(f"LazyConfig {path!r}: its `model` has no _target_: write model = L(SomeDetector)(...), "
+                         "e.g. L(TaskDistillDetector)(student=..., teacher=L(load_teacher)(...), losses={...}) "
+                         "(see configs/digits/*.py) or a detectron2 model-zoo model")
     target = locate(target) if isinstance(target, str) else target
     if not (isinstance(target, type) and issubclass(target, TaskDistillDetector)):
-        name = getattr(target, "__name__", target)
-        raise ValueError(
-            f"LazyConfig {path!r}: its `model` builds {name}, not a distillation model. Write "
-            "model = L(TaskDistillDetector)(student=..., teacher=L(load_teacher)(...), losses={...}) "
-            "(see configs/digits/*.py); train a plain detector with detectron2's tools/lazyconfig_train_net.py.")
+        # A teacher, or the student alone: trained as lazyconfig_train_net would, without distillation.
+        logger.info("LazyConfig %s: its model (%s) is trained without a teacher", path, getattr(target, "__name__", target))
     set_train_defaults(cfg)
     with using_setting_names(LAZY_SETTING_NAMES):
         parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
@@ -260,7 +261,8 @@ class LazyDistillTrainer:
         distill = is_distill_model(model)
         teacher_origin = model.teacher_origin if distill else None
         student_setting = (("model.student.num_classes", model.student.num_classes) if distill
-                           else ("model.num_classes", model.num_classes))
+                           else ("model.num_classes", model.num_classes) if hasattr(model, "num_classes")
+                           else (None, None))  # e.g. an R-CNN: its classes live in its ROI heads
         teacher_node = cfg.train.student_init_teacher
         if parts_of(cfg.train.student_init) and not distill and teacher_node is None:
             raise ValueError(

@@ -102,6 +102,24 @@ def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
         assert from_py[key] == pytest.approx(values, rel=RTOL), key
 
 
+def test_a_plain_detector_py_trains_with_the_projects_entry(tmp_path):
+    """A teacher or the student alone as a .py (here the digits student, model.student): the
+    entry trains it as lazyconfig_train_net would, without distillation."""
+    plain = write_config(tmp_path, f"from detectron2.config import LazyConfig\nc = LazyConfig.load({BASE!r})\n"
+                                   "model, dataloader, train = c.model.student, c.dataloader, c.train\n"
+                                   "optimizer, lr_multiplier = c.optimizer, c.lr_multiplier\n", "plain.py")
+    cfg = load_lazy_config(plain, [
+        "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "train.max_iter=2",
+        "dataloader.train.total_batch_size=2", f"dataloader.train.dataset.names=['{TINY_TRAIN}']",
+        f"dataloader.test.dataset.names=['{TINY_TRAIN}']", f"dataloader.evaluator.dataset_name={TINY_TRAIN}"])
+    trainer = without_checkpoints_or_evaluation(LazyDistillTrainer(cfg))
+    assert type(trainer.unwrapped_model).__name__ == "RetinaNet"
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = loss_histories(trainer)
+    assert len(losses["loss_cls"]) == 2 and not any(k.startswith("loss_distill") for k in losses)
+
+
 def detections(model, batch):
     model.eval()
     with torch.no_grad():
@@ -180,11 +198,11 @@ def test_bad_lazy_configs_say_what_to_fix(tmp_path, teachers):
     with pytest.raises(ValueError, match=r"has no \['train'\]: a training config defines"):
         load_lazy_config(no_train)
 
-    plain = write_config(tmp_path, f"from detectron2.config import LazyConfig\nc = LazyConfig.load({BASE!r})\n"
-                                   "model, dataloader, train = c.model.student, c.dataloader, c.train\n"
-                                   "optimizer, lr_multiplier = c.optimizer, c.lr_multiplier\n", "plain.py")
-    with pytest.raises(ValueError, match=r"builds RetinaNet, not a distillation model.*lazyconfig_train_net"):
-        load_lazy_config(plain)
+    no_target = write_config(tmp_path, f"from detectron2.config import LazyConfig\nc = LazyConfig.load({BASE!r})\n"
+                                       "model, dataloader, train = dict(a=1), c.dataloader, c.train\n"
+                                       "optimizer, lr_multiplier = c.optimizer, c.lr_multiplier\n", "no_target.py")
+    with pytest.raises(ValueError, match=r"its `model` has no _target_: write model = L\(SomeDetector\)"):
+        load_lazy_config(no_target)
 
     cfg = lazy_cfg("retinanet_R34-R18_tid.py", teachers["retinanet"], tmp_path)
     cfg.model.student = {"_target_": torch.nn.Linear, "in_features": 1, "out_features": 1}
