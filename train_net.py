@@ -9,6 +9,7 @@
     torchrun --nnodes N --nproc-per-node 8 --max-restarts 3 train_net.py --config-file CFG
 """
 import logging
+import sys
 from datetime import timedelta
 
 import d2_taskdistill  # noqa: F401  (applies compat before detectron2 imports its ops)
@@ -61,10 +62,20 @@ def main(args):
     try:
         return run(cfg, args)
     except Exception as e:
-        # Into log.txt (every rank's), not only to the console below the config dump.
-        logging.getLogger("d2_taskdistill").error("%s stopped: %s: %s", "Evaluation" if args.eval_only else "Training",
-                                                  type(e).__name__, e, exc_info=True)
+        # Into log.txt (every rank's): the console gets the traceback once, from the raise.
+        log_to_files(logging.ERROR, "%s stopped: %s: %s", "Evaluation" if args.eval_only else "Training",
+                     type(e).__name__, e, exc_info=True)
         raise
+
+
+def log_to_files(level, message, *args, exc_info=False):
+    """A record of the project's logger for its log files only, not its console handler."""
+    logger = logging.getLogger("d2_taskdistill")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, args,
+                               sys.exc_info() if exc_info else None)
+    for handler in logger.handlers:
+        if getattr(handler, "stream", None) not in (sys.stdout, sys.stderr):  # detectron2's file handlers
+            handler.handle(record)
 
 
 def run(cfg, args):

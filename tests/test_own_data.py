@@ -161,6 +161,9 @@ def test_an_error_that_stops_training_is_in_log_txt(own_data, tmp_path):
     assert proc.returncode != 0
     message = "dataset 'parts_unlabelled' (DATASETS.TEST) has no annotations: AP cannot be computed"
     assert message in proc.stderr
+    # The console has the traceback (detectron2's train loop logs it too); the project's own
+    # line goes to log.txt only, not a third time to the console.
+    assert "Training stopped" not in proc.stdout + proc.stderr
     log = (out / "log.txt").read_text()
     assert "Training stopped: ValueError: " + message in log
 
