@@ -14,6 +14,7 @@ YACS_SETTING_NAMES = {
     "teacher.weights": "DISTILL.TEACHER.WEIGHTS",
     "teacher.overrides": "DISTILL.TEACHER.OPTS",
     "teacher.allow_change": "DISTILL.TEACHER.ALLOW_CHANGE",
+    "teacher.allow_other_class_names": "DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES",
     "losses": "DISTILL.LOSSES",
     "student.num_classes": "MODEL.RETINANET.NUM_CLASSES / MODEL.FCOS.NUM_CLASSES",
     "student.input_format": "INPUT.FORMAT",
@@ -80,6 +81,9 @@ def add_distill_config(cfg):
     # Checkpoints record the teacher's weights file and sha256; --resume with another teacher
     # is an error unless this is True.
     cfg.DISTILL.TEACHER.ALLOW_CHANGE = False
+    # The teacher's training set names its classes otherwise (same count and order): compare
+    # them anyway, with a warning, instead of the error.
+    cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES = False
     # The OUTPUT_DIR of the student trained alone (its own config): the teacher is then evaluated
     # at the start and a warning says so when it is not better than that student.
     cfg.DISTILL.STUDENT_ALONE_RUN = ""

@@ -28,6 +28,7 @@ REQUIRED_NODES = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
 # load_teacher's argument names, as it is written in model.teacher or train.student_init_teacher.
 LAZY_SETTING_NAMES = {
     "teacher.allow_change": "train.allow_teacher_change",
+    "teacher.allow_other_class_names": "train.allow_other_teacher_class_names",
     "losses": "model.losses",
     "student.num_classes": "model.student.num_classes",
     "student.input_format": "model.input_format",
@@ -52,6 +53,7 @@ DISTILL_TRAIN_DEFAULTS = {
     "student_init_teacher": None,
     "teacher_eval_at_start": False,  # as DISTILL.TEACHER.EVAL_AT_START
     "allow_teacher_change": False,  # as DISTILL.TEACHER.ALLOW_CHANGE
+    "allow_other_teacher_class_names": False,  # as DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES
     "student_alone_run": "",  # as DISTILL.STUDENT_ALONE_RUN
 }
 
@@ -272,7 +274,8 @@ class LazyDistillTrainer:
             model, cfg.train.output_dir,
             check_datasets=lambda: check_dataset_names(
                 dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_origin,
-                settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names")),
+                settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names"),
+                allow_other_teacher_names=cfg.train.allow_other_teacher_class_names),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
             allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,

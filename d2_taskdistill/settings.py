@@ -22,6 +22,7 @@ API_SETTING_NAMES = {
     "fpn_channels": "the student's FPN out_channels",
     "student_init": "inherit_from_teacher(choice=...)",
     "teacher.allow_change": "DistillFeatures(allow_teacher_change=...)",
+    "teacher.allow_other_class_names": "check_dataset_names(allow_other_teacher_names=...)",
     "epochs": "epoch_schedule(epochs=...)",
     "student_alone_run": "DistillFeatures(student_alone_run=...)",
     "ims_per_batch": "epoch_schedule(ims_per_batch=...)",

@@ -21,6 +21,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 from detectron2.structures import BoxMode
 
+from ..settings import setting
+
 logger = logging.getLogger(__name__)
 
 # What this process registered from configs: name -> the entry, to tell a repeat from a clash.
@@ -317,11 +319,13 @@ def check_datasets(cfg, teacher_origin=None, train=True):
             f"{tuple(cfg.DATASETS.TRAIN)}, DATASETS.TEST {tuple(cfg.DATASETS.TEST)}): name the declared sets there, "
             f"e.g. DATASETS.TRAIN \"('{declared[0]}',)\" DATASETS.TEST \"('{declared[-1]}',)\"")
     check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
-                        num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN))
+                        num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN),
+                        allow_other_teacher_names=cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES)
 
 
 def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=None,
-                        settings=("DATASETS.TRAIN", "DATASETS.TEST"), input_short_side=None):
+                        settings=("DATASETS.TRAIN", "DATASETS.TEST"), input_short_side=None,
+                        allow_other_teacher_names=False):
     """The test datasets load and pass the file and box checks (the training loader has loaded
     the train sets), class lists agree between train and test sets, with the model's class count
     ``num_classes`` ((setting, value); setting None: not checked) and with the teacher's dataset
@@ -360,13 +364,13 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=No
         if MetadataCatalog.get(name).get("evaluator_type", None) == "pascal_voc":
             check_voc_annotations_for_evaluation(name)
     if teacher_origin is not None:
-        _check_teacher_classes(teacher_origin, reference_name, reference)
+        _check_teacher_classes(teacher_origin, reference_name, reference, allow_other_teacher_names)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
     if train:
         dataset_summary(train[0], DatasetCatalog.get(train[0]), reference, input_short_side)
 
 
-def _check_teacher_classes(teacher_origin, student_dataset, student_classes):
+def _check_teacher_classes(teacher_origin, student_dataset, student_classes, allow_other_names=False):
     for name in teacher_origin.train_datasets:
         try:
             classes = thing_classes(name) if name in DatasetCatalog.list() else None
@@ -378,12 +382,15 @@ def _check_teacher_classes(teacher_origin, student_dataset, student_classes):
             logger.warning("The teacher's dataset %r is not registered here: only its class count is checked", name)
             continue
         if list(classes) != student_classes:
+            problem = (f"The teacher's config {teacher_origin.config_file!r} trains on {name!r} (its DATASETS.TRAIN) "
+                       f"with classes {list(classes)}; the student's dataset {student_dataset!r} has {student_classes}")
+            if allow_other_names and len(classes) == len(student_classes):
+                logger.warning("%s. Compared class by class in this order, as %s allows.", problem,
+                               setting("teacher.allow_other_class_names"))
+                continue
             raise ValueError(
-                f"The teacher's config {teacher_origin.config_file!r} trains on {name!r} (its DATASETS.TRAIN) with "
-                f"classes {list(classes)}; the student's dataset {student_dataset!r} has {student_classes}: the "
-                "teacher's class outputs would be compared with the wrong classes. If the teacher was trained "
-                f"on {student_dataset!r}, build it from that run's own config: DISTILL.TEACHER.RUN "
-                "<the teacher run's OUTPUT_DIR> (or DISTILL.TEACHER.CONFIG_FILE <that dir>/config.yaml, or "
-                f"DATASETS.TRAIN \"('{student_dataset}',)\" and its NUM_CLASSES in DISTILL.TEACHER.OPTS). "
-                "Otherwise use a teacher trained on these classes."
+                f"{problem}: the teacher's class outputs would be compared with the wrong classes. If the teacher was "
+                f"trained on {student_dataset!r}, build it from that run's own config: {setting('teacher.run')} "
+                "<the teacher run's OUTPUT_DIR>. If its classes are these under other names, in the same order, set "
+                f"{setting('teacher.allow_other_class_names')} True. Otherwise use a teacher trained on these classes."
             )
