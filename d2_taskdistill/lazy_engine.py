@@ -2,6 +2,8 @@
 (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``), with this project's
 hooks, atomic checkpoints and teacher identity. ``train_net.py`` runs it for ``.py`` configs.
 """
+import difflib
+import inspect
 import logging
 import os
 
@@ -10,6 +12,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
+from omegaconf import OmegaConf
 
 from . import compat
 from .checkpoint import SafeCheckpointer
@@ -69,10 +72,23 @@ def load_lazy_config(path, overrides=()):
     if malformed:
         raise ValueError(f"Overrides {malformed} of the LazyConfig {path!r}: each is key=value "
                          "(e.g. train.max_iter=100), not a yaml KEY VALUE pair")
+    if "train" in cfg:  # the project's train keys exist before overrides name them
+        set_train_defaults(cfg)
+    before = {key: OmegaConf.select(cfg, key, default=_MISSING) for key in override_keys(overrides)}
+    unknown = {key: close_paths(cfg, key) for key, value in before.items()
+               if value is _MISSING and not takes_argument(cfg, key)}
+    if unknown:
+        raise KeyError(f"Overrides of the LazyConfig {path!r} name keys it does not have: " + "; ".join(
+            f"{key}" + (f" (did you mean {' or '.join(close)}?)" if close else "") for key, close in unknown.items())
+            + ". Write +key=value to add a key on purpose.")
     try:
-        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in overrides])
     except Exception as e:  # omegaconf's and the override parser's errors name no file
         raise ValueError(f"Overrides {list(overrides)} do not apply to {path!r}: {type(e).__name__}: {e}") from e
+    wrong_type = [f"{key}={OmegaConf.select(cfg, key)!r} (it was {old!r})" for key, old in before.items()
+                  if isinstance(old, (int, float)) and not isinstance(OmegaConf.select(cfg, key), (int, float, type(None)))]
+    if wrong_type:
+        raise ValueError(f"Overrides of the LazyConfig {path!r} give numbers another type: {wrong_type}")
     missing = [n for n in REQUIRED_NODES if n not in cfg]
     if missing:
         raise ValueError(f"LazyConfig {path!r} has no {missing}: a training config defines {list(REQUIRED_NODES)}, "
@@ -93,6 +109,59 @@ def load_lazy_config(path, overrides=()):
     with using_setting_names(LAZY_SETTING_NAMES):
         parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
     return cfg
+
+
+_MISSING = object()
+
+
+def override_keys(overrides):
+    """The keys ``key=value`` overrides set, but those added on purpose (``+key=value``)."""
+    return [o.split("=", 1)[0].strip() for o in overrides if not o.startswith("+")]
+
+
+def target_parameters(cfg, parent):
+    """The arguments the ``_target_`` of node ``parent`` takes (None: no target; "*": any)."""
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    target = node.get("_target_", None) if OmegaConf.is_dict(node) else None
+    target = locate(target) if isinstance(target, str) else target
+    if target is None:
+        return None
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let it decide
+        return "*"
+    return "*" if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else list(parameters)
+
+
+def takes_argument(cfg, key):
+    """Whether ``key`` names an argument that its node's ``_target_`` takes without the config
+    listing it (e.g. ``model.test_score_thresh`` of detectron2's RetinaNet)."""
+    parent, _, name = key.rpartition(".")
+    parameters = target_parameters(cfg, parent)
+    return parameters == "*" or name in (parameters or [])
+
+
+def config_paths(node, prefix=""):
+    """Every dotted path of a LazyConfig's nodes and values."""
+    paths = []
+    for key in node:
+        path = f"{prefix}{key}"
+        paths.append(path)
+        child = node[key] if not OmegaConf.is_missing(node, key) else None
+        if OmegaConf.is_dict(child):
+            paths += config_paths(child, path + ".")
+    return paths
+
+
+def close_paths(cfg, key):
+    """The existing paths nearest to ``key``: the same last name first, then by spelling."""
+    parent = key.rpartition(".")[0]
+    arguments = target_parameters(cfg, parent)
+    paths = config_paths(cfg)
+    if isinstance(arguments, list):
+        paths += [f"{parent}.{a}" for a in arguments if a != "self"]
+    same_name = [p for p in paths if p.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    return (same_name or difflib.get_close_matches(key, paths, n=2, cutoff=0.8))[:2]
 
 
 def set_train_defaults(cfg):

@@ -256,3 +256,24 @@ def test_coco_py_config_builds_the_zoo_student_of_its_yaml_twin(config, monkeypa
         yaml_student = build_model(student_config(yaml_cfg))
         a, b = student.state_dict(), yaml_student.state_dict()
         assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("train.max_itr=10", KeyError, r"name keys it does not have: train.max_itr \(did you mean train.max_iter\?\)"),
+    ("foo.bar=1", KeyError, r"name keys it does not have: foo.bar\. Write \+key=value to add a key on purpose"),
+    ('losses=["BCKD","TDI"]', KeyError, r"losses \(did you mean model.losses\?\)"),
+    ("train.max_iter=abc", ValueError, r"give numbers another type: \[\"train.max_iter='abc' \(it was 200\)\"\]"),
+])
+def test_lazy_overrides_are_checked_before_anything_is_built(override, error, message):
+    with pytest.raises(error, match=message):
+        load_lazy_config(BASE, [override])
+
+
+def test_lazy_overrides_that_add_keys_on_purpose_or_set_the_projects_train_keys():
+    # An argument of the node's class that the config does not list (RetinaNet's test_score_thresh).
+    cfg = load_lazy_config(BASE, ["+foo.bar=1", "train.student_init=neck", "train.seed=null",
+                                  "model.student.test_score_thresh=0.0"])
+    assert cfg.foo.bar == 1 and cfg.train.student_init == "neck" and cfg.train.seed is None
+    assert cfg.model.student.test_score_thresh == 0.0
+    with pytest.raises(KeyError, match=r"model.student.test_score_thres \(did you mean"):
+        load_lazy_config(BASE, ["model.student.test_score_thres=0.0"])
