@@ -13,9 +13,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
 from d2_taskdistill.data.config_datasets import check_datasets, check_voc_annotations_for_evaluation
 from d2_taskdistill.engine import build_evaluator
-from d2_taskdistill.config import YACS_SETTING_NAMES
 from d2_taskdistill.modeling.teacher import TeacherOrigin
-from d2_taskdistill.settings import using_setting_names
 from conftest import config_path, TEST_DEVICE
 
 STUDENT = config_path("digits", "retinanet_R18_FPN_student.yaml")
@@ -128,13 +126,12 @@ def test_class_lists_and_num_classes_are_checked(coco_dir, tmp_path, caplog):
     teacher_origin = TeacherOrigin(None, "teacher.yaml", "", "cpu", train_datasets=["cfg_coco_renamed"])
     cfg.DATASETS.TEST = ("cfg_coco_cls",)
     check_datasets(cfg)
-    with using_setting_names(YACS_SETTING_NAMES), pytest.raises(
-            ValueError, match=r"teacher's config 'teacher.yaml' trains on 'cfg_coco_renamed'.*digit_0.*DISTILL.TEACHER.RUN"
-                              r".*set DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES True"):
+    with pytest.raises(ValueError, match=r"teacher's config 'teacher.yaml' trains on 'cfg_coco_renamed'.*digit_0.*"
+                                         r"DISTILL.TEACHER.RUN.*set DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES True"):
         check_datasets(cfg, teacher_origin)
     # The same classes under other names, accepted on purpose: a warning.
     cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES = True
-    with using_setting_names(YACS_SETTING_NAMES), caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING):
         check_datasets(cfg, teacher_origin)
     assert "Compared class by class in this order, as DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES allows" in caplog.text
     cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES = False

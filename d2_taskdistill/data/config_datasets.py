@@ -21,7 +21,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 from detectron2.structures import BoxMode
 
-from ..settings import setting
+from ..config import YACS_SETTING_NAMES
+from ..settings import setting, using_setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -318,9 +319,10 @@ def check_datasets(cfg, teacher_origin=None, train=True):
             f"DATASETS.COCO / DATASETS.VOC declare {declared}, but the run uses {used} (DATASETS.TRAIN "
             f"{tuple(cfg.DATASETS.TRAIN)}, DATASETS.TEST {tuple(cfg.DATASETS.TEST)}): name the declared sets there, "
             f"e.g. DATASETS.TRAIN \"('{declared[0]}',)\" DATASETS.TEST \"('{declared[-1]}',)\"")
-    check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
-                        num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN),
-                        allow_other_teacher_names=cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES)
+    with using_setting_names(YACS_SETTING_NAMES):
+        check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
+                            num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN),
+                            allow_other_teacher_names=cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES)
 
 
 def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=None,
