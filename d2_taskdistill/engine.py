@@ -20,7 +20,8 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from . import compat
 from .checkpoint import SafeCheckpointer
 from .config import YACS_SETTING_NAMES
-from .data.config_datasets import check_datasets, check_registered, no_training_images_named
+from .data.config_datasets import (check_datasets, check_declared_datasets_used, check_registered,
+                                   no_training_images_named)
 from .hooks import TEACHER_EVAL_FOLDER, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
 from .modeling.teacher import build_teacher
 from .schedule import apply_epoch_schedule
@@ -185,6 +186,7 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
     def build_train_loader(cls, cfg):
         """detectron2's loader, naming an image that fails to load (the DatasetCheck hook
         checks the datasets before training starts)."""
+        check_declared_datasets_used(cfg)  # before the config's own training set is loaded
         check_registered(cfg.DATASETS.TRAIN)
         with no_training_images_named(cfg.DATASETS.TRAIN):
             return build_detection_train_loader(cfg, mapper=FileNamingMapper(cfg, is_train=True))

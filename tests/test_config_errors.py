@@ -65,6 +65,11 @@ def test_declared_datasets_that_the_run_does_not_use_are_named(tiny_digits):
     with pytest.raises(ValueError, match=r"DATASETS.COCO / DATASETS.VOC declare \['declared_unused'\], but the run uses "
                                          r"\['digits_det_train', 'digits_det_val'\].*DATASETS.TRAIN \"\('declared_unused',\)\""):
         check_datasets(cfg)
+    # The trainer's data loader refuses it before it loads the config's own training set.
+    from d2_taskdistill.engine import DistillTrainer
+
+    with pytest.raises(ValueError, match=r"declare \['declared_unused'\], but the run uses"):
+        DistillTrainer.build_train_loader(cfg)
 
 
 def test_an_image_whose_size_disagrees_with_its_annotation_is_named_before_training(tiny_digits, tmp_path):

@@ -308,17 +308,22 @@ def check_registered(names):
             )
 
 
-def check_datasets(cfg, teacher_origin=None, train=True):
-    """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
-    DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
+def check_declared_datasets_used(cfg, train=True):
+    """DATASETS.COCO / VOC declared, then not named in DATASETS.TRAIN / TEST: the run would train on
+    the config's own (e.g. digits) sets. Checked before the training set is loaded."""
     declared = [entry[0] for entry in [*cfg.DATASETS.COCO, *cfg.DATASETS.VOC]]
     used = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST] if train else list(cfg.DATASETS.TEST)
     if declared and not set(declared) & set(used):
-        # Declared, then not named: the run would train on the config's own (e.g. digits) sets.
         raise ValueError(
             f"DATASETS.COCO / DATASETS.VOC declare {declared}, but the run uses {used} (DATASETS.TRAIN "
             f"{tuple(cfg.DATASETS.TRAIN)}, DATASETS.TEST {tuple(cfg.DATASETS.TEST)}): name the declared sets there, "
             f"e.g. DATASETS.TRAIN \"('{declared[0]}',)\" DATASETS.TEST \"('{declared[-1]}',)\"")
+
+
+def check_datasets(cfg, teacher_origin=None, train=True):
+    """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
+    DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
+    check_declared_datasets_used(cfg, train)
     with using_setting_names(YACS_SETTING_NAMES):
         check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
                             num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN),
