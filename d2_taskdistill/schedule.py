@@ -24,7 +24,7 @@ import logging
 import math
 
 from .config import YACS_SETTING_NAMES
-from .data.config_datasets import check_registered
+from .data.config_datasets import check_registered, keeps_no_image
 from .settings import setting, using_setting_names
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ def kept_images(names, filter_empty):
 
     try:
         return len(get_detection_dataset_dicts(list(names), filter_empty=filter_empty))
-    except AssertionError as e:  # detectron2's "No valid data found" / "is empty"
-        if "No valid data found" in str(e) or "is empty" in str(e):
-            return 0
+    except AssertionError as e:
+        if keeps_no_image(e):
+            return 0  # epoch_schedule says what to check, in the config system's names
         raise
 
 

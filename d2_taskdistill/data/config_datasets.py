@@ -283,6 +283,12 @@ def check_voc_annotations_for_evaluation(name):
         )
 
 
+def keeps_no_image(error):
+    """Whether ``error`` is detectron2's assertion that a training set keeps no image
+    (get_detection_dataset_dicts: "No valid data found in ...", "Dataset '...' is empty!")."""
+    return isinstance(error, AssertionError) and ("No valid data found" in str(error) or "is empty" in str(error))
+
+
 @contextlib.contextmanager
 def no_training_images_named(names):
     """detectron2's bare assertion when a training set keeps no image (none has an annotation):
@@ -290,7 +296,7 @@ def no_training_images_named(names):
     try:
         yield
     except AssertionError as e:
-        if "No valid data found" not in str(e) and "is empty" not in str(e):
+        if not keeps_no_image(e):
             raise
         raise ValueError(
             f"The training datasets {list(names)} have no image with an annotation ({e}): check the json's "

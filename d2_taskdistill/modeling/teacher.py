@@ -82,8 +82,7 @@ class TeacherOrigin:
     device: str
     input_format: str = "BGR"
     train_datasets: list = field(default_factory=list)
-    weights_setting: str = ""  # where the weights come from, for messages
-    run: str = ""  # the teacher's train_net.py OUTPUT_DIR, where it came from one
+    weights_setting: str = ""  # where the weights come from (its run's folder, if any), for messages
 
     @property
     def is_lazy(self):
@@ -125,7 +124,7 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
     lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
     overrides = [str(o) for o in overrides] if lazy else list(overrides)
     if lazy:
-        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, run)
+        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting)
     teacher_yacs = load_config(path, overrides)
     teacher_yacs.MODEL.DEVICE = device
     teacher_yacs.MODEL.WEIGHTS = weights
@@ -136,10 +135,10 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
     return TeacherOrigin(teacher_yacs, name, weights, device, teacher_yacs.INPUT.FORMAT,
-                         list(teacher_yacs.DATASETS.TRAIN), weights_setting, run)
+                         list(teacher_yacs.DATASETS.TRAIN), weights_setting)
 
 
-def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, run):
+def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
@@ -166,7 +165,6 @@ def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting
         lazy, name, weights, device,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
         train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
-        run=run,
     )
 
 
