@@ -24,6 +24,7 @@ YACS_SETTING_NAMES = {
     "student_init": "DISTILL.STUDENT_INIT",
     "loss_argument": "DISTILL.{node}.{key}={value!r}",
     "epochs": "SOLVER.EPOCHS",
+    "checkpoints_kept": "SOLVER.CHECKPOINT_MAX_TO_KEEP",
     "student_alone_run": "DISTILL.STUDENT_ALONE_RUN",
     "ims_per_batch": "SOLVER.IMS_PER_BATCH",
     "train_datasets": "DATASETS.TRAIN",
@@ -138,6 +139,10 @@ def add_taskdistill_config(cfg):
         # Passes over DATASETS.TRAIN; > 0 sets MAX_ITER, STEPS, warmup, checkpoint and evaluation
         # periods from the training set's size and IMS_PER_BATCH (d2_taskdistill/schedule.py).
         cfg.SOLVER.EPOCHS = 0
+    if not hasattr(cfg.SOLVER, "CHECKPOINT_MAX_TO_KEEP"):
+        # Periodic checkpoints kept (the oldest deleted; model_final.pth always stays); 0: all, as
+        # detectron2. A LazyConfig's train.checkpointer.max_to_keep.
+        cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
     if not hasattr(cfg.MODEL, "FCOS"):
         add_fcos_config(cfg)
     if not hasattr(cfg, "DISTILL"):

@@ -13,6 +13,7 @@ from detectron2.data import (
     build_detection_train_loader,
 )
 from detectron2.engine import DefaultTrainer
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -149,7 +150,15 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
             evaluate=lambda m: self.test_by_dataset(cfg, m, os.path.join(cfg.OUTPUT_DIR, TEACHER_EVAL_FOLDER)))
         self.features.add_to_checkpointer(self.checkpointer)
         timer, *rest = super().build_hooks()  # IterationTimer first
+        rest = [self.checkpoints_kept(h) if isinstance(h, d2_hooks.PeriodicCheckpointer) else h for h in rest]
         return [*self.features.first_hooks(), timer, *self.features.grad_scaler_hooks(self._trainer), *rest]
+
+    def checkpoints_kept(self, checkpointer_hook):
+        """DefaultTrainer's PeriodicCheckpointer with SOLVER.CHECKPOINT_MAX_TO_KEEP (0: all)."""
+        kept = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+        if not kept:
+            return checkpointer_hook
+        return d2_hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=kept)
 
     @classmethod
     def test_by_dataset(cls, cfg, model, output_folder=None):

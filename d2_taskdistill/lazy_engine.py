@@ -192,7 +192,7 @@ def check_lazy_datasets_registered(cfg, nodes=("train", "test")):
 def apply_lazy_epoch_schedule(cfg):
     """``train.epochs`` (0: off) as iterations (d2_taskdistill/schedule.py): ``train.max_iter``,
     the milestones and ``num_updates`` of ``lr_multiplier.scheduler``, the warm-up fraction,
-    ``train.eval_period`` and ``train.checkpointer.period``, written into ``cfg``; a second call
+    ``train.eval_period`` and ``train.checkpointer`` (period, max_to_keep), written into ``cfg``; a second call
     changes nothing."""
     epochs = cfg.train.get("epochs", 0)
     if not epochs:
@@ -209,8 +209,10 @@ def apply_lazy_epoch_schedule(cfg):
         check_lazy_datasets_registered(cfg, nodes=("train",))
         loader = cfg.dataloader.train
         num_images = kept_images(tuple(dataset_names(loader)), bool(loader.dataset.get("filter_empty", True)))
+        checkpointer = cfg.train.checkpointer
         schedule = epoch_schedule(epochs, num_images, loader.total_batch_size,
-                                  round(multiplier.warmup_length * cfg.train.max_iter), cfg.train.checkpointer.period)
+                                  round(multiplier.warmup_length * cfg.train.max_iter), checkpointer.period,
+                                  checkpointer.get("max_to_keep", None))
         max_iter = schedule["max_iter"]
         cfg.train.max_iter = max_iter
         scheduler.milestones = list(schedule["steps"])
@@ -218,11 +220,12 @@ def apply_lazy_epoch_schedule(cfg):
         scheduler.num_updates = max_iter
         multiplier.warmup_length = schedule["warmup_iters"] / max_iter
         cfg.train.eval_period = schedule["eval_period"]
-        cfg.train.checkpointer.period = schedule["checkpoint_period"]
+        checkpointer.period = schedule["checkpoint_period"]
+        checkpointer.max_to_keep = schedule["checkpoints_kept"]
         log_schedule(epochs, num_images, loader.total_batch_size, {
             "train.max_iter": max_iter, "lr_multiplier.scheduler.milestones": list(schedule["steps"]),
             "warm-up iterations": schedule["warmup_iters"], "train.checkpointer.period": schedule["checkpoint_period"],
-            "train.eval_period": schedule["eval_period"]})
+            "train.checkpointer.max_to_keep": schedule["checkpoints_kept"], "train.eval_period": schedule["eval_period"]})
     return cfg
 
 

@@ -11,13 +11,15 @@ epoch count does. With ``SOLVER.EPOCHS > 0``:
 - ``SOLVER.STEPS`` at 2/3 and 8/9 of MAX_ITER, where detectron2's 1x schedule decays;
 - ``SOLVER.WARMUP_ITERS`` and ``SOLVER.CHECKPOINT_PERIOD``: the configured values, at most one
   epoch (a preempted job loses at most an epoch);
+- ``SOLVER.CHECKPOINT_MAX_TO_KEEP``: at most the last 3 periodic checkpoints (checkpoints every
+  epoch of a small set would otherwise fill the disk: 48 epochs of an R34 RetinaNet are 13 GB);
 - ``TEST.EVAL_PERIOD``: four evaluations over the run (every ceil(epochs / 4) epochs) and the
   final one, so that the AP curve shows whether the schedule was long enough.
 
 The chosen values are logged; 0 (the default) leaves the configured iterations. A LazyConfig
 gets the same: ``train.max_iter``, the milestones and ``num_updates`` of its
 ``lr_multiplier.scheduler`` (a MultiStepParamScheduler, as the model zoo's), the warm-up fraction,
-``train.eval_period`` and ``train.checkpointer.period``.
+``train.eval_period``, ``train.checkpointer.period`` and ``max_to_keep``.
 """
 import functools
 import logging
@@ -31,11 +33,13 @@ logger = logging.getLogger(__name__)
 
 STEP_FRACTIONS = (2 / 3, 8 / 9)
 EVALUATIONS = 4
+CHECKPOINTS_KEPT = 3
 
 
-def epoch_schedule(epochs, num_images, ims_per_batch, warmup_iters, checkpoint_period):
+def epoch_schedule(epochs, num_images, ims_per_batch, warmup_iters, checkpoint_period, checkpoints_kept=0):
     """The iteration settings for ``epochs`` passes over ``num_images`` at ``ims_per_batch``:
-    {"max_iter", "steps", "warmup_iters", "checkpoint_period", "eval_period" (0: at the end only)}."""
+    {"max_iter", "steps", "warmup_iters", "checkpoint_period", "eval_period" (0: at the end only),
+    "checkpoints_kept"}. ``checkpoints_kept`` is the configured number (0 or None: all)."""
     if epochs <= 0:
         raise ValueError(f"{setting('epochs')}={epochs}: give a positive number of passes over the training set "
                          "(or 0 to keep the configured iterations)")
@@ -56,6 +60,7 @@ def epoch_schedule(epochs, num_images, ims_per_batch, warmup_iters, checkpoint_p
         "warmup_iters": min(warmup_iters, per_epoch),
         "checkpoint_period": min(checkpoint_period, per_epoch),
         "eval_period": eval_every if eval_every < max_iter else 0,
+        "checkpoints_kept": min(checkpoints_kept or CHECKPOINTS_KEPT, CHECKPOINTS_KEPT),
     }
 
 
@@ -88,10 +93,12 @@ def apply_epoch_schedule(cfg):
     with using_setting_names(YACS_SETTING_NAMES):
         num_images = kept_images(tuple(cfg.DATASETS.TRAIN), bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
         s = cfg.SOLVER
-        schedule = epoch_schedule(s.EPOCHS, num_images, s.IMS_PER_BATCH, s.WARMUP_ITERS, s.CHECKPOINT_PERIOD)
+        schedule = epoch_schedule(s.EPOCHS, num_images, s.IMS_PER_BATCH, s.WARMUP_ITERS, s.CHECKPOINT_PERIOD,
+                                  s.CHECKPOINT_MAX_TO_KEEP)
         chosen = {"SOLVER.MAX_ITER": schedule["max_iter"], "SOLVER.STEPS": schedule["steps"],
                   "SOLVER.WARMUP_ITERS": schedule["warmup_iters"],
-                  "SOLVER.CHECKPOINT_PERIOD": schedule["checkpoint_period"], "TEST.EVAL_PERIOD": schedule["eval_period"]}
+                  "SOLVER.CHECKPOINT_PERIOD": schedule["checkpoint_period"],
+                  "SOLVER.CHECKPOINT_MAX_TO_KEEP": schedule["checkpoints_kept"], "TEST.EVAL_PERIOD": schedule["eval_period"]}
         cfg = cfg.clone()
         cfg.defrost()
         cfg.merge_from_list([item for pair in chosen.items() for item in pair])

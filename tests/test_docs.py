@@ -33,6 +33,68 @@ def test_readme_results_are_the_committed_benchmark():
             assert table[label][column] == f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}", (detector, label)
 
 
+def markdown_tables(text):
+    """[(header cells, [row cells])] of every markdown table in ``text``."""
+    tables = []
+    for block in re.findall(r"((?:^\|.*\|[ \t]*\n)+)", text + "\n", re.M):
+        header, _, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.strip().splitlines()]
+        tables.append((header, rows))
+    return tables
+
+
+def benchmark_row(label):
+    """The benchmark's row name of a results.md row label ('+ BCKD+TID, FPN + head from the teacher')."""
+    base, inherits, _ = label.partition(", FPN + head from the teacher")
+    name = "baseline" if base.startswith("student R18") else base.removeprefix("+ ").lower().replace("+", "_")
+    return name + ("+init" if inherits else "")
+
+
+def one_decimal(value):
+    return f"{value:.1f}"
+
+
+def test_results_page_tables_are_the_committed_benchmarks():
+    """Every trained-schedule table of docs/results.md (seeds, mean ± std, gain, gap closed) and
+    the short-schedule table, cell by cell against benchmarks/accuracy_{trained,short}.json."""
+    with open(os.path.join(ROOT, "benchmarks", "accuracy_trained.json")) as f:
+        trained = json.load(f)["detectors"]
+    with open(os.path.join(ROOT, "benchmarks", "accuracy_short.json")) as f:
+        short = json.load(f)["detectors"]
+    detectors = {"RetinaNet": "retinanet", "FCOS": "fcos", "FCOS R34 into RetinaNet R18": "fcos_to_retinanet"}
+    checked = 0
+    for header, rows in markdown_tables(open(os.path.join(ROOT, "docs", "results.md")).read()):
+        if header[1:3] == ["seeds' AP", "mean AP"]:
+            bench = trained[detectors[header[0]]]
+            for label, *cells in rows:
+                cell = dict(zip(header[1:], cells))
+                if label.startswith("teacher"):
+                    teacher_ap = bench["teacher"]["metrics"]["AP"] if "metrics" in bench["teacher"] else None
+                    own = {r.get("own_teacher_AP") for r in bench["rows"].values()} - {None}
+                    assert cell["seeds' AP"] in {one_decimal(ap) for ap in own | {teacher_ap} - {None}}, (header[0], label)
+                    continue
+                row = bench["rows"][benchmark_row(label)]
+                assert cell["seeds' AP"] == ", ".join(one_decimal(run["AP"]) for run in row["runs"]), (header[0], label)
+                assert cell["mean AP"].strip("*") == f"{row['mean']['AP']:.1f} ± {row['std']['AP']:.1f}", (header[0], label)
+                if cell.get("gain"):
+                    assert cell["gain"] == f"{row['gain_AP']:+.1f}", (header[0], label)
+                if cell.get("gap closed"):
+                    assert cell["gap closed"].split(" %")[0] == f"{row['gap_closed'] * 100:.0f}", (header[0], label)
+                checked += 1
+        elif header == ["model", "RetinaNet AP", "gain", "FCOS AP", "gain"]:
+            for label, *cells in rows:
+                for detector, (ap, gain) in zip(("retinanet", "fcos"), (cells[:2], cells[2:])):
+                    if label.startswith("teacher"):
+                        assert ap == one_decimal(short[detector]["teacher"]["AP"]), (detector, label)
+                        continue
+                    method = short[detector]["methods"][benchmark_row(label)]
+                    assert ap == f"{method['mean']['AP']:.1f} ± {method['std']['AP']:.1f}", (detector, label)
+                    baseline = short[detector]["methods"]["baseline"]["mean"]["AP"]
+                    assert gain == ("" if label.startswith("student") else f"{method['mean']['AP'] - baseline:+.1f}"), \
+                        (detector, label)
+                    checked += 1
+    assert checked >= 47  # the five trained tables (35 rows) and the short one (2 x 6 cells) were found
+
+
 def test_links_between_pages_resolve():
     broken = []
     for page in PAGES:

@@ -18,17 +18,21 @@ def test_epochs_set_the_iterations_hand_computed():
         "warmup_iters": 19,  # at most one epoch
         "checkpoint_period": 19,
         "eval_period": 57,  # every ceil(12 / 4) = 3 epochs
+        "checkpoints_kept": 3,  # all (0) configured: the last 3
     }
     # COCO train2017 (117,266 images with boxes) at 16: 7,330 an epoch; the configured warmup and
     # checkpoint period are shorter than an epoch and stay.
     assert epoch_schedule(12, 117266, 16, 1000, 5000) == {
         "max_iter": 87960, "steps": (58640, 78187), "warmup_iters": 1000, "checkpoint_period": 5000,
-        "eval_period": 21990}
+        "eval_period": 21990, "checkpoints_kept": 3}
     # Half an epoch of 100 images at 10: 5 iterations; a run of 4 epochs or fewer evaluates at the end only.
     assert epoch_schedule(0.5, 100, 10, 100, 5000) == {
-        "max_iter": 5, "steps": (3, 4), "warmup_iters": 10, "checkpoint_period": 10, "eval_period": 0}
+        "max_iter": 5, "steps": (3, 4), "warmup_iters": 10, "checkpoint_period": 10, "eval_period": 0,
+        "checkpoints_kept": 3}
     # One iteration: no step inside the run.
     assert epoch_schedule(1, 4, 4, 10, 10)["steps"] == ()
+    # Fewer kept checkpoints than 3 stay as configured, more are capped.
+    assert [epoch_schedule(1, 4, 4, 10, 10, kept)["checkpoints_kept"] for kept in (None, 1, 3, 100)] == [3, 1, 3, 3]
 
 
 @pytest.mark.parametrize("names,epochs,images,batch,message", [
@@ -73,7 +77,7 @@ def test_a_lazyconfig_with_epochs_gets_its_iterations_and_lr_steps(teachers, tin
     assert (lazy.train.max_iter, list(scheduler.milestones), scheduler.num_updates, list(scheduler["values"])) == \
         (12, [8, 11], 12, [1.0, 0.1, 0.01])
     assert lazy.lr_multiplier.warmup_length == 2 / 12  # min(2, one epoch of 4) iterations
-    assert (lazy.train.eval_period, lazy.train.checkpointer.period) == (4, 2)
+    assert (lazy.train.eval_period, lazy.train.checkpointer.period, lazy.train.checkpointer.max_to_keep) == (4, 2, 3)
     assert "train.epochs 3 on 8 training images at dataloader.train.total_batch_size 2 (4 iterations an epoch): " \
            "train.max_iter 12, lr_multiplier.scheduler.milestones [8, 11]" in caplog.text
     apply_lazy_epoch_schedule(lazy)  # a second time changes nothing
@@ -83,6 +87,19 @@ def test_a_lazyconfig_with_epochs_gets_its_iterations_and_lr_steps(teachers, tin
 
     multiplier = instantiate(lazy.lr_multiplier)
     assert [round(multiplier(i / 12), 4) for i in (7, 8, 10, 11)] == [1.0, 0.1, 0.1, 0.01]
+
+
+def test_a_run_with_epochs_keeps_the_last_three_checkpoints(tiny_dataset, tmp_path):
+    # 3 epochs of the tiny set at 2 a batch: 12 iterations, a checkpoint every 2 (iterations 1, 3,
+    # ..., 11, and model_final.pth); the first three are deleted as the later ones come.
+    from d2_taskdistill import load_config
+    from d2_taskdistill.engine import DistillTrainer
+
+    cfg = load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"),
+                      [*tiny_run_opts(tmp_path), "SOLVER.EPOCHS", 3, "DATASETS.TEST", "()"])
+    DistillTrainer(cfg).train()
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
+        "model_0000007.pth", "model_0000009.pth", "model_0000011.pth", "model_final.pth"]
 
 
 def test_train_net_writes_the_iterations_into_the_runs_config(tiny_dataset, tmp_path):
