@@ -9,6 +9,7 @@
     torchrun --nnodes N --nproc-per-node 8 --max-restarts 3 train_net.py --config-file CFG
 """
 import logging
+import os
 import sys
 from datetime import timedelta
 
@@ -52,7 +53,14 @@ def setup(args):
             cfg = apply_epoch_schedule(cfg)
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
+    # detectron2 saves the config into the output folder; evaluating a run's own config.yaml must
+    # leave the run's record as it was.
+    saved = os.path.join(output_dir, "config.yaml")
+    kept = open(saved, "rb").read() if args.eval_only and os.path.isfile(saved) else None
     default_setup(cfg, args)
+    if kept is not None and comm.is_main_process():
+        with open(saved, "wb") as f:
+            f.write(kept)
     setup_project_logger(output_dir)
     return cfg
 

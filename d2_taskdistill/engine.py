@@ -147,6 +147,7 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
             student_init=cfg.DISTILL.STUDENT_INIT, build_teacher=lambda: build_teacher(cfg),
             teacher_eval_at_start=cfg.DISTILL.TEACHER.EVAL_AT_START,
             allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE, student_alone_run=cfg.DISTILL.STUDENT_ALONE_RUN,
+            train_dataset=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
             evaluate=lambda m: self.test_by_dataset(cfg, m, os.path.join(cfg.OUTPUT_DIR, TEACHER_EVAL_FOLDER)))
         self.features.add_to_checkpointer(self.checkpointer)
         timer, *rest = super().build_hooks()  # IterationTimer first

@@ -1,5 +1,5 @@
 """Export a distilled student as a plain detectron2 checkpoint and config."""
-import json
+import contextlib
 import os
 
 import torch
@@ -7,7 +7,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.file_io import PathManager
 
-from .data.config_datasets import num_classes_setting, thing_classes
+from .data.config_datasets import CLASS_NAMES_FILE, num_classes_setting, recorded_class_names, write_class_names
 from .modeling.meta_arch import student_config
 
 STUDENT_PREFIX = "student."
@@ -46,7 +46,6 @@ def check_weights_fit(student_cfg, weights_path, source):
     probe.MODEL.WEIGHTS = ""
     problems = weight_problems(build_model(probe), weights_path)
     if problems:
-        os.remove(weights_path)
         raise ValueError(
             f"The student weights in {source!r} do not fit the config being exported "
             f"({probe.MODEL.META_ARCHITECTURE}, {'='.join(map(str, num_classes_setting(probe)))}): "
@@ -55,22 +54,42 @@ def check_weights_fit(student_cfg, weights_path, source):
             "(tools/export_student.py --run <its OUTPUT_DIR>, or --config-file <OUTPUT_DIR>/config.yaml).")
 
 
-def _write_student_weights(weights, output_dir):
+@contextlib.contextmanager
+def staged_files(output_dir):
+    """``stage(name) -> path``: files written under temporary names in ``output_dir`` and renamed
+    to ``name`` only once the whole export succeeded. On an error nothing new is left: the
+    temporary files go, and so does ``output_dir`` if this created it (the files already there
+    stay as they were)."""
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    staged = {}
+
+    def stage(name):
+        staged[name] = os.path.join(output_dir, f".partial-{name}")  # keeps the extension the loaders read
+        return staged[name]
+
+    try:
+        yield stage
+    except BaseException:
+        for path in staged.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        raise
+    for name, path in staged.items():
+        os.replace(path, os.path.join(output_dir, name))
+
+
+def write_student_weights(weights, path):
     with PathManager.open(weights, "rb") as f:
         checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
-    state = student_state_dict(checkpoint["model"])
-    os.makedirs(output_dir, exist_ok=True)
-    # Absolute: the exported config then loads from any working directory.
-    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
-    torch.save({"model": state, "__author__": "d2_taskdistill export"}, weights_path)
-    return weights_path
+    torch.save({"model": student_state_dict(checkpoint["model"]), "__author__": "d2_taskdistill export"}, path)
 
 
-def _write_metadata(dataset, output_dir):
-    metadata_path = os.path.join(output_dir, "metadata.json")
-    with open(metadata_path, "w") as f:
-        json.dump({"thing_classes": thing_classes(dataset), "dataset": dataset}, f, indent=1)
-    return metadata_path
+def write_class_names_record(dataset, weights, path):
+    """The training set's class names (registered here, or recorded by the run beside ``weights``)."""
+    write_class_names(path, *recorded_class_names(dataset, os.path.dirname(os.path.abspath(weights)), "export"))
 
 
 def plain_detectron2_targets(node):
@@ -122,21 +141,25 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
 
     from .modeling.teacher import weight_problems
 
-    weights_path = _write_student_weights(weights, output_dir)
-    out = OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader}, flags={"allow_objects": True})
-    plain_detectron2_targets(out)
-    out.train = {"init_checkpoint": weights_path, "device": device, "output_dir": output_dir}
-    problems = weight_problems(instantiate(out.model), weights_path)
-    if problems:
-        os.remove(weights_path)
-        raise ValueError(
-            f"The student weights in {weights!r} do not fit model.student of the config being exported: "
-            + "; ".join(problems) + ". Export with the config the weights were trained with.")
-    config_path = os.path.join(output_dir, "config.yaml")
-    LazyConfig.save(out, config_path)
     names = cfg.dataloader.train.dataset.names
     dataset = names if isinstance(names, str) else names[0]
-    return weights_path, config_path, _write_metadata(dataset, output_dir)
+    # Absolute: the exported config then loads from any working directory.
+    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
+    with staged_files(output_dir) as stage:
+        write_class_names_record(dataset, weights, stage(CLASS_NAMES_FILE))  # the likeliest failure, first
+        staged_weights = stage("model_final.pth")
+        write_student_weights(weights, staged_weights)
+        out = OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader},
+                               flags={"allow_objects": True})
+        plain_detectron2_targets(out)
+        out.train = {"init_checkpoint": weights_path, "device": device, "output_dir": output_dir}
+        problems = weight_problems(instantiate(out.model), staged_weights)
+        if problems:
+            raise ValueError(
+                f"The student weights in {weights!r} do not fit model.student of the config being exported: "
+                + "; ".join(problems) + ". Export with the config the weights were trained with.")
+        LazyConfig.save(out, stage("config.yaml"))
+    return weights_path, os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, CLASS_NAMES_FILE)
 
 
 def export_student(cfg, weights, output_dir, device="cpu"):
@@ -156,14 +179,17 @@ def export_student(cfg, weights, output_dir, device="cpu"):
     detectron2's own FCOS class either way.
     Returns (checkpoint path, config path, metadata path).
     """
-    weights_path = _write_student_weights(weights, output_dir)
-    out_cfg = student_config(cfg)
-    keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
-    drop_keys_missing_from(out_cfg, get_cfg(), keep)
-    out_cfg.MODEL.WEIGHTS = weights_path
-    out_cfg.MODEL.DEVICE = device
-    check_weights_fit(out_cfg, weights_path, weights)
-    config_path = os.path.join(output_dir, "config.yaml")
-    with open(config_path, "w") as f:
-        f.write(out_cfg.dump())
-    return weights_path, config_path, _write_metadata(cfg.DATASETS.TRAIN[0], output_dir)
+    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
+    with staged_files(output_dir) as stage:
+        write_class_names_record(cfg.DATASETS.TRAIN[0], weights, stage(CLASS_NAMES_FILE))
+        staged_weights = stage("model_final.pth")
+        write_student_weights(weights, staged_weights)
+        out_cfg = student_config(cfg)
+        keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
+        drop_keys_missing_from(out_cfg, get_cfg(), keep)
+        out_cfg.MODEL.WEIGHTS = weights_path
+        out_cfg.MODEL.DEVICE = device
+        check_weights_fit(out_cfg, staged_weights, weights)
+        with open(stage("config.yaml"), "w") as f:
+            f.write(out_cfg.dump())
+    return weights_path, os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, CLASS_NAMES_FILE)

@@ -13,6 +13,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
 from .checkpoint import TeacherIdentity
+from .data.config_datasets import CLASS_NAMES_FILE, write_class_names
 from .modeling.inherit import inherit_from_teacher, parts_of
 from .settings import setting
 
@@ -217,11 +218,13 @@ class DistillFeatures:
         before a fresh start;
     allow_teacher_change: resume with another teacher than the checkpoint's;
     student_alone_run: the OUTPUT_DIR of the student trained alone: the teacher is evaluated at
-        the start and compared with it (a warning when it is not better).
+        the start and compared with it (a warning when it is not better);
+    train_dataset: the training set whose class names the run records (output_dir/metadata.json).
     """
 
     def __init__(self, model, output_dir, check_datasets, student_init="none", build_teacher=None,
-                 teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None, student_alone_run=""):
+                 teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None, student_alone_run="",
+                 train_dataset=None):
         self.model = unwrap(model)
         self.distill = is_distill_model(self.model)
         self.output_dir = output_dir
@@ -232,6 +235,7 @@ class DistillFeatures:
         self.allow_teacher_change = allow_teacher_change
         self.evaluate = evaluate
         self.student_alone_run = student_alone_run
+        self.train_dataset = train_dataset
         if student_alone_run and self.distill:
             final_ap(student_alone_run)  # a wrong folder fails now, not after the teacher's evaluation
         self.teacher_evaluation = None
@@ -247,6 +251,8 @@ class DistillFeatures:
         IterationTimer, which would count them): the dataset check, the student's init, the
         teacher's evaluation."""
         hooks = [DatasetCheck(self.check_datasets)]
+        if self.train_dataset:
+            hooks.append(ClassNamesRecord(self.train_dataset, self.output_dir))
         if parts_of(self.student_init):
             # A plain model needs build_teacher: each trainer checks that with its own setting's name.
             hooks.append(StudentInit(self.student_init, build_teacher=None if self.distill else self.build_teacher))
@@ -266,6 +272,21 @@ class DistillFeatures:
         scales gradients; to go right after IterationTimer, before the writers."""
         scaler = getattr(trainer, "grad_scaler", None)
         return [GradScalerMonitor(scaler)] if scaler is not None else []
+
+
+class ClassNamesRecord(HookBase):
+    """The training set's class names into the run's folder before the first step (rank 0): an
+    export, or whoever reads the run later, needs them without the dataset's registration (a .py
+    config's registrations are not in its saved config.yaml)."""
+
+    def __init__(self, dataset, output_dir):
+        self.dataset = dataset
+        self.output_dir = output_dir
+
+    def before_train(self):
+        if comm.is_main_process():
+            os.makedirs(self.output_dir, exist_ok=True)
+            write_class_names(os.path.join(self.output_dir, CLASS_NAMES_FILE), self.dataset)
 
 
 class DatasetCheck(HookBase):

@@ -12,7 +12,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import compat
 from .checkpoint import SafeCheckpointer
@@ -81,6 +81,16 @@ def load_lazy_config(path, overrides=()):
         raise KeyError(f"Overrides of the LazyConfig {path!r} name keys it does not have: " + "; ".join(
             f"{key}" + (f" (did you mean {' or '.join(close)}?)" if close else "") for key, close in unknown.items())
             + ". Write +key=value to add a key on purpose.")
+    lists_for_dicts = [o for o in overrides if o.split("=", 1)[1].lstrip().startswith("[")
+                       and isinstance(before.get(o.split("=", 1)[0].strip()), DictConfig)]
+    if lists_for_dicts:
+        key = lists_for_dicts[0].split("=", 1)[0].strip()
+        hint = (" The .py form of yaml's DISTILL.LOSSES [\"BCKD\", \"TID\"] is, in the .py, model.losses = "
+                "{\"BCKD\": L(BCKD)(), \"TID\": L(TID)()} (each loss's settings as its keywords; see "
+                "configs/digits/*.py); on the command line, one loss's setting: model.losses.TID.weight=2."
+                if key.split(".")[-1] == "losses" else "")
+        raise ValueError(f"Override {lists_for_dicts[0]!r} of the LazyConfig {path!r}: {key} is a dict "
+                         f"(keys {list(before[key])}), which a list cannot replace.{hint}")
     try:
         cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in overrides])
     except Exception as e:  # omegaconf's and the override parser's errors name no file
@@ -351,7 +361,8 @@ class LazyDistillTrainer:
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
             allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,
-            evaluate=lambda m: evaluate(cfg, m, os.path.join(cfg.train.output_dir, TEACHER_EVAL_FOLDER)))
+            evaluate=lambda m: evaluate(cfg, m, os.path.join(cfg.train.output_dir, TEACHER_EVAL_FOLDER)),
+            train_dataset=next(iter(dataset_names(cfg.dataloader.train)), None))
 
     def build_hooks(self):
         """lazyconfig_train_net's hooks, with the project's features around them."""

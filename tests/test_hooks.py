@@ -42,8 +42,10 @@ def test_eval_only_of_a_distilled_run_needs_no_teacher_checkpoint(tiny_batch, ti
     config_file = str(tmp_path / "run" / "config.yaml")
     with open(config_file, "w") as f:
         f.write(cfg.dump())
+    saved = open(config_file).read()
+    # Evaluated in the run's own folder: its config.yaml stays the one it trained with.
     args = default_argument_parser().parse_args(
-        ["--config-file", config_file, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "run" / "model_final.pth"),
-         "OUTPUT_DIR", str(tmp_path / "eval")])
+        ["--config-file", config_file, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "run" / "model_final.pth")])
     results = load_train_net().main(args)
     assert results["bbox"]["AP"] == trained_ap
+    assert open(config_file).read() == saved

@@ -1,7 +1,9 @@
 """LazyConfig (.py) distillation: the digits .py configs are the yaml ones, trained the same
 way; lazy export, --eval-only without the teacher, and bad input."""
 import glob
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
 from d2_taskdistill import load_config
+from d2_taskdistill.data.config_datasets import thing_classes
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
@@ -138,7 +141,20 @@ def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(te
     assert os.path.isfile(weights)
     before = detections(trainer.unwrapped_model, tiny_batch)
 
-    _, config_file, _ = export_lazy_student(lazy, weights, str(tmp_path / "exported"))
+    # The run recorded its class names: a dataset registered by the .py alone is not needed to export.
+    assert json.load(open(tmp_path / "run" / "metadata.json")) == {
+        "thing_classes": thing_classes(TINY_TRAIN), "dataset": TINY_TRAIN}
+    lazy.dataloader.train.dataset.names = "registered_by_its_py_only"
+    _, config_file, metadata = export_lazy_student(lazy, weights, str(tmp_path / "exported"))
+    assert json.load(open(metadata)) == {"thing_classes": thing_classes(TINY_TRAIN), "dataset": TINY_TRAIN}
+    elsewhere = tmp_path / "elsewhere" / "model_final.pth"
+    os.makedirs(elsewhere.parent)
+    shutil.copy(weights, elsewhere)
+    with pytest.raises(KeyError, match=r"export: the training set 'registered_by_its_py_only' is not registered here "
+                                       r"and the run recorded no class names .*Give the config that registers it"):
+        export_lazy_student(lazy, str(elsewhere), str(tmp_path / "not_exported"))
+    assert not (tmp_path / "not_exported").exists()
+    lazy.dataloader.train.dataset.names = TINY_TRAIN
     assert "d2_taskdistill" not in open(config_file).read()  # detectron2's classes only
     plain = LazyConfig.load(config_file)
     student = instantiate(plain.model)
@@ -221,6 +237,12 @@ def test_bad_lazy_configs_say_what_to_fix(tmp_path, teachers):
     with pytest.raises(TypeError, match=r"Distillation loss 'TID' could not be built from its config.*wieght"):
         instantiate(cfg.model)
 
+    cfg = lazy_cfg("retinanet_R34-R18_tid.py", teachers["retinanet"], tmp_path)
+    cfg.model.losses = {"TDI": cfg.model.losses.TID}  # a typo would name its logs and checkpoint keys
+    with pytest.raises(ValueError, match=r"the key 'TDI' holds a TID loss, registered as 'TID': name it 'TID' "
+                                         r"\(or 'TID_2' etc. for a second one\)"):
+        instantiate(cfg.model)
+
 
 COCO_PY = sorted(os.path.basename(p) for p in glob.glob(config_path("COCO-Detection", "*.py"))
                  if not os.path.basename(p).startswith("distill_"))
@@ -263,6 +285,9 @@ def test_coco_py_config_builds_the_zoo_student_of_its_yaml_twin(config, monkeypa
     ("foo.bar=1", KeyError, r"name keys it does not have: foo.bar\. Write \+key=value to add a key on purpose"),
     ('losses=["BCKD","TDI"]', KeyError, r"losses \(did you mean model.losses\?\)"),
     ("train.max_iter=abc", ValueError, r"give numbers another type: \[\"train.max_iter='abc' \(it was 200\)\"\]"),
+    ('model.losses=["BCKD","TDI"]', ValueError, r"model.losses is a dict \(keys \['TID'\]\), which a list cannot "
+                                                 r"replace\. The \.py form of yaml's DISTILL.LOSSES .* model.losses = "
+                                                 r"\{\"BCKD\": L\(BCKD\)\(\), \"TID\": L\(TID\)\(\)\}"),
 ])
 def test_lazy_overrides_are_checked_before_anything_is_built(override, error, message):
     with pytest.raises(error, match=message):

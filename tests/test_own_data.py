@@ -128,8 +128,8 @@ def test_export_refuses_weights_that_do_not_fit(own_data, teacher_run, tmp_path)
     digits_cfg = load_config(config_path("digits", "retinanet_R34-R18_fitnet.yaml"))
     with pytest.raises(ValueError, match=r"do not fit the config being exported \(RetinaNet, "
                                          r"MODEL.RETINANET.NUM_CLASSES=10\): shape mismatches.*--run"):
-        export_student(digits_cfg, str(run / "model_final.pth"), tmp_path / "wrong")
-    assert not (tmp_path / "wrong" / "model_final.pth").exists()
+        export_student(digits_cfg, str(run / "model_final.pth"), str(tmp_path / "wrong"))
+    assert not (tmp_path / "wrong").exists()  # the folder it would have created, with nothing in it
 
     # The command line with --run takes the run's own config: 3 classes, their names.
     out = tmp_path / "exported"
@@ -138,11 +138,14 @@ def test_export_refuses_weights_that_do_not_fit(own_data, teacher_run, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(out / "metadata.json"))["thing_classes"] == CLASSES
     assert "NUM_CLASSES: 3" in (out / "config.yaml").read_text()
+    exported = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    # A failed export into the same folder leaves the previous export as it was.
     proc = subprocess.run([sys.executable, "tools/export_student.py", "--config-file",
                            config_path("digits", "retinanet_R34-R18_fitnet.yaml"), "--weights",
-                           str(run / "model_final.pth"), "--output", str(tmp_path / "wrong2")],
+                           str(run / "model_final.pth"), "--output", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "do not fit the config being exported" in proc.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == exported
 
 
 def test_an_error_that_stops_training_is_in_log_txt(own_data, tmp_path):

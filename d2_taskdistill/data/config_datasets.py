@@ -242,6 +242,37 @@ def thing_classes(name):
     return list(classes)
 
 
+CLASS_NAMES_FILE = "metadata.json"
+
+
+def write_class_names(path, dataset, names=None):
+    """``{"thing_classes": names, "dataset": dataset}`` to ``path`` (a run's record and an export's
+    file, for detectron2's predictor and Visualizer), replaced whole; ``names`` default to the
+    registered dataset's."""
+    record = {"thing_classes": list(names) if names is not None else thing_classes(dataset), "dataset": dataset}
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(partial, path)
+    return path
+
+
+def recorded_class_names(dataset, run_dir, wanted_by):
+    """(dataset, class names) of ``dataset`` where it is registered here, else from the
+    ``metadata.json`` its training run recorded in ``run_dir``."""
+    if dataset in DatasetCatalog.list():
+        return dataset, thing_classes(dataset)
+    recorded = os.path.join(run_dir, CLASS_NAMES_FILE)
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            record = json.load(f)
+        return record["dataset"], record["thing_classes"]
+    raise KeyError(
+        f"{wanted_by}: the training set {dataset!r} is not registered here and the run recorded no class names "
+        f"({recorded}: runs of this version write it when training starts). Give the config that registers it "
+        "(e.g. the .py that trained the run, as --config-file with --weights), or register the dataset first.")
+
+
 def num_classes_setting(cfg):
     """('MODEL.<HEAD>.NUM_CLASSES', its value) of a RetinaNet or FCOS config, distilled or not;
     (None, None) for other architectures."""

@@ -66,6 +66,18 @@ def build_loss_from_spec(name, spec, student_shapes, teacher_shapes):
         "(e.g. L(TID)(weight=1.0)) or a callable (student_shapes, teacher_shapes) -> loss.")
 
 
+def check_loss_name(name, loss):
+    """A registered loss keeps its registered name as its key in ``losses`` (``<name>_<suffix>`` for
+    a second one): logs, metrics and checkpoint keys (distill_losses.<key>.*) are named by it, so
+    a typo such as {"TDI": L(TID)()} would train under a wrong name."""
+    registered = [n for n, cls in DISTILL_LOSS_REGISTRY if cls is type(loss)]
+    if registered and not any(name == n or name.startswith(n + "_") for n in registered):
+        raise ValueError(
+            f"{setting('losses')}: the key {name!r} holds a {type(loss).__name__} loss, registered as "
+            f"{registered[0]!r}: name it {registered[0]!r} (or {registered[0] + '_2'!r} etc. for a second "
+            "one), the name its logs, metrics and checkpoint keys use")
+
+
 def anchor_layout(detector):
     """What must match for location-by-location comparison of two detectors."""
     generator = detector.anchor_generator
@@ -186,6 +198,7 @@ class TaskDistillDetector(nn.Module):
         t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
         for name, loss in losses.items():
             self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
+            check_loss_name(name, self.distill_losses[name])
         logger.info("Distillation losses: %s", "; ".join(loss_description(n, l) for n, l in self.distill_losses.items()))
         check_losses_compatible(self.student, teacher, self.distill_losses)
         for loss in self.distill_losses.values():
