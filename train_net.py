@@ -58,9 +58,12 @@ def setup(args):
     saved = os.path.join(output_dir, "config.yaml")
     kept = open(saved, "rb").read() if args.eval_only and os.path.isfile(saved) else None
     default_setup(cfg, args)
-    if kept is not None and comm.is_main_process():
-        with open(saved, "wb") as f:
-            f.write(kept)
+    if comm.is_main_process():
+        if kept is not None:
+            with open(saved, "wb") as f:
+                f.write(kept)
+        elif is_lazy(args):
+            lazy_engine.save_portable(cfg, saved)  # the form both detectron2s load (load_teacher(run=), resume)
     setup_project_logger(output_dir)
     return cfg
 

@@ -110,6 +110,7 @@ def apply():
         _use_official_cocoeval()
     _numpy_str_for_voc_loader()
     _cpu_aware_create_ddp_model()
+    _heads_take_group_norm_by_name()
     return HAS_CPP_OPS
 
 
@@ -145,6 +146,31 @@ def fcos_labels_images_without_boxes():
     from detectron2.modeling.meta_arch.fcos import FCOS
 
     return hasattr(FCOS, "_match_anchors")
+
+
+def heads_build_group_norm_by_name():
+    """Whether detectron2's RetinaNet/FCOS heads take ``norm="GN"`` (upstream main); v0.6's head
+    probes ``get_norm(norm, 1)``, a GroupNorm(32, 1), which torch rejects."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    try:
+        RetinaNetHead(input_shape=[ShapeSpec(channels=32)], num_classes=1, num_anchors=1, conv_dims=[32], norm="GN")
+    except ValueError:
+        return False
+    return True
+
+
+def _heads_take_group_norm_by_name():
+    # Fault: v0.6's RetinaNetHead (and FCOSHead) cannot take norm="GN" (its probe builds GroupNorm(32, 1)).
+    # Its head module's get_norm builds GN with at most 32 groups instead: the same layers for
+    # every real channel count (>= 32), and a probe that passes; exports then spell "GN" on both.
+    from detectron2.modeling.meta_arch import retinanet
+
+    if heads_build_group_norm_by_name():
+        return
+    get_norm = retinanet.get_norm
+    retinanet.get_norm = lambda norm, channels: group_norm_factory(channels) if norm == "GN" else get_norm(norm, channels)
 
 
 def group_norm_factory(num_channels):

@@ -11,6 +11,7 @@ from .data.config_datasets import CLASS_NAMES_FILE, num_classes_setting, recorde
 from .modeling.meta_arch import student_config
 
 STUDENT_PREFIX = "student."
+GROUP_NORM_FACTORY_NAME = "d2_taskdistill.compat.group_norm_factory"
 
 
 def student_state_dict(model_state):
@@ -95,13 +96,15 @@ def write_class_names_record(dataset, weights, path):
 def plain_detectron2_targets(node):
     """Replace (in place) this project's classes in a LazyConfig by detectron2's own, where they
     are detectron2's with an extra guard: FileNamingMapper -> DatasetMapper, the project's FCOS
-    -> detectron2's FCOS (same parameters), dataset_evaluator -> COCOEvaluator / VOC's."""
+    -> detectron2's FCOS (same parameters), dataset_evaluator -> COCOEvaluator / VOC's, and
+    group_norm_factory -> "GN" (v0.6's heads build "GN" only with d2_taskdistill imported)."""
     from omegaconf import DictConfig, ListConfig
 
     from detectron2.data import DatasetMapper
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
     from detectron2.modeling.meta_arch.fcos import FCOS as D2FCOS
 
+    from .compat import group_norm_factory
     from .engine import FileNamingMapper, dataset_evaluator
     from .modeling.fcos import FCOS
 
@@ -111,6 +114,9 @@ def plain_detectron2_targets(node):
         return
     if not isinstance(node, DictConfig):
         return
+    norm = node.get("norm", None)
+    if norm is group_norm_factory or norm == GROUP_NORM_FACTORY_NAME:
+        node.norm = "GN"  # the same layers for every channel count of 32 or more
     target = node.get("_target_", None)
     if target is FileNamingMapper:
         node._target_ = DatasetMapper
@@ -132,13 +138,13 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
     """The LazyConfig export: ``config.yaml`` is a plain detectron2 LazyConfig whose ``model`` is
     the student (``cfg.model.student``), with the run's ``dataloader`` and ``train.init_checkpoint``
     set to the exported ``model_final.pth``; ``LazyConfig.load`` + ``instantiate(cfg.model)`` +
-    ``DetectionCheckpointer`` load it with detectron2's classes (:func:`plain_detectron2_targets`;
-    a GroupNorm head written as ``group_norm_factory`` for v0.6 still imports d2_taskdistill.compat).
+    ``DetectionCheckpointer`` load it with detectron2's classes (:func:`plain_detectron2_targets`).
     The weights must load completely (ValueError otherwise). Returns (checkpoint, config, metadata paths).
     """
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
     from omegaconf import OmegaConf
 
+    from .lazy_engine import save_portable
     from .modeling.teacher import weight_problems
 
     names = cfg.dataloader.train.dataset.names
@@ -158,7 +164,7 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
             raise ValueError(
                 f"The student weights in {weights!r} do not fit model.student of the config being exported: "
                 + "; ".join(problems) + ". Export with the config the weights were trained with.")
-        LazyConfig.save(out, stage("config.yaml"))
+        save_portable(out, stage("config.yaml"))
     return weights_path, os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, CLASS_NAMES_FILE)
 
 

@@ -2,6 +2,7 @@
 (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``), with this project's
 hooks, atomic checkpoints and teacher identity. ``train_net.py`` runs it for ``.py`` configs.
 """
+import copy
 import difflib
 import inspect
 import logging
@@ -12,7 +13,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import compat
 from .checkpoint import SafeCheckpointer
@@ -119,6 +120,43 @@ def load_lazy_config(path, overrides=()):
     with using_setting_names(LAZY_SETTING_NAMES):
         parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
     return cfg
+
+
+SHAPE_SPEC_FIELDS = ("channels", "height", "width", "stride")
+
+
+def save_portable(cfg, path):
+    """LazyConfig.save of ``cfg`` in a form both detectron2s load (a run's config.yaml, an export):
+    detectron2 would write ShapeSpecs as objects (v0.6's namedtuple and upstream's dataclass come
+    back on the other version with ``channels=None``) and classes by their shortest import path
+    (upstream's ``detectron2.modeling.FCOS`` does not exist in v0.6). Here a ShapeSpec is written
+    as the call ``L(ShapeSpec)(channels=...)`` and every ``_target_`` by its defining module."""
+    portable = copy.deepcopy(cfg)
+    _make_portable(portable)
+    LazyConfig.save(portable, path)
+
+
+def _make_portable(node):
+    from detectron2.layers import ShapeSpec
+
+    if isinstance(node, DictConfig):
+        keys = list(node.keys())
+    elif isinstance(node, ListConfig):
+        keys = range(len(node))
+    else:
+        return
+    for key in keys:
+        child = node._get_node(key)
+        # upstream's dataclass is held as a structured DictConfig, v0.6's namedtuple as an object
+        spec = child if isinstance(child, DictConfig) and OmegaConf.get_type(child) is ShapeSpec else child._value()
+        if isinstance(spec, ShapeSpec) or spec is child:
+            # by name: omegaconf would hold upstream's dataclass type as a structured config
+            node[key] = {"_target_": "detectron2.layers.shape_spec.ShapeSpec",
+                         **{f: getattr(spec, f) for f in SHAPE_SPEC_FIELDS if getattr(spec, f) is not None}}
+        elif key == "_target_" and not isinstance(spec, str):
+            node[key] = f"{spec.__module__}.{spec.__qualname__}"
+        elif isinstance(child, (DictConfig, ListConfig)):
+            _make_portable(child)
 
 
 _MISSING = object()
