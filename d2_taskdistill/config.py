@@ -24,7 +24,7 @@ YACS_SETTING_NAMES = {
     "student_init": "DISTILL.STUDENT_INIT",
     "loss_argument": "DISTILL.{node}.{key}={value!r}",
     "epochs": "SOLVER.EPOCHS",
-    "checkpoints_kept": "SOLVER.CHECKPOINT_MAX_TO_KEEP",
+    "norm": "MODEL.RESNETS.NORM / MODEL.FPN.NORM",
     "student_alone_run": "DISTILL.STUDENT_ALONE_RUN",
     "ims_per_batch": "SOLVER.IMS_PER_BATCH",
     "train_datasets": "DATASETS.TRAIN",

@@ -23,7 +23,8 @@ from .checkpoint import SafeCheckpointer
 from .config import YACS_SETTING_NAMES
 from .data.config_datasets import (check_datasets, check_declared_datasets_used, check_registered,
                                    no_training_images_named)
-from .hooks import TEACHER_EVAL_FOLDER, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import (TEACHER_EVAL_FOLDER, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda,
+                    unwrap, warn_unsynced_batch_norm)
 from .modeling.teacher import build_teacher
 from .schedule import apply_epoch_schedule
 from .settings import using_setting_names
@@ -183,13 +184,7 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = super().build_model(cfg)
-        plain_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
-        if plain_bn and comm.get_world_size() > 1:
-            logger.warning(
-                "%d BatchNorm layers (NORM 'BN') with %d processes: each process keeps its own running "
-                "statistics (DDP does not broadcast buffers here), checkpoints hold rank 0's and the "
-                "evaluation at the end of training uses each rank's own. Set MODEL.RESNETS.NORM / "
-                "MODEL.FPN.NORM to 'SyncBN' for one set of statistics.", plain_bn, comm.get_world_size())
+        warn_unsynced_batch_norm(model)
         return model
 
     @classmethod

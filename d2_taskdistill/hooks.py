@@ -181,6 +181,17 @@ def compare_with_student_alone(teacher_results, run_dir):
         "backbone), then distil.", teacher_ap, dataset, student_ap, run_dir, setting("epochs"))
 
 
+def warn_unsynced_batch_norm(model):
+    """With several processes, plain BatchNorm keeps per-process statistics: say so, and what to set."""
+    plain_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    if plain_bn and comm.get_world_size() > 1:
+        logger.warning(
+            "%d BatchNorm layers (NORM 'BN') with %d processes: each process keeps its own running "
+            "statistics (DDP does not broadcast buffers here), checkpoints hold rank 0's and the "
+            "evaluation at the end of training uses each rank's own. Set %s to 'SyncBN' for one set of "
+            "statistics.", plain_bn, comm.get_world_size(), setting("norm"))
+
+
 def refuse_amp_off_cuda(amp_enabled, device, amp_setting, device_setting):
     """detectron2's AMPTrainer trains in float16 on CUDA only: say so before anything is built."""
     if amp_enabled and not str(device).startswith("cuda"):

@@ -19,7 +19,8 @@ from . import compat
 from .checkpoint import SafeCheckpointer
 from .data.config_datasets import check_dataset_names
 from .engine import usable_device
-from .hooks import TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model, refuse_amp_off_cuda, unwrap
+from .hooks import (TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model,
+                    refuse_amp_off_cuda, unwrap, warn_unsynced_batch_norm)
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
 from .schedule import epoch_schedule, kept_images, log_schedule
@@ -41,6 +42,8 @@ LAZY_SETTING_NAMES = {
     "fpn_channels": "model.student.backbone.out_channels",
     "student_init": "train.student_init",
     "loss_argument": "model.losses.{node}.{name}={value!r}",
+    "norm": "the backbone's norm (norm of model.backbone.bottom_up.stem, .stages and model.backbone; under "
+            "model.student in a distillation config)",
     "epochs": "train.epochs",
     "student_alone_run": "train.student_alone_run",
     "ims_per_batch": "dataloader.train.total_batch_size",
@@ -325,6 +328,7 @@ def build_model(cfg, with_teacher=True):
         model_cfg.teacher = None
     with using_setting_names(LAZY_SETTING_NAMES):
         model = instantiate(model_cfg)
+        warn_unsynced_batch_norm(model)
     return model.to(cfg.train.device)
 
 

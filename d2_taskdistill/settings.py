@@ -28,6 +28,7 @@ API_SETTING_NAMES = {
     "ims_per_batch": "epoch_schedule(ims_per_batch=...)",
     "train_datasets": "the training datasets",
     "filter_empty": "the loader's filter of images without annotations",
+    "norm": "the backbone's norm",
     # A distillation loss's keyword argument and its value, e.g. TID(areas='all').
     "loss_argument": "{node}({name}={value!r})",
 }

@@ -2,12 +2,14 @@
 way; lazy export, --eval-only without the teacher, and bad input."""
 import glob
 import json
+import logging
 import os
 import shutil
 
 import pytest
 import torch
 
+import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
@@ -17,6 +19,7 @@ from d2_taskdistill import load_config
 from d2_taskdistill.data.config_datasets import thing_classes
 from d2_taskdistill.engine import DistillTrainer
 from d2_taskdistill.export import export_lazy_student
+from d2_taskdistill import lazy_engine
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
 from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, without_checkpoints_or_evaluation
@@ -105,7 +108,7 @@ def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
         assert from_py[key] == pytest.approx(values, rel=RTOL), key
 
 
-def test_a_plain_detector_py_trains_with_the_projects_entry(tmp_path):
+def test_a_plain_detector_py_trains_with_the_projects_entry(tmp_path, monkeypatch, caplog):
     """A teacher or the student alone as a .py (here the digits student, model.student): the
     entry trains it as lazyconfig_train_net would, without distillation."""
     plain = write_config(tmp_path, f"from detectron2.config import LazyConfig\nc = LazyConfig.load({BASE!r})\n"
@@ -117,6 +120,13 @@ def test_a_plain_detector_py_trains_with_the_projects_entry(tmp_path):
         f"dataloader.test.dataset.names=['{TINY_TRAIN}']", f"dataloader.evaluator.dataset_name={TINY_TRAIN}"])
     trainer = without_checkpoints_or_evaluation(LazyDistillTrainer(cfg))
     assert type(trainer.unwrapped_model).__name__ == "RetinaNet"
+    # With several processes, the same warning as the yaml path's, in the .py's names.
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="d2_taskdistill"):
+        lazy_engine.build_model(cfg)
+    assert "BatchNorm layers (NORM 'BN') with 2 processes" in caplog.text
+    assert "Set the backbone's norm (norm of model.backbone.bottom_up.stem, .stages and model.backbone" in caplog.text
+    monkeypatch.undo()
     trainer.resume_or_load(resume=False)
     trainer.train()
     losses = loss_histories(trainer)
