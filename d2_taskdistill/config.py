@@ -25,6 +25,7 @@ YACS_SETTING_NAMES = {
     "loss_argument": "DISTILL.{node}.{key}={value!r}",
     "epochs": "SOLVER.EPOCHS",
     "norm": "MODEL.RESNETS.NORM / MODEL.FPN.NORM",
+    "input_size": "INPUT.MIN_SIZE_TRAIN and INPUT.MIN_SIZE_TEST, with MAX_SIZE_* at least as large",
     "student_alone_run": "DISTILL.STUDENT_ALONE_RUN",
     "ims_per_batch": "SOLVER.IMS_PER_BATCH",
     "train_datasets": "DATASETS.TRAIN",

@@ -44,6 +44,7 @@ LAZY_SETTING_NAMES = {
     "loss_argument": "model.losses.{node}.{name}={value!r}",
     "norm": "the backbone's norm (norm of model.backbone.bottom_up.stem, .stages and model.backbone; under "
             "model.student in a distillation config)",
+    "input_size": "the ResizeShortestEdge of dataloader.train.mapper.augmentations and dataloader.test.mapper.augmentations",
     "epochs": "train.epochs",
     "student_alone_run": "train.student_alone_run",
     "ims_per_batch": "dataloader.train.total_batch_size",

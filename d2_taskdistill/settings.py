@@ -29,6 +29,7 @@ API_SETTING_NAMES = {
     "train_datasets": "the training datasets",
     "filter_empty": "the loader's filter of images without annotations",
     "norm": "the backbone's norm",
+    "input_size": "the input's short side",
     # A distillation loss's keyword argument and its value, e.g. TID(areas='all').
     "loss_argument": "{node}({name}={value!r})",
 }

@@ -12,7 +12,9 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from d2_taskdistill import load_config
 from d2_taskdistill.data import CLASS_NAMES, generate_split, write_voc_split
 from d2_taskdistill.data.config_datasets import check_datasets, check_voc_annotations_for_evaluation
+from d2_taskdistill.config import YACS_SETTING_NAMES
 from d2_taskdistill.engine import build_evaluator
+from d2_taskdistill.settings import using_setting_names
 from d2_taskdistill.modeling.teacher import TeacherOrigin
 from conftest import config_path, TEST_DEVICE
 
@@ -158,12 +160,16 @@ def test_training_set_summary_hand_computed():
 
     dicts = [{"height": 100, "width": 200, "annotations": [box(10, 10, 0), box(20, 5, 1)]},
              {"height": 400, "width": 300, "annotations": [box(40, 40, 1)]}]
-    line = dataset_summary("hand", dicts, ["bolt", "nut"], input_short_side=128)
     # Short sides 100 and 300 (median 200); box sides sqrt(w h) 10, 10, 40: p10 10, p50 10,
-    # p90 10 + 0.8 x 30 = 34; x0.64 at a 128 px short side: 6.4, 6.4, 21.8.
+    # p90 10 + 0.8 x 30 = 34; x0.64 at a 128 px short side: 6.4, 6.4, 21.8. 16 px for the p10 box:
+    # 128 x 16 / 6.4 = 320 px, (320 / 128)^2 = 6.25 the pixels.
+    with using_setting_names(YACS_SETTING_NAMES):
+        line = dataset_summary("hand", dicts, ["bolt", "nut"], input_short_side=128)
     assert line == ("Training set 'hand': 2 images, short side 100-300 px (median 200); 3 boxes, per class "
                     "{'bolt': 1, 'nut': 2}; box side (sqrt of area) p10/p50/p90 10/10/34 px; resized to a 128 px "
-                    "short side (x0.64 for the median image), 6/6/22 px. A tenth of the boxes end up under 8 px, "
-                    "the stride of the finest FPN level: a larger input size (closer to the images' own) detects "
-                    "them better")
+                    "short side (x0.64 for the median image), 6/6/22 px. A tenth of the boxes end up under 16 px, "
+                    "twice the stride (8 px) of the finest FPN level, where they are hard to detect: a short side "
+                    "of about 320 px (INPUT.MIN_SIZE_TRAIN and INPUT.MIN_SIZE_TEST, with MAX_SIZE_* at least as "
+                    "large) brings them to 16 px, at about 6.2x the pixels per image")
+    # At 400 px: x2, the p10 box is 20 px.
     assert "A tenth" not in dataset_summary("hand", dicts, ["bolt", "nut"], input_short_side=400)

@@ -224,9 +224,14 @@ def dataset_summary(name, dicts, classes, input_short_side=None):
         scale = input_short_side / np.median(shorts)
         line += (f"; resized to a {input_short_side} px short side (x{scale:.2f} for the median image), "
                  f"{p10 * scale:.0f}/{p50 * scale:.0f}/{p90 * scale:.0f} px")
-        if p10 * scale < FINEST_STRIDE:
-            line += (f". A tenth of the boxes end up under {FINEST_STRIDE} px, the stride of the finest FPN level: "
-                     "a larger input size (closer to the images' own) detects them better")
+        small = 2 * FINEST_STRIDE
+        if p10 * scale < small:
+            # The short side that brings the 10th-percentile box to two strides, in steps of 32 px.
+            suggested = math.ceil(input_short_side * small / max(p10 * scale, 1e-6) / 32) * 32
+            line += (f". A tenth of the boxes end up under {small} px, twice the stride ({FINEST_STRIDE} px) of the "
+                     f"finest FPN level, where they are hard to detect: a short side of about {suggested} px "
+                     f"({setting('input_size')}) brings them to {small} px, at about "
+                     f"{(suggested / input_short_side) ** 2:.1f}x the pixels per image")
     logger.info(line)
     return line
 
