@@ -11,7 +11,6 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
 from d2_taskdistill import load_config
-from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.modeling import TaskDistillDetector
 from d2_taskdistill.modeling.dense_outputs import run_dense_detector
 from d2_taskdistill.modeling.teacher import build_teacher, build_teacher_origin, load_teacher_weights
@@ -23,9 +22,7 @@ STUDENTS = {"fcos": "fcos_R101-R50_1x_tid.yaml", "retinanet": "retinanet_R101-R5
 
 def zoo_model(detector):
     """detectron2's model-zoo LazyConfig model with random weights (FrozenBN statistics too)."""
-    lazy = LazyConfig.load(model_zoo.get_config_file(ZOO[detector]))
-    if detector == "fcos":
-        lazy.model.head.norm = group_norm_factory  # v0.6 cannot build "GN" here (see compat)
+    lazy = LazyConfig.load(model_zoo.get_config_file(ZOO[detector]))  # FCOS's "GN" head: v0.6 builds it with compat
     torch.manual_seed(0)
     model = instantiate(lazy.model).eval()
     with torch.no_grad():
@@ -160,3 +157,30 @@ def test_teacher_from_a_lazyconfig_run_directory(image_batch, tmp_path):
             assert teacher.state_dict().keys() == trained.state_dict().keys()
             for got, want in zip(head_outputs(teacher, image_batch), expected):
                 assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_resize_zoo_detector_makes_a_small_trainable_detector(detector, image_batch):
+    from detectron2.modeling.backbone.resnet import BasicBlock
+    from detectron2.utils.events import EventStorage
+
+    from d2_taskdistill.zoo import resize_zoo_detector
+
+    lazy = LazyConfig.load(model_zoo.get_config_file(ZOO[detector]))
+    resize_zoo_detector(lazy.model, depth=18, width=64, num_classes=10, head_convs=2)
+    torch.manual_seed(0)
+    model = instantiate(lazy.model).to(TEST_DEVICE)
+    resnet = model.backbone.bottom_up
+    assert all(type(b) is BasicBlock for stage in resnet.stages for b in stage)
+    assert resnet.res5[-1].out_channels == 512 and type(resnet.stem.conv1.norm) is torch.nn.BatchNorm2d
+    assert all(p.requires_grad for p in resnet.parameters())  # nothing frozen: trained from scratch
+    assert {s.channels for s in model.backbone.output_shape().values()} == {64}
+    assert len(model.head.cls_subnet) == 2 * (3 if detector == "fcos" else 2)  # conv + (GN) + ReLU, twice
+    num_anchors = 9 if detector == "retinanet" else 1
+    assert model.head.cls_score.out_channels == num_anchors * 10
+    model.train()
+    with EventStorage():
+        losses = model(image_batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0

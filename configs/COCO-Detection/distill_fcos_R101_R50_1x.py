@@ -5,13 +5,10 @@ used as it is; each fcos_R101-R50_1x_<method>.py sets the losses. Train the teac
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.modeling import TaskDistillDetector, load_teacher
 
 _zoo = get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
 dataloader, optimizer, lr_multiplier, train = _zoo.dataloader, _zoo.optimizer, _zoo.lr_multiplier, _zoo.train
-# "GN" itself on upstream detectron2; v0.6's head probes GroupNorm(32, 1), which torch rejects.
-_zoo.model.head.norm = group_norm_factory
 
 model = L(TaskDistillDetector)(
     student=_zoo.model,

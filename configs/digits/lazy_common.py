@@ -7,15 +7,14 @@ from omegaconf import OmegaConf
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from d2_taskdistill.compat import group_norm_factory
 from d2_taskdistill.engine import FileNamingMapper, dataset_evaluator
 from d2_taskdistill.modeling.fcos import FCOS
+from d2_taskdistill.zoo import resize_zoo_detector
 
 # 128 px images of digits on photos, 10 classes, trained from scratch on CPU.
 dataloader = OmegaConf.create()
@@ -65,23 +64,13 @@ train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the y
 # FPN on res3-res5 with 64 channels, heads of 2 convs, 10 classes; RetinaNet's anchors half of
 # detectron2's COCO sizes.
 def _digits_student(model):
-    resnet = model.backbone.bottom_up
-    resnet.stem.norm = "BN"
-    resnet.stages.depth = 18
-    resnet.stages.norm = "BN"
-    del resnet.stages.stride_in_1x1  # BasicBlock has no 1x1 conv
-    resnet.freeze_at = 0
-    model.backbone.out_channels = 64
-    model.head.input_shape = [ShapeSpec(channels=64)] * 5
-    model.head.conv_dims = [64, 64]
-    model.num_classes = 10
+    resize_zoo_detector(model, depth=18, width=64, num_classes=10, norm="BN", head_convs=2)
     model.pixel_mean = [103.530, 116.280, 123.675]
     model.pixel_std = [1.0, 1.0, 1.0]
     return model
 
 
 retinanet_student = _digits_student(get_config("common/models/retinanet.py").model)
-retinanet_student.backbone.top_block.in_channels = 512  # P6 from res5
 retinanet_student.anchor_generator.sizes = [
     [16, 20.16, 25.4], [32, 40.32, 50.8], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37]]
 retinanet_student.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
@@ -89,6 +78,3 @@ retinanet_student.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOO
 fcos_student = _digits_student(get_config("common/models/fcos.py").model)
 # The project's FCOS: detectron2's, with v0.6's images-without-boxes fault guarded.
 fcos_student._target_ = FCOS
-fcos_student.backbone.top_block.in_channels = 64  # P6 from P5
-# GroupNorm(32, C) as "GN", which v0.6's head cannot build (it probes GroupNorm(32, 1)).
-fcos_student.head.norm = group_norm_factory

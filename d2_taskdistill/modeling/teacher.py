@@ -9,7 +9,6 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
 
-from ..compat import group_norm_factory
 from ..config import YACS_SETTING_NAMES, is_lazy_config_file, load_config
 from ..settings import setting, using_setting_names
 
@@ -154,10 +153,6 @@ def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting
         lazy = LazyConfig.apply_overrides(lazy, overrides)
     except Exception as e:  # omegaconf's errors name the key but not the setting
         raise ValueError(f"{setting('teacher.overrides')}={overrides} do not apply to {name!r}: {e}") from e
-    head = lazy.model.get("head", None)
-    if head is not None and head.get("norm", None) == "GN":
-        # As the yaml FCOS does: v0.6's head probes GroupNorm(32, 1), which torch rejects.
-        head.norm = group_norm_factory
     mapper = lazy.get("dataloader", {}).get("train", {}).get("mapper", {})
     dataset = lazy.get("dataloader", {}).get("train", {}).get("dataset", {})
     names = dataset.get("names", [])
