@@ -95,6 +95,25 @@ def test_results_page_tables_are_the_committed_benchmarks():
     assert checked >= 47  # the five trained tables (35 rows) and the short one (2 x 6 cells) were found
 
 
+def test_speed_numbers_are_the_committed_benchmark_of_every_method():
+    """benchmarks/speed.json times every registered method, and docs/results.md quotes its medians,
+    memory and shares as they are."""
+    from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
+
+    with open(os.path.join(ROOT, "benchmarks", "speed.json")) as f:
+        speed = json.load(f)
+    methods = speed["precision"]["fp32"]["methods"]
+    timed = {name for label in methods for name in label.split("+")}
+    assert timed == {name for name, _ in DISTILL_LOSS_REGISTRY}
+    text = " ".join(open(os.path.join(ROOT, "docs", "results.md")).read().split())
+    quoted = "median ratios " + ", ".join(f"{label} {m['ratio']['median']:.3f}" for label, m in methods.items())
+    assert quoted in text
+    assert f"nothing else running, {speed['wall_seconds'] / 60:.1f} min)" in text
+    floor = sum(speed["precision"]["fp32"]["profiles"][kind]["peak_mb"] for kind in ("student", "teacher"))
+    memory = [m["peak_mb"] / floor for m in methods.values()]
+    assert f"peak memory {min(memory):.2f}-{max(memory):.2f} x" in text
+
+
 def test_links_between_pages_resolve():
     broken = []
     for page in PAGES:
