@@ -65,6 +65,7 @@ def setup(args):
         elif is_lazy(args):
             lazy_engine.save_portable(cfg, saved)  # the form both detectron2s load (load_teacher(run=), resume)
     setup_project_logger(output_dir)
+    traceback_once_on_console()
     return cfg
 
 
@@ -85,8 +86,20 @@ def log_to_files(level, message, *args, exc_info=False):
     record = logger.makeRecord(logger.name, level, __file__, 0, message, args,
                                sys.exc_info() if exc_info else None)
     for handler in logger.handlers:
-        if getattr(handler, "stream", None) not in (sys.stdout, sys.stderr):  # detectron2's file handlers
+        if not is_console(handler):  # detectron2's file handlers
             handler.handle(record)
+
+
+def is_console(handler):
+    return getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+def traceback_once_on_console():
+    """detectron2's train loop logs an exception, then re-raises it: on the console the raise's
+    traceback is enough; log.txt keeps the logged one."""
+    for handler in logging.getLogger("detectron2").handlers:
+        if is_console(handler):
+            handler.addFilter(lambda record: record.getMessage() != "Exception during training:")
 
 
 def run(cfg, args):
