@@ -5,6 +5,8 @@ import difflib
 import os
 import re
 
+import yaml
+
 from detectron2.config import CfgNode as CN
 
 # The yacs keys that errors name (d2_taskdistill.settings): what a yaml user sets.
@@ -173,7 +175,13 @@ def load_config(config_file, opts=()):
     cfg = get_cfg()
     add_taskdistill_config(cfg)
     with unknown_keys_named(cfg, f"config file {config_file!r}"):
-        cfg.merge_from_file(config_file)
+        try:
+            # detectron2 falls back to yaml.unsafe_load, which runs what a !!python tag names.
+            cfg.merge_from_file(config_file, allow_unsafe=False)
+        except yaml.constructor.ConstructorError as e:
+            raise ValueError(f"config file {config_file!r} (or a _BASE_ of it) holds a Python tag, which this "
+                             f"project does not run: a yacs config is plain yaml ({e.problem}, "
+                             f"{str(e.problem_mark).strip()})") from None
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"The overrides {opts} are not KEY VALUE pairs (an odd count): a value is missing, or "
@@ -286,11 +294,14 @@ def is_lazy_config_file(path):
         return True
     if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
         return False
-    import yaml
 
+    class TagsIgnored(yaml.SafeLoader):
+        """Reads the keys, builds no Python object a tag names (a file may come from anyone)."""
+
+    TagsIgnored.add_multi_constructor("", lambda loader, suffix, node: None)
     with open(path) as f:
         try:
-            top = yaml.unsafe_load(f)
+            top = yaml.load(f, Loader=TagsIgnored)
         except yaml.YAMLError:
             return False
     return isinstance(top, dict) and "model" in top and "train" in top

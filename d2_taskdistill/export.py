@@ -84,7 +84,7 @@ def staged_files(output_dir):
 
 def write_student_weights(weights, path):
     with PathManager.open(weights, "rb") as f:
-        checkpoint = torch.load(f, map_location="cpu", weights_only=False)  # a trainer checkpoint
+        checkpoint = torch.load(f, map_location="cpu")  # weights_only: a trainer checkpoint holds tensors and numbers
     torch.save({"model": student_state_dict(checkpoint["model"]), "__author__": "d2_taskdistill export"}, path)
 
 

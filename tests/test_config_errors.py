@@ -117,3 +117,21 @@ def test_a_student_alone_run_without_an_evaluation_is_named(tmp_path):
         final_ap(str(tmp_path))
     (tmp_path / "metrics.json").write_text('{"iteration": 9, "parts_val/bbox/AP": 31.5}\n')  # several test sets
     assert final_ap(str(tmp_path)) == 31.5
+
+
+def test_yaml_files_are_read_without_running_python_tags(tmp_path):
+    """A config file or a teacher run's config.yaml may come from anyone: a !!python tag in it is
+    neither run nor built, where yaml.unsafe_load (detectron2's fallback) would run it."""
+    from d2_taskdistill.config import is_lazy_config_file
+
+    marker = tmp_path / "ran"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"SOLVER:\n  BASE_LR: {tag}\n")
+    lazy = tmp_path / "lazy.yaml"
+    lazy.write_text(f"model:\n  norm: {tag}\ntrain:\n  max_iter: 10\n")
+    assert not is_lazy_config_file(str(plain)) and is_lazy_config_file(str(lazy))
+    with pytest.raises(ValueError, match=r"config file '.*plain.yaml' \(or a _BASE_ of it\) holds a Python tag, "
+                                         r"which this project does not run: a yacs config is plain yaml"):
+        load_config(str(plain))
+    assert not marker.exists()
