@@ -10,6 +10,8 @@
 import hashlib
 import logging
 import os
+import pickle
+import re
 import tempfile
 
 import torch
@@ -79,14 +81,28 @@ class SafeCheckpointer(DetectionCheckpointer):
     def _load_file(self, f):
         try:
             return super()._load_file(f)
-        except Exception as e:
-            others = sorted(os.path.basename(p) for p in self.get_all_checkpoint_files()
-                            if os.path.abspath(p) != os.path.abspath(f)) if self.save_dir else []
+        except pickle.UnpicklingError as e:
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if "weights_only" not in str(e):
+                raise self._damaged(f, e) from e
             raise RuntimeError(
-                f"Checkpoint {f} cannot be read ({type(e).__name__}: {e}): it is damaged or truncated (this "
-                "project writes checkpoints atomically, so not by a run it interrupted). Remove it; to resume "
-                f"from an earlier complete checkpoint of {self.save_dir or 'its folder'} ({others or 'none'}), "
-                "write that file's name into last_checkpoint there, then run again with --resume.") from e
+                f"Checkpoint {f} holds Python objects beyond tensors and numbers"
+                + (f" ({refused.group(1)})" if refused else "") + ", which torch loads only with "
+                "weights_only=False, that is by running code the file names. This project's and "
+                "detectron2's trainers write no such object. If the file is yours and you trust it, keep its "
+                "weights only: c = torch.load(path, weights_only=False); torch.save({'model': c['model']}, path)."
+            ) from e
+        except Exception as e:
+            raise self._damaged(f, e) from e
+
+    def _damaged(self, f, e):
+        others = sorted(os.path.basename(p) for p in self.get_all_checkpoint_files()
+                        if os.path.abspath(p) != os.path.abspath(f)) if self.save_dir else []
+        return RuntimeError(
+            f"Checkpoint {f} cannot be read ({type(e).__name__}: {e}): it is damaged or truncated (this "
+            "project writes checkpoints atomically, so not by a run it interrupted). Remove it; to resume "
+            f"from an earlier complete checkpoint of {self.save_dir or 'its folder'} ({others or 'none'}), "
+            "write that file's name into last_checkpoint there, then run again with --resume.")
 
 
 def file_sha256(path):

@@ -1,6 +1,7 @@
 """Checkpoints under faults: a save killed half-way or stopped by a full disk leaves the previous
 checkpoint and last_checkpoint as they were; a damaged checkpoint is named on resume; resuming
 with another teacher is an error unless allowed."""
+import argparse
 import errno
 import os
 import subprocess
@@ -84,12 +85,18 @@ def test_a_save_killed_half_way_is_never_seen(teacher, tiny_dataset, tmp_path):
     assert trainer.start_iter == 3
 
 
-def test_a_damaged_checkpoint_is_named_on_resume(teacher, tiny_dataset, tmp_path):
+def test_a_damaged_or_refused_checkpoint_is_named_on_resume(teacher, tiny_dataset, tmp_path):
     cfg = trained_run(teacher, tiny_dataset, tmp_path)
     final = tmp_path / "model_final.pth"
     final.write_bytes(final.read_bytes()[:5000])  # damaged outside the project (a bad copy)
     with pytest.raises(RuntimeError, match=r"Checkpoint .*model_final.pth cannot be read .*Remove it; to resume "
                                            r"from an earlier complete checkpoint of .*\['model_0000001.pth'\]"):
+        DistillTrainer(cfg).resume_or_load(resume=True)
+    # Whole, but with an object torch's weights_only loading refuses: told apart from a damaged file.
+    torch.save({"model": {}, "note": argparse.Namespace()}, final)
+    with pytest.raises(RuntimeError, match=r"Checkpoint .*model_final.pth holds Python objects beyond tensors and "
+                                           r"numbers \(argparse.Namespace\), which torch loads only with "
+                                           r"weights_only=False.*If the file is yours and you trust it"):
         DistillTrainer(cfg).resume_or_load(resume=True)
 
 
