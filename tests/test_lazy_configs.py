@@ -140,9 +140,10 @@ def detections(model, batch):
 
 
 def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(teachers, tiny_batch, tmp_path):
-    # Two iterations leave every score below the default threshold: keep them all.
+    # Two iterations leave every score below the default threshold: keep them all (-1: even a
+    # probability that underflows to 0).
     lazy = lazy_cfg("retinanet_R34-R18_tid.py", teachers["retinanet"], tmp_path / "run", max_iter=2,
-                    overrides=["model.student.test_score_thresh=0.0"])
+                    overrides=["model.student.test_score_thresh=-1.0"])
     seed_all_rng(0)
     trainer = LazyDistillTrainer(lazy)
     trainer.resume_or_load(resume=False)
