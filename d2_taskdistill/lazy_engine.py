@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import compat
 from .checkpoint import SafeCheckpointer
-from .data.config_datasets import check_dataset_names
+from .data.config_datasets import check_dataset_names, register_declared_datasets
 from .engine import usable_device
 from .hooks import (TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model,
                     refuse_amp_off_cuda, unwrap, warn_unsynced_batch_norm)
@@ -45,6 +45,9 @@ LAZY_SETTING_NAMES = {
     "norm": "the backbone's norm (norm of model.backbone.bottom_up.stem, .stages and model.backbone; under "
             "model.student in a distillation config)",
     "input_size": "the ResizeShortestEdge of dataloader.train.mapper.augmentations and dataloader.test.mapper.augmentations",
+    "coco_datasets": "train.coco_datasets",
+    "voc_datasets": "train.voc_datasets",
+    "check_images": "train.check_images",
     "epochs": "train.epochs",
     "student_alone_run": "train.student_alone_run",
     "ims_per_batch": "dataloader.train.total_batch_size",
@@ -63,6 +66,11 @@ DISTILL_TRAIN_DEFAULTS = {
     "allow_teacher_change": False,  # as DISTILL.TEACHER.ALLOW_CHANGE
     "allow_other_teacher_class_names": False,  # as DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES
     "student_alone_run": "",  # as DISTILL.STUDENT_ALONE_RUN
+    # As DATASETS.COCO / VOC / CHECK_IMAGES: registered by load_lazy_config in every process, and
+    # kept in the run's config.yaml, so that resume, evaluation, export and load_teacher(run=) find them.
+    "coco_datasets": [],  # [[name, json_file, image_root], ...]
+    "voc_datasets": [],  # [[name, dirname, split, year, [class names]], ...]
+    "check_images": "sample",
 }
 
 
@@ -123,6 +131,8 @@ def load_lazy_config(path, overrides=()):
     set_train_defaults(cfg)
     with using_setting_names(LAZY_SETTING_NAMES):
         parts_of(cfg.train.student_init)  # a wrong choice fails before anything is built
+        register_declared_datasets(*(OmegaConf.to_container(cfg.train[key]) for key in ("coco_datasets", "voc_datasets")),
+                                   cfg.train.check_images)
     return cfg
 
 

@@ -30,6 +30,9 @@ API_SETTING_NAMES = {
     "filter_empty": "the loader's filter of images without annotations",
     "norm": "the backbone's norm",
     "input_size": "the input's short side",
+    "coco_datasets": "register_declared_datasets(coco=...)",
+    "voc_datasets": "register_declared_datasets(voc=...)",
+    "check_images": "register_declared_datasets(image_check=...)",
     # A distillation loss's keyword argument and its value, e.g. TID(areas='all').
     "loss_argument": "{node}({name}={value!r})",
 }

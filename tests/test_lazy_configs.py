@@ -61,6 +61,24 @@ def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector,
         assert from_py.teacher_needs_bgr_flip == from_yaml.teacher_needs_bgr_flip
 
 
+@pytest.mark.parametrize("name", ["retinanet_R34_FPN_teacher", "retinanet_R18_FPN_student"])
+def test_the_plain_py_twins_build_their_yaml_model_and_schedule(name):
+    lazy = load_lazy_config(os.path.join(DIGITS, name + ".py"), ["train.device=cpu"])
+    yaml_cfg = load_config(os.path.join(DIGITS, name + ".yaml"), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    from_yaml = build_model(yaml_cfg)
+    torch.manual_seed(0)
+    from_py = instantiate(lazy.model)
+    assert repr(from_py) == repr(from_yaml)
+    a, b = from_yaml.state_dict(), from_py.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    scheduler = lazy.lr_multiplier.scheduler
+    assert (lazy.optimizer.lr, lazy.train.max_iter, list(scheduler.milestones), scheduler.num_updates,
+            round(lazy.lr_multiplier.warmup_length * lazy.train.max_iter), lazy.train.output_dir) == (
+        yaml_cfg.SOLVER.BASE_LR, yaml_cfg.SOLVER.MAX_ITER, list(yaml_cfg.SOLVER.STEPS), yaml_cfg.SOLVER.MAX_ITER,
+        yaml_cfg.SOLVER.WARMUP_ITERS, yaml_cfg.OUTPUT_DIR)
+
+
 # CPU training is not bit-reproducible from run to run here after the first step: the same
 # yaml run, same seed and weights, twice in one process, differed by up to 6e-7 (relative) at
 # its second step, with one thread or two. The first step must be bit-identical, later ones

@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 
 from d2_taskdistill import load_config
 from d2_taskdistill.data import generate_split
-from d2_taskdistill.data.config_datasets import check_datasets
+from d2_taskdistill.data.config_datasets import check_datasets, thing_classes
 from d2_taskdistill.engine import FileNamingMapper
 from d2_taskdistill.export import export_student
 from d2_taskdistill.launch import free_dist_url, launch
@@ -258,3 +258,27 @@ def test_start_up_warnings_that_are_not_the_users_are_quiet():
     for quiet in ("torch.jit.script", "torch.meshgrid", "No CUDA runtime"):
         assert quiet not in proc.stderr
     assert "UserWarning: a warning of the user" in proc.stderr
+
+
+def test_a_py_config_declares_own_data_in_its_train_keys(own_data, tmp_path):
+    """train.coco_datasets, as DATASETS.COCO: registered by load_lazy_config (so in every worker)
+    and kept in the run's config.yaml, which then loads with its datasets."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.config import LazyConfig
+
+    from d2_taskdistill.lazy_engine import load_lazy_config, save_portable
+
+    declared = ",".join(f"['{name}','{json_file}','{root}']" for name, json_file, root in own_data)
+    cfg = load_lazy_config(config_path("digits", "retinanet_R18_FPN_student.py"), [
+        f"train.coco_datasets=[{declared}]", "dataloader.train.dataset.names=[parts_train]",
+        "dataloader.test.dataset.names=[parts_val]", "dataloader.evaluator.dataset_name=parts_val",
+        "model.num_classes=3", "train.device=cpu"])
+    assert thing_classes("parts_val") == CLASSES and MetadataCatalog.get("parts_val").evaluator_type == "coco"
+    save_portable(cfg, str(tmp_path / "config.yaml"))
+    saved = LazyConfig.load(str(tmp_path / "config.yaml"))
+    assert [list(e) for e in saved.train.coco_datasets] == [list(e) for e in own_data]
+    assert load_lazy_config(str(tmp_path / "config.yaml")).model.num_classes == 3  # the same entries: no clash
+    with pytest.raises(ValueError, match=r"train.coco_datasets entry \['x'\]: expected \[name, json_file, image_root\]"):
+        load_lazy_config(config_path("digits", "retinanet_R18_FPN_student.py"), ["train.coco_datasets=[[x]]"])
+    with pytest.raises(ValueError, match=r"train.check_images='every'; choose one of"):
+        load_lazy_config(config_path("digits", "retinanet_R18_FPN_student.py"), ["train.check_images=every"])

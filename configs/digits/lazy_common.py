@@ -60,21 +60,26 @@ train.checkpointer = dict(period=1000, max_to_keep=100)
 train.seed = -1
 train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the yaml configs
 
-# The yaml students: ResNet-18 with BatchNorm (from scratch: FrozenBN would be an identity),
-# FPN on res3-res5 with 64 channels, heads of 2 convs, 10 classes; RetinaNet's anchors half of
-# detectron2's COCO sizes.
-def _digits_student(model):
-    resize_zoo_detector(model, depth=18, width=64, num_classes=10, norm="BN", head_convs=2)
+# The yaml models: ResNets with BatchNorm (from scratch: FrozenBN would be an identity), FPN on
+# res3-res5, heads of 2 convs, 10 classes; RetinaNet's anchors half of detectron2's COCO sizes.
+def digits_model(model, depth, width):
+    resize_zoo_detector(model, depth=depth, width=width, num_classes=10, norm="BN", head_convs=2)
     model.pixel_mean = [103.530, 116.280, 123.675]
     model.pixel_std = [1.0, 1.0, 1.0]
     return model
 
 
-retinanet_student = _digits_student(get_config("common/models/retinanet.py").model)
-retinanet_student.anchor_generator.sizes = [
-    [16, 20.16, 25.4], [32, 40.32, 50.8], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37]]
-retinanet_student.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
+def digits_retinanet(depth, width):
+    model = digits_model(get_config("common/models/retinanet.py").model, depth, width)
+    model.anchor_generator.sizes = [
+        [16, 20.16, 25.4], [32, 40.32, 50.8], [64, 80.63, 101.59], [128, 161.27, 203.19], [256, 322.54, 406.37]]
+    model.smooth_l1_beta = 0.1  # the yacs default (MODEL.RETINANET.SMOOTH_L1_LOSS_BETA)
+    return model
 
-fcos_student = _digits_student(get_config("common/models/fcos.py").model)
+
+# The R18 students (*_R18_FPN_student.yaml): 64 FPN channels.
+retinanet_student = digits_retinanet(depth=18, width=64)
+
+fcos_student = digits_model(get_config("common/models/fcos.py").model, depth=18, width=64)
 # The project's FCOS: detectron2's, with v0.6's images-without-boxes fault guarded.
 fcos_student._target_ = FCOS

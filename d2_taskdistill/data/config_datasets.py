@@ -54,23 +54,31 @@ IMAGE_SAMPLE = 32
 
 def register_datasets_from_config(cfg):
     """Register every dataset of ``DATASETS.COCO`` and ``DATASETS.VOC``; idempotent."""
-    image_check = cfg.DATASETS.CHECK_IMAGES
+    with using_setting_names(YACS_SETTING_NAMES):
+        register_declared_datasets(cfg.DATASETS.COCO, cfg.DATASETS.VOC, cfg.DATASETS.CHECK_IMAGES)
+
+
+def register_declared_datasets(coco=(), voc=(), image_check="sample"):
+    """Register COCO ``[name, json_file, image_root]`` and VOC ``[name, dirname, split, year,
+    [class names]]`` datasets (yacs DATASETS.COCO / VOC, LazyConfig train.coco_datasets /
+    voc_datasets) with the project's checks; idempotent."""
     if image_check not in IMAGE_CHECKS:
-        raise ValueError(f"DATASETS.CHECK_IMAGES={image_check!r}; choose one of {IMAGE_CHECKS}")
-    for entry in cfg.DATASETS.COCO:
-        name, json_file, image_root = _entry(entry, "DATASETS.COCO", ["name", "json_file", "image_root"])
+        raise ValueError(f"{setting('check_images')}={image_check!r}; choose one of {IMAGE_CHECKS}")
+    for entry in coco:
+        name, json_file, image_root = _entry(entry, setting("coco_datasets"), ["name", "json_file", "image_root"])
 
         def register(name=name, json_file=json_file, image_root=image_root):
             register_coco_instances(name, {}, json_file, image_root)
             _wrap_loader(name, lambda: _check_coco_files(name, json_file, image_root), image_check,
                          lambda: _unknown_categories(name, json_file))
 
-        _register_once(name, "DATASETS.COCO", (json_file, image_root), register)
-    for entry in cfg.DATASETS.VOC:
+        _register_once(name, setting("coco_datasets"), (json_file, image_root), register)
+    for entry in voc:
         name, dirname, split, year, class_names = _entry(
-            entry, "DATASETS.VOC", ["name", "dirname", "split", "year", "[class names]"])
+            entry, setting("voc_datasets"), ["name", "dirname", "split", "year", "[class names]"])
         if isinstance(class_names, str) or not class_names:
-            raise ValueError(f"DATASETS.VOC entry {name!r}: class names must be a non-empty list, got {class_names!r}")
+            raise ValueError(f"{setting('voc_datasets')} entry {name!r}: class names must be a non-empty list, "
+                             f"got {class_names!r}")
 
         def register(name=name, dirname=dirname, split=split, year=year, class_names=tuple(class_names)):
             register_pascal_voc(name, dirname, split, int(year), list(class_names))
@@ -78,7 +86,7 @@ def register_datasets_from_config(cfg):
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
             _wrap_loader(name, lambda: _check_voc_files(name, dirname, split), image_check)
 
-        _register_once(name, "DATASETS.VOC", (dirname, split, int(year), tuple(class_names)), register)
+        _register_once(name, setting("voc_datasets"), (dirname, split, int(year), tuple(class_names)), register)
 
 
 def _wrap_loader(name, check_files, image_check="sample", explain_key_error=None):
