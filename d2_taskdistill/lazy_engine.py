@@ -232,6 +232,17 @@ def set_train_defaults(cfg):
         cfg.train.setdefault(key, value)
 
 
+def train_short_side(cfg):
+    """The largest short side dataloader.train's ResizeShortestEdge resizes to, or None."""
+    mapper = cfg.dataloader.train.get("mapper", None)
+    for augmentation in (mapper.get("augmentations", None) or []) if isinstance(mapper, DictConfig) else []:
+        target = augmentation.get("_target_", None) if isinstance(augmentation, DictConfig) else None
+        if (target if isinstance(target, str) else getattr(target, "__name__", "")).endswith("ResizeShortestEdge"):
+            edge = augmentation.short_edge_length
+            return max(edge) if isinstance(edge, (list, tuple, ListConfig)) else edge
+    return None
+
+
 def dataset_names(loader_cfg):
     names = loader_cfg.get("dataset", {}).get("names", [])
     return [names] if isinstance(names, str) else list(names)
@@ -410,7 +421,7 @@ class LazyDistillTrainer:
             check_datasets=lambda: check_dataset_names(
                 dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_origin,
                 settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names"),
-                allow_other_teacher_names=cfg.train.allow_other_teacher_class_names),
+                input_short_side=train_short_side(cfg), allow_other_teacher_names=cfg.train.allow_other_teacher_class_names),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
             allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,

@@ -72,6 +72,7 @@ def test_the_plain_py_twins_build_their_yaml_model_and_schedule(name):
     assert repr(from_py) == repr(from_yaml)
     a, b = from_yaml.state_dict(), from_py.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert lazy_engine.train_short_side(lazy) == max(yaml_cfg.INPUT.MIN_SIZE_TRAIN) == 128  # for the data summary
     scheduler = lazy.lr_multiplier.scheduler
     assert (lazy.optimizer.lr, lazy.train.max_iter, list(scheduler.milestones), scheduler.num_updates,
             round(lazy.lr_multiplier.warmup_length * lazy.train.max_iter), lazy.train.output_dir) == (
