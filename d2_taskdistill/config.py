@@ -182,9 +182,13 @@ def load_config(config_file, opts=()):
             # detectron2 falls back to yaml.unsafe_load, which runs what a !!python tag names.
             cfg.merge_from_file(config_file, allow_unsafe=False)
         except yaml.constructor.ConstructorError as e:
-            raise ValueError(f"config file {config_file!r} (or a _BASE_ of it) holds a Python tag, which this "
-                             f"project does not run: a yacs config is plain yaml ({e.problem}, "
-                             f"{str(e.problem_mark).strip()})") from None
+            if not is_detectron2_file(getattr(e.problem_mark, "name", "")):
+                raise ValueError(f"config file {config_file!r} (or a _BASE_ of it) holds a Python tag, which this "
+                                 f"project does not run: a yacs config is plain yaml ({e.problem}, "
+                                 f"{str(e.problem_mark).strip()})") from None
+            # detectron2's own model-zoo yaml (Base-RetinaNet.yaml's anchor sizes) is installed code; the
+            # files before it in the _BASE_ chain have been read safely already.
+            cfg.merge_from_file(config_file, allow_unsafe=True)
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"The overrides {opts} are not KEY VALUE pairs (an odd count): a value is missing, or "
@@ -288,6 +292,14 @@ def add_cwd_config(cfg):
     c.NORMALIZE = "channel"
     # The finest NUM_LEVELS levels; 0: all. The authors' config distils P3-P6.
     c.NUM_LEVELS = 4
+
+
+def is_detectron2_file(path):
+    """Whether ``path`` is a file of the installed detectron2 package (its model-zoo configs)."""
+    import detectron2
+
+    package = os.path.dirname(os.path.realpath(detectron2.__file__))
+    return bool(path) and os.path.realpath(path).startswith(package + os.sep)
 
 
 def is_lazy_config_file(path):

@@ -135,3 +135,12 @@ def test_yaml_files_are_read_without_running_python_tags(tmp_path):
                                          r"which this project does not run: a yacs config is plain yaml"):
         load_config(str(plain))
     assert not marker.exists()
+    # detectron2's own model-zoo yaml, whose anchor sizes are a !!python/object/apply:eval, is installed
+    # code: a config built on it loads.
+    from detectron2 import model_zoo
+
+    based = tmp_path / "based.yaml"
+    based.write_text(f"_BASE_: {model_zoo.get_config_file('COCO-Detection/retinanet_R_101_FPN_3x.yaml')}\n"
+                     "MODEL:\n  RETINANET:\n    NUM_CLASSES: 3\n")
+    cfg = load_config(str(based))
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 3 and cfg.MODEL.ANCHOR_GENERATOR.SIZES[0][0] == 32
