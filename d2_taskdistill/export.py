@@ -82,6 +82,26 @@ def staged_files(output_dir):
         os.replace(path, os.path.join(output_dir, name))
 
 
+@contextlib.contextmanager
+def staged_export(output_dir, dataset, weights):
+    """What both exports write first, staged (:func:`staged_files`): the class names (the likeliest
+    failure, first) and the student's weights. Yields (stage, the staged weights to check, the
+    final weights path the config names)."""
+    weights_path = exported_paths(output_dir)[0]
+    with staged_files(output_dir) as stage:
+        write_class_names_record(dataset, weights, stage(CLASS_NAMES_FILE))
+        staged_weights = stage("model_final.pth")
+        write_student_weights(weights, staged_weights)
+        yield stage, staged_weights, weights_path
+
+
+def exported_paths(output_dir):
+    """(checkpoint, config, class names) of an export in ``output_dir``; the checkpoint's path is
+    absolute: the exported config names it, and then loads from any working directory."""
+    return (os.path.abspath(os.path.join(output_dir, "model_final.pth")), os.path.join(output_dir, "config.yaml"),
+            os.path.join(output_dir, CLASS_NAMES_FILE))
+
+
 def write_student_weights(weights, path):
     with PathManager.open(weights, "rb") as f:
         checkpoint = torch.load(f, map_location="cpu")  # weights_only: a trainer checkpoint holds tensors and numbers
@@ -149,12 +169,7 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
 
     names = cfg.dataloader.train.dataset.names
     dataset = names if isinstance(names, str) else names[0]
-    # Absolute: the exported config then loads from any working directory.
-    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
-    with staged_files(output_dir) as stage:
-        write_class_names_record(dataset, weights, stage(CLASS_NAMES_FILE))  # the likeliest failure, first
-        staged_weights = stage("model_final.pth")
-        write_student_weights(weights, staged_weights)
+    with staged_export(output_dir, dataset, weights) as (stage, staged_weights, weights_path):
         out = OmegaConf.create({"model": cfg.model.student, "dataloader": cfg.dataloader},
                                flags={"allow_objects": True})
         plain_detectron2_targets(out)
@@ -165,7 +180,7 @@ def export_lazy_student(cfg, weights, output_dir, device="cpu"):
                 f"The student weights in {weights!r} do not fit model.student of the config being exported: "
                 + "; ".join(problems) + ". Export with the config the weights were trained with.")
         save_portable(out, stage("config.yaml"))
-    return weights_path, os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, CLASS_NAMES_FILE)
+    return exported_paths(output_dir)
 
 
 def export_student(cfg, weights, output_dir, device="cpu"):
@@ -185,11 +200,7 @@ def export_student(cfg, weights, output_dir, device="cpu"):
     detectron2's own FCOS class either way.
     Returns (checkpoint path, config path, metadata path).
     """
-    weights_path = os.path.abspath(os.path.join(output_dir, "model_final.pth"))
-    with staged_files(output_dir) as stage:
-        write_class_names_record(cfg.DATASETS.TRAIN[0], weights, stage(CLASS_NAMES_FILE))
-        staged_weights = stage("model_final.pth")
-        write_student_weights(weights, staged_weights)
+    with staged_export(output_dir, cfg.DATASETS.TRAIN[0], weights) as (stage, staged_weights, weights_path):
         out_cfg = student_config(cfg)
         keep = ["MODEL.FCOS"] if out_cfg.MODEL.META_ARCHITECTURE == "FCOS" else []
         drop_keys_missing_from(out_cfg, get_cfg(), keep)
@@ -198,4 +209,4 @@ def export_student(cfg, weights, output_dir, device="cpu"):
         check_weights_fit(out_cfg, staged_weights, weights)
         with open(stage("config.yaml"), "w") as f:
             f.write(out_cfg.dump())
-    return weights_path, os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, CLASS_NAMES_FILE)
+    return exported_paths(output_dir)
