@@ -15,6 +15,7 @@ YACS_SETTING_NAMES = {
     "teacher.config_file": "DISTILL.TEACHER.CONFIG_FILE",
     "teacher.weights": "DISTILL.TEACHER.WEIGHTS",
     "teacher.overrides": "DISTILL.TEACHER.OPTS",
+    "teacher.sha256": "DISTILL.TEACHER.SHA256",
     "teacher.allow_change": "DISTILL.TEACHER.ALLOW_CHANGE",
     "teacher.allow_other_class_names": "DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES",
     "losses": "DISTILL.LOSSES",
@@ -79,6 +80,9 @@ def add_distill_config(cfg):
     cfg.DISTILL.TEACHER.CONFIG_FILE = ""
     # .pth (detectron2/fvcore checkpoint) or model-zoo .pkl; every key must load.
     cfg.DISTILL.TEACHER.WEIGHTS = ""
+    # The weights file's expected sha256 (`sha256sum` prints it; its first 8+ hex digits do): another
+    # file is an error before it is unpickled (unpickling a .pkl can run code). Empty: any file.
+    cfg.DISTILL.TEACHER.SHA256 = ""
     # KEY VALUE overrides merged into the teacher config, e.g. ["MODEL.RETINANET.NUM_CLASSES", 20].
     cfg.DISTILL.TEACHER.OPTS = []
     # Evaluate the teacher on DATASETS.TEST once before training and log its AP.
@@ -149,6 +153,11 @@ def add_taskdistill_config(cfg):
         # Periodic checkpoints kept (the oldest deleted; model_final.pth always stays); 0: all, as
         # detectron2. A LazyConfig's train.checkpointer.max_to_keep.
         cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    if not hasattr(cfg.SOLVER, "WATCHDOG_SECONDS"):
+        # A training step that runs longer than this and 20 median steps (a deadlock, a stuck
+        # filesystem) stops the process with every thread's Python stack in the log, exit code 124,
+        # which torchrun restarts. 0: off. A LazyConfig's train.watchdog_seconds.
+        cfg.SOLVER.WATCHDOG_SECONDS = 600
     if not hasattr(cfg.MODEL, "FCOS"):
         add_fcos_config(cfg)
     if not hasattr(cfg, "DISTILL"):

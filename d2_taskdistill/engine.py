@@ -19,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from . import compat
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, check_resume_agreement
 from .config import YACS_SETTING_NAMES
 from .data.config_datasets import (check_datasets, check_declared_datasets_used, check_registered,
                                    no_training_images_named)
@@ -122,6 +122,7 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
     def resume_or_load(self, resume=True):
         with using_setting_names(YACS_SETTING_NAMES):
             super().resume_or_load(resume)
+        check_resume_agreement(self.checkpointer, resume, self.start_iter, "OUTPUT_DIR")
 
     def train(self):
         with using_setting_names(YACS_SETTING_NAMES):
@@ -149,11 +150,12 @@ class DistillTrainer(NonFiniteLossHint, DefaultTrainer):
             teacher_eval_at_start=cfg.DISTILL.TEACHER.EVAL_AT_START,
             allow_teacher_change=cfg.DISTILL.TEACHER.ALLOW_CHANGE, student_alone_run=cfg.DISTILL.STUDENT_ALONE_RUN,
             train_dataset=cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None,
+            watchdog=(cfg.SOLVER.WATCHDOG_SECONDS, "SOLVER.WATCHDOG_SECONDS"),
             evaluate=lambda m: self.test_by_dataset(cfg, m, os.path.join(cfg.OUTPUT_DIR, TEACHER_EVAL_FOLDER)))
         self.features.add_to_checkpointer(self.checkpointer)
         timer, *rest = super().build_hooks()  # IterationTimer first
         rest = [self.checkpoints_kept(h) if isinstance(h, d2_hooks.PeriodicCheckpointer) else h for h in rest]
-        return [*self.features.first_hooks(), timer, *self.features.grad_scaler_hooks(self._trainer), *rest]
+        return [*self.features.first_hooks(), timer, *self.features.step_hooks(self._trainer), *rest]
 
     def checkpoints_kept(self, checkpointer_hook):
         """DefaultTrainer's PeriodicCheckpointer with SOLVER.CHECKPOINT_MAX_TO_KEEP (0: all)."""

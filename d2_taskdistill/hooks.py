@@ -1,8 +1,15 @@
 """Training features as detectron2 hooks, shared by the yacs trainer (engine.DistillTrainer)
 and the LazyConfig one (lazy_engine.LazyDistillTrainer)."""
+import faulthandler
 import json
 import logging
 import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
 
 import torch
 import torch.nn as nn
@@ -12,8 +19,9 @@ import detectron2.utils.comm as comm
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-from .checkpoint import TeacherIdentity
+from .checkpoint import TeacherIdentity, remove_stale_temporary_files
 from .data.config_datasets import CLASS_NAMES_FILE, write_class_names
+from .launch import from_main_process
 from .modeling.inherit import inherit_from_teacher, parts_of
 from .settings import setting
 
@@ -82,6 +90,77 @@ class GradScalerMonitor(HookBase):
         storage.put_scalar("amp/skipped_steps", skipped, smoothing_hint=False)
 
 
+
+
+# The watchdog's limit on one step: at least its setting's seconds, and this many median steps.
+WATCHDOG_STEP_FACTOR = 20
+# How a process the watchdog stops exits (as coreutils' `timeout`): torchrun restarts the group.
+WATCHDOG_EXIT_CODE = 124
+
+
+class Watchdog(HookBase):
+    """Stops a process whose training step does not finish (a deadlock in a step, a filesystem
+    that stopped answering): where a step runs longer than max(``min_seconds``,
+    WATCHDOG_STEP_FACTOR x the median step), every thread's Python stack goes to the log and to
+    stderr, and the process exits with WATCHDOG_EXIT_CODE, so that torchrun restarts the group from
+    the last checkpoint. The other ranks, waiting for it in a collective, stop the same way.
+    Evaluations and checkpoint saves (after the step) are not timed: their length depends on the
+    test set and the disk. ``min_seconds`` 0 turns it off."""
+
+    def __init__(self, min_seconds, setting_name, exit=os._exit):
+        self.min_seconds = float(min_seconds)
+        self.setting_name = setting_name
+        self._exit = exit
+        self._steps = deque(maxlen=200)  # recent step durations, for the median
+        self._step_started = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def limit(self):
+        median = statistics.median(self._steps) if self._steps else 0.0
+        return max(self.min_seconds, WATCHDOG_STEP_FACTOR * median)
+
+    def before_train(self):
+        if self.min_seconds > 0:
+            self._thread = threading.Thread(target=self._watch, name="d2_taskdistill-watchdog", daemon=True)
+            self._thread.start()
+
+    def before_step(self):
+        self._step_started = time.monotonic()
+
+    def after_step(self):
+        self._steps.append(time.monotonic() - self._step_started)
+        self._step_started = None
+
+    def after_train(self):
+        self._stop.set()
+
+    def _watch(self):
+        poll = max(0.2, min(10.0, self.min_seconds / 10))
+        while not self._stop.wait(poll):
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.limit():
+                self._fire(time.monotonic() - started)
+                return
+
+    def _fire(self, elapsed):
+        with tempfile.TemporaryFile("w+") as f:
+            faulthandler.dump_traceback(file=f, all_threads=True)
+            f.seek(0)
+            stacks = f.read()
+        median = statistics.median(self._steps) if self._steps else float("nan")
+        logger.error(
+            "Rank %d: iteration %d has not finished after %.0f s (the limit is the larger of %s=%g s and %d x the "
+            "median step, %.2f s): a worker hangs. Exiting with code %d, so that torchrun restarts the job from "
+            "its last checkpoint. Python stacks of this process (the training thread is the one inside "
+            "run_step):\n%s", comm.get_rank(), self.trainer.iter, elapsed, self.setting_name, self.min_seconds,
+            WATCHDOG_STEP_FACTOR, median, WATCHDOG_EXIT_CODE, stacks)
+        sys.stderr.write(stacks)
+        for handler in logging.getLogger().handlers + [h for name in ("d2_taskdistill", "detectron2")
+                                                        for h in logging.getLogger(name).handlers]:
+            handler.flush()
+        sys.stderr.flush()
+        self._exit(WATCHDOG_EXIT_CODE)
 
 
 class StudentInit(HookBase):
@@ -214,6 +293,22 @@ class NonFiniteLossHint:
             raise
 
 
+def check_same_teacher_on_all_ranks(identity):
+    """Every rank's teacher file has rank 0's sha256 (all ranks call this together), or an error
+    on every rank naming those that differ: e.g. a machine with an older copy of the file."""
+    if comm.get_world_size() == 1:
+        return
+    hashes = comm.all_gather((identity.weights, identity.sha256))
+    differ = [rank for rank, (_, sha256) in enumerate(hashes) if sha256 != hashes[0][1]]
+    if differ:
+        files = "; ".join(f"rank {rank}: {weights} (sha256 {sha256[:16]})" for rank, (weights, sha256) in enumerate(hashes)
+                          if rank == 0 or rank in differ)
+        raise ValueError(
+            f"The ranks load different teacher files: ranks {differ} differ from rank 0 ({files}). Every machine "
+            f"needs the same teacher file: copy rank 0's to the others, or set {setting('teacher.sha256')} to "
+            "the expected hash, so that a wrong copy is named where it is read.")
+
+
 class DistillFeatures:
     """The project's training features for one run, the same for the yacs trainer
     (engine.DistillTrainer) and the LazyConfig one (lazy_engine.LazyDistillTrainer); each trainer
@@ -230,12 +325,13 @@ class DistillFeatures:
     allow_teacher_change: resume with another teacher than the checkpoint's;
     student_alone_run: the OUTPUT_DIR of the student trained alone: the teacher is evaluated at
         the start and compared with it (a warning when it is not better);
-    train_dataset: the training set whose class names the run records (output_dir/metadata.json).
+    train_dataset: the training set whose class names the run records (output_dir/metadata.json);
+    watchdog: (seconds, the setting's name) of the :class:`Watchdog` (0: none).
     """
 
     def __init__(self, model, output_dir, check_datasets, student_init="none", build_teacher=None,
                  teacher_eval_at_start=False, allow_teacher_change=False, evaluate=None, student_alone_run="",
-                 train_dataset=None):
+                 train_dataset=None, watchdog=(0, "")):
         self.model = unwrap(model)
         self.distill = is_distill_model(self.model)
         self.output_dir = output_dir
@@ -247,15 +343,22 @@ class DistillFeatures:
         self.evaluate = evaluate
         self.student_alone_run = student_alone_run
         self.train_dataset = train_dataset
+        self.watchdog = watchdog
         if student_alone_run and self.distill:
             final_ap(student_alone_run)  # a wrong folder fails now, not after the teacher's evaluation
         self.teacher_evaluation = None
+        self.teacher_identity = None
+        if self.distill:
+            self.teacher_identity = TeacherIdentity(self.model.teacher_origin.weights, allow_teacher_change)
+            check_same_teacher_on_all_ranks(self.teacher_identity)
 
     def add_to_checkpointer(self, checkpointer):
-        """Checkpoints record the teacher's identity: a resume with another teacher is refused."""
-        if self.distill:
-            checkpointer.add_checkpointable(
-                "teacher", TeacherIdentity(self.model.teacher_origin.weights, self.allow_teacher_change))
+        """Checkpoints record the teacher's identity: a resume with another teacher is refused.
+        Temporary files of a save that was killed are removed (rank 0, which saves)."""
+        if comm.is_main_process() and checkpointer.save_dir:
+            remove_stale_temporary_files(checkpointer.save_dir)
+        if self.teacher_identity is not None:
+            checkpointer.add_checkpointable("teacher", self.teacher_identity)
 
     def first_hooks(self):
         """Hooks that run before the first step, in this order (before detectron2's
@@ -277,12 +380,14 @@ class DistillFeatures:
         """The teacher's {dataset: metrics} evaluated at the start, or None."""
         return self.teacher_evaluation.results if self.teacher_evaluation else None
 
-    @staticmethod
-    def grad_scaler_hooks(trainer):
-        """The grad-scaler monitor where ``trainer`` (detectron2's SimpleTrainer or AMPTrainer)
-        scales gradients; to go right after IterationTimer, before the writers."""
+    def step_hooks(self, trainer):
+        """To go right after IterationTimer, before the checkpointer, evaluation and writers: the
+        watchdog (timing the step, not what follows it) and the grad-scaler monitor where
+        ``trainer`` (detectron2's SimpleTrainer or AMPTrainer) scales gradients."""
+        seconds, setting_name = self.watchdog
         scaler = getattr(trainer, "grad_scaler", None)
-        return [GradScalerMonitor(scaler)] if scaler is not None else []
+        return ([Watchdog(seconds, setting_name)] if seconds else []) + (
+            [GradScalerMonitor(scaler)] if scaler is not None else [])
 
 
 class ClassNamesRecord(HookBase):
@@ -303,10 +408,10 @@ class ClassNamesRecord(HookBase):
 class DatasetCheck(HookBase):
     """Runs ``check()`` (data.config_datasets.check_dataset_names with the run's datasets)
     before the first step: a dataset problem stops the run with the setting to fix, not an
-    evaluation hours later."""
+    evaluation hours later. Several processes: rank 0 checks, the others wait for its verdict."""
 
     def __init__(self, check):
         self.check = check
 
     def before_train(self):
-        self.check()
+        from_main_process(self.check)

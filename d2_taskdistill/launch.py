@@ -107,6 +107,26 @@ def run_torchrun_worker(main_func, args=(), device=None, timeout=DEFAULT_TIMEOUT
         dist.destroy_process_group()
 
 
+def from_main_process(compute):
+    """``compute()`` on rank 0, its result on every rank (all ranks call this together): one answer
+    where each rank would read a file that may change meanwhile. An error on rank 0 is raised on
+    every rank, so none waits for the others."""
+    if comm.get_world_size() == 1:
+        return compute()
+    outcome = None
+    if comm.is_main_process():
+        try:
+            outcome = (True, compute())
+        except Exception as e:
+            outcome = (False, e)
+    ok, value = comm.all_gather(outcome)[0]
+    if ok:
+        return value
+    if comm.is_main_process():
+        raise value
+    raise RuntimeError(f"rank 0 failed ({type(value).__name__}: {value}); rank 0's log has the details") from None
+
+
 def torchrun_restart_count():
     """How often torchrun has restarted this worker group (0: the first start)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

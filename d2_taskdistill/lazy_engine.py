@@ -16,7 +16,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import compat
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, check_resume_agreement
 from .data.config_datasets import check_dataset_names, register_declared_datasets
 from .engine import usable_device
 from .hooks import (TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFiniteLossHint, is_distill_model,
@@ -71,6 +71,9 @@ DISTILL_TRAIN_DEFAULTS = {
     "coco_datasets": [],  # [[name, json_file, image_root], ...]
     "voc_datasets": [],  # [[name, dirname, split, year, [class names]], ...]
     "check_images": "sample",
+    # As SOLVER.WATCHDOG_SECONDS: a step that runs longer than this (and 20 median steps) stops the
+    # process with every thread's stack in the log; 0: off.
+    "watchdog_seconds": 600,
 }
 
 
@@ -426,13 +429,14 @@ class LazyDistillTrainer:
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
             allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,
             evaluate=lambda m: evaluate(cfg, m, os.path.join(cfg.train.output_dir, TEACHER_EVAL_FOLDER)),
-            train_dataset=next(iter(dataset_names(cfg.dataloader.train)), None))
+            train_dataset=next(iter(dataset_names(cfg.dataloader.train)), None),
+            watchdog=(cfg.train.watchdog_seconds, "train.watchdog_seconds"))
 
     def build_hooks(self):
         """lazyconfig_train_net's hooks, with the project's features around them."""
         cfg = self.cfg
         result = [*self.features.first_hooks(), hooks.IterationTimer(),
-                  *self.features.grad_scaler_hooks(self._trainer),
+                  *self.features.step_hooks(self._trainer),
                   hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier))]
         if comm.is_main_process():
             result.append(hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer))
@@ -458,6 +462,7 @@ class LazyDistillTrainer:
             self.start_iter = self._trainer.iter + 1
         else:
             self.start_iter = 0
+        check_resume_agreement(self.checkpointer, resume, self.start_iter, "train.output_dir")
 
     def train(self):
         with using_setting_names(LAZY_SETTING_NAMES):

@@ -14,6 +14,7 @@ API_SETTING_NAMES = {
     "teacher.config_file": "load_teacher(config_file=...)",
     "teacher.weights": "load_teacher(weights=...)",
     "teacher.overrides": "load_teacher(overrides=...)",
+    "teacher.sha256": "load_teacher(sha256=...)",
     "losses": "TaskDistillDetector(losses=...)",
     "student.num_classes": "the student's num_classes",
     "student.input_format": "TaskDistillDetector(input_format=...)",

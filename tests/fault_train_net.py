@@ -3,7 +3,8 @@
 D2_TASKDISTILL_TEST_FAULTS="ROUND:RANK:WHERE:ITER,...": in restart round ROUND of a torchrun
 group (TORCHELASTIC_RESTART_COUNT; 0 under launch()), rank RANK kills itself with SIGKILL
 - WHERE "step": after iteration ITER (after the checkpoint of that iteration, if any);
-- WHERE "save": half-way through writing the checkpoint of iteration ITER (rank 0 saves).
+- WHERE "save": half-way through writing the checkpoint of iteration ITER (rank 0 saves);
+- WHERE "hang": inside iteration ITER, sleeps forever (the watchdog's case: a deadlock).
 Each worker also records, once it has built its model, whether its teacher equals the
 teacher's file tensor for tensor: OUTPUT_DIR/teacher_check_round{ROUND}_rank{RANK}.json.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,6 +47,22 @@ class KillAfter(HookBase):
     def after_step(self):
         if self.trainer.iter == self.iteration:
             die()
+
+
+class HangIn(HookBase):
+    """Registered after the trainer's hooks: its before_step runs inside the watchdog's timed step."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            hang_forever()
+
+
+def hang_forever():
+    while True:
+        time.sleep(1)
 
 
 class TeacherCheck(HookBase):
@@ -86,6 +104,8 @@ def build_hooks(self):
             hooks.append(KillAfter(iteration))
         elif where == "save":
             kill_while_saving(iteration)
+        elif where == "hang":
+            hooks.append(HangIn(iteration))
         else:
             raise ValueError(f"D2_TASKDISTILL_TEST_FAULTS: unknown place {where!r}")
     return hooks

@@ -4,6 +4,7 @@ with another teacher is an error unless allowed."""
 import argparse
 import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -128,3 +129,106 @@ def test_teacher_identity_is_hashed_once(tmp_path):
     assert identity.state_dict()["sha256"] == file_sha256(str(weights))
     weights.write_bytes(b"changed under a running job")
     assert identity.state_dict()["sha256"] != file_sha256(str(weights))  # the one the run started with
+
+
+def test_a_missing_checkpoint_is_told_apart_from_a_damaged_one(teacher, tiny_dataset, tmp_path):
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    os.remove(tmp_path / "model_final.pth")  # e.g. cleaned up by hand
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint .*model_final.pth does not exist; .*last_checkpoint "
+                                                r"names it.*\(\['model_0000001.pth'\]\), write its name into "
+                                                r"last_checkpoint; to start over, remove last_checkpoint"):
+        DistillTrainer(cfg).resume_or_load(resume=True)
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_start(teacher, tiny_dataset, tmp_path, caplog):
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    stale = [".model_0000003.pth.k2j4x9_a.tmp", ".last_checkpoint.p0q1r2s3.tmp"]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"\0" * 100)
+    (tmp_path / ".notes.tmp").write_text("not a checkpoint's")
+    with caplog.at_level("INFO", logger="d2_taskdistill"):
+        DistillTrainer(cfg)
+    assert not any((tmp_path / name).exists() for name in stale)
+    assert (tmp_path / ".notes.tmp").exists()
+    assert f"Removed 2 temporary file(s) of an interrupted save from {tmp_path}: {sorted(stale)}" in caplog.text
+
+
+def test_a_folder_fsync_refused_after_the_rename_is_reported_truthfully(teacher, tiny_dataset, tmp_path, monkeypatch,
+                                                                         caplog):
+    """Some network filesystems refuse fsync on a folder (EINVAL): the checkpoint is complete and in
+    place, last_checkpoint names it, and the log says what was not made durable."""
+    import stat
+
+    from d2_taskdistill import checkpoint
+
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    trainer = DistillTrainer(cfg)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    with caplog.at_level("WARNING", logger="d2_taskdistill"):
+        trainer.checkpointer.save("model_0000099", iteration=99)
+    assert last_checkpoint(tmp_path) == "model_0000099.pth"
+    assert torch.load(tmp_path / "model_0000099.pth", weights_only=False)["iteration"] == 99
+    assert re.search(r"model_0000099.pth is written and renamed into place, but .* cannot be fsynced \(\[Errno 22\] "
+                     r"Invalid argument\): the file is complete", caplog.text)
+
+
+def test_a_folder_that_is_not_local_is_said_to_be_saved_plainly_once(teacher, tiny_dataset, tmp_path, monkeypatch,
+                                                                      caplog):
+    from d2_taskdistill import checkpoint
+
+    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    trainer = DistillTrainer(cfg)
+    # As for a PathManager URL (e.g. manifold://): not a folder this process can rename in.
+    monkeypatch.setattr(checkpoint.os.path, "isdir", lambda path: False)
+    with caplog.at_level("WARNING"):
+        trainer.checkpointer.save("model_0000097")
+        trainer.checkpointer.save("model_0000098")
+    assert caplog.text.count("which is not a local folder: they are saved with detectron2's plain save") == 1
+    assert last_checkpoint(tmp_path) == "model_0000098.pth"
+
+
+def test_the_watchdog_stops_a_step_that_does_not_finish(caplog):
+    """A step still running after max(min_seconds, 20 median steps): every thread's stack in the
+    log, then exit code 124. Steps within the limit, and the time between steps, never fire it."""
+    import time
+
+    from d2_taskdistill.hooks import WATCHDOG_EXIT_CODE, Watchdog
+
+    exits = []
+    watchdog = Watchdog(0.6, "SOLVER.WATCHDOG_SECONDS", exit=exits.append)
+    watchdog.trainer = argparse.Namespace(iter=0)
+    watchdog.before_train()
+    for it in range(3):  # 3 steps of 0.02 s, then an evaluation of 1 s between steps
+        watchdog.trainer.iter = it
+        watchdog.before_step()
+        time.sleep(0.02)
+        watchdog.after_step()
+    assert watchdog.limit() == 0.6  # 20 median steps are less
+    time.sleep(1.0)
+    assert exits == []
+    watchdog.trainer.iter = 3
+    with caplog.at_level("ERROR", logger="d2_taskdistill"):
+        watchdog.before_step()
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)  # the step that never ends (this test function is on the stack)
+    assert exits == [WATCHDOG_EXIT_CODE]
+    assert re.search(r"Rank 0: iteration 3 has not finished after \d s \(the limit is the larger of "
+                     r"SOLVER.WATCHDOG_SECONDS=0.6 s and 20 x the median step, 0.0\d s\)", caplog.text)
+    assert "test_the_watchdog_stops_a_step_that_does_not_finish" in caplog.text
+
+
+def test_the_watchdog_limit_grows_with_slow_steps():
+    from d2_taskdistill.hooks import Watchdog
+
+    watchdog = Watchdog(600, "train.watchdog_seconds")
+    assert watchdog.limit() == 600
+    watchdog._steps.extend([40.0, 50.0, 45.0])  # a large model on a slow machine
+    assert watchdog.limit() == 20 * 45.0

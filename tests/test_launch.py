@@ -335,29 +335,45 @@ def test_a_missing_peer_is_waited_for_a_bounded_configurable_time(teachers, tiny
 
 
 # Faults of the test below, one per restart round: (round, rank, where, iteration).
-FAULTS = [(0, 1, "step", 2), (1, 0, "save", 5), (2, 1, "step", 7)]
+FAULTS = [(0, 1, "step", 2), (1, 0, "save", 5), (2, 1, "step", 7), (3, 1, "hang", 8)]
+# The watchdog's limit in that test: well above a tiny step (and 20 of them), short enough to wait for.
+HANG_LIMIT_S = 15
 
 
 def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_path):
-    """Three SIGKILLs in successive rounds of one torchrun job (10 iterations, a checkpoint every
-    2): after iteration 2 (rank 1), half-way through writing the checkpoint of iteration 5
-    (rank 0), after iteration 7 (rank 1). Each round is one run of world size 2 whose workers
-    meet through torchrun's environment (env://), not two runs of world size 1 racing into one
-    OUTPUT_DIR; torchrun restarts the group, which resumes from its last complete checkpoint by
-    itself. The job reaches MAX_ITER; every checkpoint on disk loads; no fault costs more than
+    """Four faults in successive rounds of one torchrun job (10 iterations, a checkpoint every
+    2): SIGKILLs after iteration 2 (rank 1), half-way through writing the checkpoint of iteration
+    5 (rank 0), after iteration 7 (rank 1), then rank 1 hangs inside iteration 8 (sleeps forever):
+    the watchdog stops both ranks (rank 0 waits for it in DDP's all-reduce) with their stacks in the
+    logs and exit code 124. Each round is one run of world size 2 whose workers meet through
+    torchrun's environment (env://), not two runs of world size 1 racing into one OUTPUT_DIR;
+    torchrun restarts the group, which resumes from its last complete checkpoint by itself. The
+    job reaches MAX_ITER; every checkpoint on disk loads; no fault costs more than
     CHECKPOINT_PERIOD iterations; every worker of every round holds the teacher of its file, bit
     for bit; the teacher's and the final evaluation are written once. (The figures are in docs/distributed.md.)"""
+    import time
+
     out = tmp_path / "run"
     plan = ",".join(":".join(map(str, f)) for f in FAULTS)
     env = dict(_env(tiny_dataset), D2_TASKDISTILL_TEST_FAULTS=plan)
-    text = finish(_torchrun(cli_opts(teachers["retinanet"], out, 10), env, tmp_path / "faults.log",
-                            script="tests/fault_train_net.py", max_restarts=len(FAULTS)), tmp_path / "faults.log")
+    started = time.monotonic()
+    text = finish(_torchrun([*cli_opts(teachers["retinanet"], out, 10), "SOLVER.WATCHDOG_SECONDS", str(HANG_LIMIT_S)],
+                            env, tmp_path / "faults.log", script="tests/fault_train_net.py",
+                            max_restarts=len(FAULTS)), tmp_path / "faults.log")
+    print(f"torchrun job with {len(FAULTS)} faults: {time.monotonic() - started:.0f} s")
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 9
     assert "[d2_taskdistill] torchrun worker: rank 1 of 2 (local 1 of 2), restart 1, gloo" in text
     log = open(out / "log.txt").read()
     assert log.count("Rank of current process: 0. World size: 2") == len(FAULTS) + 1
-    assert "Rank of current process: 1. World size: 2" in open(out / "log.txt.rank1").read()
+    rank1_log = open(out / "log.txt.rank1").read()
+    assert "Rank of current process: 1. World size: 2" in rank1_log
     assert re.search(r"Loading from .*model_0000003\.pth", log)  # round 2: the save of 5 was killed
+    # The hang: both ranks stopped by their watchdog, each with its stacks in its own log.
+    hung = re.search(r"Rank 1: iteration 8 has not finished after (\d+) s .*exit(ing)? with code 124", rank1_log,
+                     re.S | re.I)
+    assert hung and HANG_LIMIT_S <= int(hung.group(1)) < HANG_LIMIT_S + 5, rank1_log[-3000:]
+    assert "in hang_forever" in rank1_log
+    assert re.search(r"Rank 0: iteration 8 has not finished after \d+ s", log)
     # Rank 0 alone writes events: at most one file per round (v0.6 opens it at start, upstream at
     # its first write).
     assert 1 <= len([f for f in os.listdir(out) if f.startswith("events.out")]) <= len(FAULTS) + 1
@@ -366,12 +382,13 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
             assert "model" in torch.load(out / name, weights_only=False), name
     starts = [int(s) for s in re.findall(r"Starting training from iteration (\d+)", text)]
     # Round 0 from scratch, then from checkpoints 1 and 3 (the save of 5 was killed), then from 7
-    # or 5: rank 0 may or may not finish saving iteration 7 before torchrun stops it.
-    assert starts[:3] == [0, 2, 4] and starts[3] in (6, 8), starts
-    trained_last = [2, 5, 7]  # the last iteration each round completed (5: killed while saving it)
+    # or 5: rank 0 may or may not finish saving iteration 7 before torchrun stops it; then from 7.
+    assert starts[:3] == [0, 2, 4] and starts[3] in (6, 8) and starts[4] == 8, starts
+    trained_last = [2, 5, 7, 7]  # the last iteration each round completed (5: killed while saving it)
     lost = [last + 1 - start for last, start in zip(trained_last, starts[1:])]
     assert max(lost) <= 2, lost  # CHECKPOINT_PERIOD
-    checks = [json.load(open(out / f"teacher_check_round{r}_rank{k}.json")) for r in range(4) for k in range(2)]
+    checks = [json.load(open(out / f"teacher_check_round{r}_rank{k}.json"))
+              for r in range(len(FAULTS) + 1) for k in range(2)]
     assert all(c["bit_identical"] for c in checks)
     with open(out / "metrics.json") as f:
         evaluations = [json.loads(line) for line in f if "bbox/AP" in line]

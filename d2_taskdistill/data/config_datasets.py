@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
 
 from ..config import YACS_SETTING_NAMES
 from ..settings import setting, using_setting_names
@@ -111,28 +113,48 @@ def _unknown_categories(name, json_file):
 
 def check_images(name, dicts, mode):
     """Decode the dataset's images ("sample": IMAGE_SAMPLE spread over it, "all", "none"): an
-    unreadable or truncated file is an error naming it, before training starts."""
+    unreadable or truncated file is an error naming it, before training starts. Decoded by a
+    thread pool (PIL decodes without the GIL), with progress in the log for "all"."""
     if mode == "none":
         return
     step = 1 if mode == "all" else max(1, len(dicts) // IMAGE_SAMPLE)
-    for record in dicts[::step]:
-        try:
-            with Image.open(record["file_name"]) as image:
-                image.load()  # decodes: a truncated file fails here, not at its header
-                size = image.size
-        except Exception as e:
-            raise ValueError(
-                f"dataset {name!r}: image {record['file_name']} cannot be read ({type(e).__name__}: {e}); "
-                "fix or remove it. DATASETS.CHECK_IMAGES 'all' decodes every image before training "
-                f"(now {mode!r})") from None
-        # detectron2's mapper stops at this image, mid-training, when the annotation says otherwise.
-        declared = (record.get("width"), record.get("height"))
-        if None not in declared and tuple(declared) != size:
-            raise ValueError(
-                f"dataset {name!r}: image {record['file_name']} is {size[0]}x{size[1]} but its annotation says "
-                f"{declared[0]}x{declared[1]} (width x height): fix the annotation's width and height (its boxes "
-                "are in the same pixels). DATASETS.CHECK_IMAGES 'all' checks every image before training "
-                f"(now {mode!r})")
+    records = dicts[::step]
+    workers = min(16, os.cpu_count() or 1, len(records))
+    report_every = max(1, len(records) // 10)
+    if mode == "all":
+        logger.info("dataset %r: decoding its %d images (%s 'all'; %d threads)", name, len(records),
+                    setting("check_images"), workers)
+    with ThreadPoolExecutor(workers) as pool:
+        for done, (record, outcome) in enumerate(zip(records, pool.map(_decoded_size, records)), 1):
+            _check_decoded(name, record, outcome, mode)
+            if mode == "all" and (done % report_every == 0 or done == len(records)):
+                logger.info("dataset %r: %d/%d images decoded", name, done, len(records))
+
+
+def _decoded_size(record):
+    """The image's (width, height), or the exception decoding it raised."""
+    try:
+        with Image.open(record["file_name"]) as image:
+            image.load()  # decodes: a truncated file fails here, not at its header
+            return image.size
+    except Exception as e:
+        return e
+
+
+def _check_decoded(name, record, outcome, mode):
+    if isinstance(outcome, Exception):
+        raise ValueError(
+            f"dataset {name!r}: image {record['file_name']} cannot be read ({type(outcome).__name__}: {outcome}); "
+            f"fix or remove it. {setting('check_images')} 'all' decodes every image before training "
+            f"(now {mode!r})")
+    # detectron2's mapper stops at this image, mid-training, when the annotation says otherwise.
+    declared = (record.get("width"), record.get("height"))
+    if None not in declared and tuple(declared) != outcome:
+        raise ValueError(
+            f"dataset {name!r}: image {record['file_name']} is {outcome[0]}x{outcome[1]} but its annotation says "
+            f"{declared[0]}x{declared[1]} (width x height): fix the annotation's width and height (its boxes "
+            f"are in the same pixels). {setting('check_images')} 'all' checks every image before training "
+            f"(now {mode!r})")
 
 
 def _check_coco_files(name, json_file, image_root):
@@ -169,6 +191,19 @@ def checked_dicts(name, load, check_files, image_check="sample", explain_key_err
         raise problem from None
     if not dicts:
         raise ValueError(f"dataset {name!r} has no images")
+    # The files are checked once per process, and in a multi-process run by rank 0 only (COCO: 120k
+    # files); the others wait for its verdict in the DatasetCheck hook, before the first step.
+    if comm.is_main_process() and (name, image_check) not in _FILES_CHECKED:
+        check_image_files(name, dicts, image_check)
+        _FILES_CHECKED.add((name, image_check))
+    return drop_invalid_boxes(name, dicts)
+
+
+_FILES_CHECKED = set()  # (dataset, image check) whose files this process has checked
+
+
+def check_image_files(name, dicts, image_check):
+    """Every image file exists, and those ``image_check`` chooses decode to their annotated size."""
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
         raise FileNotFoundError(
@@ -176,7 +211,6 @@ def checked_dicts(name, load, check_files, image_check="sample", explain_key_err
             f"{missing[:_EXAMPLES]}; check the image root / directory the dataset was declared with"
         )
     check_images(name, dicts, image_check)
-    return drop_invalid_boxes(name, dicts)
 
 
 def _is_invalid(box, width, height):

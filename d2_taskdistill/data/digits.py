@@ -8,9 +8,11 @@ train and val splits. A third split, tune, draws new images from the train
 split's digit instances: it is where open choices are compared, so that val
 stays untouched by model selection.
 """
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 import cv2
 import numpy as np
@@ -107,20 +109,75 @@ def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
     return np.clip(canvas, 0, 255).astype(np.uint8), annotations
 
 
+@contextlib.contextmanager
+def _exclusive(root, name):
+    """One process at a time in ``root`` (the workers of a first multi-process run all generate):
+    an advisory lock on ``root/.<name>.lock``; the others wait, then find the files written."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{name}.lock"), "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): the unique temporary names below still hold
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _replace_with(path, write, suffix=".tmp"):
+    """``write(temporary path)``, then rename it to ``path``: readers never see a partial file, and
+    writers never share a temporary name."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
+                                         suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _write_text(path, text):
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.write(text)
+
+    _replace_with(path, write)
+
+
+def _is_generated(json_path, params):
+    if not os.path.exists(json_path):
+        return False
+    with open(json_path) as f:
+        return json.load(f).get("info", {}).get("params") == params
+
+
 def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=0):
     """Write ``root/<split>/*.png`` and ``root/<split>.json`` (COCO format).
 
-    Returns the json path. Existing output with the same parameters is reused.
+    Returns the json path. Existing output with the same parameters is reused. Processes that
+    call this at once (a first multi-process run) write it once: the first, the others wait.
     """
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
     json_path = os.path.join(root, f"{split}.json")
     params = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, seed=seed,
                   generator=GENERATOR_VERSION)
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            if json.load(f).get("info", {}).get("params") == params:
-                return json_path
+    if _is_generated(json_path, params):
+        return json_path
+    with _exclusive(root, split):
+        if not _is_generated(json_path, params):  # not written meanwhile by another process
+            _generate_split(root, split, json_path, params)
+    return json_path
+
+
+def _generate_split(root, split, json_path, params):
+    num_images, image_size, max_objects, seed = (params[k] for k in ("num_images", "image_size", "max_objects", "seed"))
     image_dir = os.path.join(root, split)
     os.makedirs(image_dir, exist_ok=True)
     digits, labels = _digit_pool(split)
@@ -131,8 +188,7 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
         image, objects = _render_image(rng, image_size, digits, labels, backgrounds, max_objects)
         file_name = f"{image_id:06d}.png"
         path = os.path.join(image_dir, file_name)
-        cv2.imwrite(path + ".tmp.png", image)
-        os.replace(path + ".tmp.png", path)  # readers never see a half-written image
+        _replace_with(path, lambda temporary: cv2.imwrite(temporary, image), suffix=".png")
         images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
         for box, label in objects:
             w, h = box[2] - box[0], box[3] - box[1]
@@ -143,10 +199,7 @@ def generate_split(root, split, num_images, image_size=128, max_objects=6, seed=
     categories = [dict(id=i + 1, name=name) for i, name in enumerate(CLASS_NAMES)]
     coco = dict(info=dict(description="d2_taskdistill digits", params=params),
                 images=images, annotations=annotations, categories=categories)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(coco, f)
-    os.replace(json_path + ".tmp", json_path)
-    return json_path
+    _write_text(json_path, json.dumps(coco))
 
 
 def write_voc_split(root, split):
@@ -154,8 +207,13 @@ def write_voc_split(root, split):
 
     Images are the same bytes (hard links where possible), named ``.jpg`` as
     detectron2's VOC loader expects (it reads them by content). Returns the VOC
-    directory.
+    directory. One process at a time; each file is replaced whole, for the readers.
     """
+    with _exclusive(root, f"voc_{split}"):
+        return _write_voc_split(root, split)
+
+
+def _write_voc_split(root, split):
     from xml.sax.saxutils import escape
 
     json_path = os.path.join(root, f"{split}.json")
@@ -189,8 +247,6 @@ def write_voc_split(root, split):
                        f"<bndbox><xmin>{x + 1}</xmin><ymin>{y + 1}</ymin><xmax>{x + w}</xmax>"
                        f"<ymax>{y + h}</ymax></bndbox></object>")
         xml.append("</annotation>")
-        with open(os.path.join(voc, "Annotations", file_id + ".xml"), "w") as f:
-            f.write("".join(xml))
-    with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as f:
-        f.write("\n".join(file_ids) + "\n")
+        _write_text(os.path.join(voc, "Annotations", file_id + ".xml"), "".join(xml))
+    _write_text(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "\n".join(file_ids) + "\n")
     return voc

@@ -9,7 +9,9 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
 
+from ..checkpoint import file_sha256
 from ..config import YACS_SETTING_NAMES, is_lazy_config_file, load_config
+from ..launch import from_main_process
 from ..settings import setting, using_setting_names
 
 logger = logging.getLogger(__name__)
@@ -48,17 +50,22 @@ def run_files(run_dir, option=None):
         raise FileNotFoundError(
             f"{option}={run_dir!r}: no config.yaml there; name the OUTPUT_DIR of a train_net.py run "
             f"(relative to {os.getcwd()})")
-    last = os.path.join(run_dir, "last_checkpoint")
-    name = "model_final.pth"
-    if os.path.isfile(last):
-        with open(last) as f:
-            name = f.read().strip()
+    # Read once, on rank 0: a teacher run still writing could otherwise give each rank another checkpoint.
+    name = from_main_process(lambda: _last_checkpoint_name(run_dir))
     weights = os.path.join(run_dir, name)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{option}={run_dir!r}: no checkpoint {name} there; has the run trained?")
     if name != "model_final.pth":
         logger.warning("%s=%r has not finished training: using its last checkpoint %s", option, run_dir, name)
     return config, weights
+
+
+def _last_checkpoint_name(run_dir):
+    last = os.path.join(run_dir, "last_checkpoint")
+    if not os.path.isfile(last):
+        return "model_final.pth"
+    with open(last) as f:
+        return f.read().strip()
 
 
 def teacher_sources(config_file, weights, run):
@@ -82,6 +89,7 @@ class TeacherOrigin:
     input_format: str = "BGR"
     train_datasets: list = field(default_factory=list)
     weights_setting: str = ""  # where the weights come from (its run's folder, if any), for messages
+    sha256: str = ""  # the weights file's expected sha256 (or its first >= 8 hex digits); empty: any
 
     @property
     def is_lazy(self):
@@ -111,19 +119,23 @@ def build_teacher_origin(cfg):
     """The :class:`TeacherOrigin` of a yacs config's DISTILL.TEACHER."""
     t = cfg.DISTILL.TEACHER
     with using_setting_names(YACS_SETTING_NAMES):
-        return teacher_origin_from(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN)
+        return teacher_origin_from(t.CONFIG_FILE, t.WEIGHTS, t.OPTS, cfg.MODEL.DEVICE, t.RUN, t.SHA256)
 
 
-def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", run=""):
+def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", run="", sha256=""):
     """The teacher's :class:`TeacherOrigin`: a yaml config with ``overrides`` as KEY VALUE
     pairs, or a LazyConfig .py with them as key=value overrides. ``run``: a train_net.py
-    OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``."""
+    OUTPUT_DIR whose config.yaml and last checkpoint replace ``config_file`` and ``weights``;
+    ``sha256``: the weights file's expected sha256 (or a prefix of at least 8 hex digits)."""
+    sha256 = checked_sha256_pin(sha256)
     name, weights, weights_setting = teacher_sources(config_file, weights, run)
     path = resolve_teacher_config_file(name)
     lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
     overrides = [str(o) for o in overrides] if lazy else list(overrides)
     if lazy:
-        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting)
+        origin = _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting)
+        origin.sha256 = sha256
+        return origin
     teacher_yacs = load_config(path, overrides)
     teacher_yacs.MODEL.DEVICE = device
     teacher_yacs.MODEL.WEIGHTS = weights
@@ -134,7 +146,18 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
             f"the teacher must be one of {DENSE_ARCHITECTURES}."
         )
     return TeacherOrigin(teacher_yacs, name, weights, device, teacher_yacs.INPUT.FORMAT,
-                         list(teacher_yacs.DATASETS.TRAIN), weights_setting)
+                         list(teacher_yacs.DATASETS.TRAIN), weights_setting, sha256)
+
+
+def checked_sha256_pin(sha256):
+    if sha256 and not isinstance(sha256, str):  # a key=value override reads 12345678 as a number
+        raise ValueError(f"{setting('teacher.sha256')}={sha256!r} was read as a {type(sha256).__name__}: give the "
+                         "hash as a string (on the command line, quoted: sha256=\"'0123abcd'\")")
+    pin = str(sha256 or "").strip().lower()
+    if pin and (len(pin) < 8 or len(pin) > 64 or any(c not in "0123456789abcdef" for c in pin)):
+        raise ValueError(f"{setting('teacher.sha256')}={sha256!r}: give the teacher file's sha256 (64 hex digits, "
+                         "as `sha256sum FILE` prints) or its first 8 or more")
+    return pin
 
 
 def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting):
@@ -196,9 +219,10 @@ def weight_problems(model, path):
     return problems
 
 
-def load_teacher_weights(teacher, weights, source=None):
+def load_teacher_weights(teacher, weights, source=None, sha256=""):
     """Load every key of ``weights`` into ``teacher``; anything that does not load is an error
-    naming ``source``, the setting the weights come from (default: the teacher's weights)."""
+    naming ``source``, the setting the weights come from (default: the teacher's weights). With
+    ``sha256`` (or a prefix of it), a file with another hash is an error before it is unpickled."""
     source = source or setting("teacher.weights")
     if not weights:
         raise ValueError(
@@ -216,6 +240,14 @@ def load_teacher_weights(teacher, weights, source=None):
             f"set {setting('teacher.run')} to that run's OUTPUT_DIR, or point {setting('teacher.weights')} "
             "to an existing checkpoint."
         )
+    if sha256:
+        actual = file_sha256(local)
+        if not actual.startswith(sha256):
+            raise ValueError(
+                f"Teacher weights {source}={weights!r} ({local}) have sha256 {actual}, not the "
+                f"{setting('teacher.sha256')}={sha256!r} this run expects: the file was replaced or is another "
+                f"one. Point {setting('teacher.weights')} to the expected file, or set {setting('teacher.sha256')} "
+                "to the new hash if the change is wanted.")
     problems = weight_problems(teacher, local)
     if problems:
         hint = ""
@@ -244,21 +276,22 @@ def build_teacher(cfg):
         return _load(build_teacher_origin(cfg))
 
 
-def load_teacher(config_file="", weights="", overrides=(), device="cpu", run=""):
+def load_teacher(config_file="", weights="", overrides=(), device="cpu", run="", sha256=""):
     """The frozen teacher, for LazyConfig models: ``L(load_teacher)(config_file=..., weights=...)``.
 
     config_file: a yaml or LazyConfig .py path, or a detectron2 model-zoo name; weights: its
     checkpoint (.pth, model-zoo .pkl or URL), every key of which must load; overrides: KEY VALUE
     pairs (yaml) or key=value strings (.py); run: instead of both, the OUTPUT_DIR of a run of
-    train_net.py or of detectron2's lazyconfig_train_net.py (its config.yaml and last checkpoint).
-    The returned detector carries its :class:`TeacherOrigin` as ``teacher_origin``.
+    train_net.py or of detectron2's lazyconfig_train_net.py (its config.yaml and last checkpoint);
+    sha256: the weights file's expected sha256 (or its first 8 or more hex digits). The returned
+    detector carries its :class:`TeacherOrigin` as ``teacher_origin``.
     """
-    return _load(teacher_origin_from(config_file, weights, overrides, device, run))
+    return _load(teacher_origin_from(config_file, weights, overrides, device, run, sha256))
 
 
 def _load(teacher_origin):
     teacher = teacher_origin.build_model()
-    load_teacher_weights(teacher, teacher_origin.weights, teacher_origin.weights_setting)
+    load_teacher_weights(teacher, teacher_origin.weights, teacher_origin.weights_setting, teacher_origin.sha256)
     teacher = freeze(teacher)
     teacher.teacher_origin = teacher_origin  # where it came from: input format, datasets, weights
     return teacher
