@@ -83,7 +83,13 @@ class SafeCheckpointer(DetectionCheckpointer):
             return
         if not os.path.isdir(self.save_dir):  # a remote folder (PathManager): detectron2's way
             self._say_not_atomic()
-            return super().save(name, **kwargs)
+            try:
+                return super().save(name, **kwargs)
+            except (OSError, RuntimeError) as e:
+                raise OSError(getattr(e, "errno", None), f"Saving checkpoint {name}.pth to {self.save_dir} failed "
+                              f"({type(e).__name__}: {e}). The folder is not local, so the file was written in place: "
+                              f"{name}.pth there may be partial; remove it. last_checkpoint still names "
+                              f"{self._last_name()}; free space and run again with --resume.") from e
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -94,11 +100,13 @@ class SafeCheckpointer(DetectionCheckpointer):
         try:
             atomic_write(path, lambda f: torch.save(data, f))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            previous = self.get_checkpoint_file() if self.has_checkpoint() else "none yet"
             raise OSError(getattr(e, "errno", None), f"Saving checkpoint {path} failed ({type(e).__name__}: {e}); "
-                          f"nothing was replaced, the last complete checkpoint ({previous}) is intact. Free "
+                          f"nothing was replaced, the last complete checkpoint ({self._last_name()}) is intact. Free "
                           f"space in {self.save_dir} and run again with --resume.") from e
         self.tag_last_checkpoint(basename)
+
+    def _last_name(self):
+        return self.get_checkpoint_file() if self.has_checkpoint() else "none yet"
 
     def _say_not_atomic(self):
         if not self._said_not_atomic:

@@ -53,6 +53,11 @@ def loss_setting(node, name, value):
     return setting("loss_argument", node=node, name=name, key=name.rstrip("_").upper(), value=value)
 
 
+def current_setting_names():
+    """The vocabulary in use (None: the Python API's), to name settings later in the same words."""
+    return _current.get()
+
+
 @contextlib.contextmanager
 def using_setting_names(names):
     """Errors raised inside name settings from ``names`` (None: keep the vocabulary in use)."""

@@ -29,6 +29,11 @@ def trained_run(teacher, tiny_dataset, out, opts=()):
     return cfg
 
 
+def built_trainer(teacher, out):
+    """A trainer that has not trained: for what its checkpointer does."""
+    return DistillTrainer(distill_cfg("retinanet_R34-R18_fitnet.yaml", teacher, out))
+
+
 def last_checkpoint(out):
     return (out / "last_checkpoint").read_text()
 
@@ -86,7 +91,7 @@ def test_a_save_killed_half_way_is_never_seen(teacher, tiny_dataset, tmp_path):
     assert trainer.start_iter == 3
 
 
-def test_a_damaged_or_refused_checkpoint_is_named_on_resume(teacher, tiny_dataset, tmp_path):
+def test_a_damaged_refused_or_missing_checkpoint_is_named_on_resume(teacher, tiny_dataset, tmp_path):
     cfg = trained_run(teacher, tiny_dataset, tmp_path)
     final = tmp_path / "model_final.pth"
     final.write_bytes(final.read_bytes()[:5000])  # damaged outside the project (a bad copy)
@@ -98,6 +103,12 @@ def test_a_damaged_or_refused_checkpoint_is_named_on_resume(teacher, tiny_datase
     with pytest.raises(RuntimeError, match=r"Checkpoint .*model_final.pth holds Python objects beyond tensors and "
                                            r"numbers \(argparse.Namespace\), which torch loads only with "
                                            r"weights_only=False.*If the file is yours and you trust it"):
+        DistillTrainer(cfg).resume_or_load(resume=True)
+    # Gone (e.g. cleaned up by hand) while last_checkpoint still names it.
+    os.remove(final)
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint .*model_final.pth does not exist; .*last_checkpoint "
+                                                r"names it.*\(\['model_0000001.pth'\]\), write its name into "
+                                                r"last_checkpoint; to start over, remove last_checkpoint"):
         DistillTrainer(cfg).resume_or_load(resume=True)
 
 
@@ -131,23 +142,15 @@ def test_teacher_identity_is_hashed_once(tmp_path):
     assert identity.state_dict()["sha256"] != file_sha256(str(weights))  # the one the run started with
 
 
-def test_a_missing_checkpoint_is_told_apart_from_a_damaged_one(teacher, tiny_dataset, tmp_path):
-    cfg = trained_run(teacher, tiny_dataset, tmp_path)
-    os.remove(tmp_path / "model_final.pth")  # e.g. cleaned up by hand
-    with pytest.raises(FileNotFoundError, match=r"Checkpoint .*model_final.pth does not exist; .*last_checkpoint "
-                                                r"names it.*\(\['model_0000001.pth'\]\), write its name into "
-                                                r"last_checkpoint; to start over, remove last_checkpoint"):
-        DistillTrainer(cfg).resume_or_load(resume=True)
-
 
 def test_temporary_files_of_a_killed_save_are_removed_at_start(teacher, tiny_dataset, tmp_path, caplog):
-    cfg = trained_run(teacher, tiny_dataset, tmp_path)
+    tmp_path.mkdir(exist_ok=True)
     stale = [".model_0000003.pth.k2j4x9_a.tmp", ".last_checkpoint.p0q1r2s3.tmp"]
     for name in stale:
         (tmp_path / name).write_bytes(b"\0" * 100)
     (tmp_path / ".notes.tmp").write_text("not a checkpoint's")
     with caplog.at_level("INFO", logger="d2_taskdistill"):
-        DistillTrainer(cfg)
+        built_trainer(teacher, tmp_path)
     assert not any((tmp_path / name).exists() for name in stale)
     assert (tmp_path / ".notes.tmp").exists()
     assert f"Removed 2 temporary file(s) of an interrupted save from {tmp_path}: {sorted(stale)}" in caplog.text
@@ -161,8 +164,7 @@ def test_a_folder_fsync_refused_after_the_rename_is_reported_truthfully(teacher,
 
     from d2_taskdistill import checkpoint
 
-    cfg = trained_run(teacher, tiny_dataset, tmp_path)
-    trainer = DistillTrainer(cfg)
+    trainer = built_trainer(teacher, tmp_path)
     real_fsync = os.fsync
 
     def fsync(fd):
@@ -183,8 +185,7 @@ def test_a_folder_that_is_not_local_is_said_to_be_saved_plainly_once(teacher, ti
                                                                       caplog):
     from d2_taskdistill import checkpoint
 
-    cfg = trained_run(teacher, tiny_dataset, tmp_path)
-    trainer = DistillTrainer(cfg)
+    trainer = built_trainer(teacher, tmp_path)
     # As for a PathManager URL (e.g. manifold://): not a folder this process can rename in.
     monkeypatch.setattr(checkpoint.os.path, "isdir", lambda path: False)
     with caplog.at_level("WARNING"):
@@ -232,3 +233,31 @@ def test_the_watchdog_limit_grows_with_slow_steps():
     assert watchdog.limit() == 600
     watchdog._steps.extend([40.0, 50.0, 45.0])  # a large model on a slow machine
     assert watchdog.limit() == 20 * 45.0
+
+
+def test_a_full_disk_on_a_folder_that_is_not_local(teacher, tiny_dataset, tmp_path, monkeypatch):
+    """detectron2's plain save writes in place: the error says the file may be partial, and resume
+    still goes to the previous checkpoint."""
+    from d2_taskdistill import checkpoint
+
+    trainer = built_trainer(teacher, tmp_path)
+    trainer.checkpointer.save("model_0000002", iteration=2)
+    real_isdir = checkpoint.os.path.isdir
+    monkeypatch.setattr(checkpoint.os.path, "isdir", lambda path: False if path == str(tmp_path) else real_isdir(path))
+    real_save = torch.save
+
+    def half_then_full(data, f):
+        real_save(data, f)
+        f.truncate(f.tell() // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(OSError, match=r"Saving checkpoint model_0000099.pth to .* failed \(OSError: .*No space left.*"
+                                      r"The folder is not local, so the file was written in place: model_0000099.pth "
+                                      r"there may be partial; remove it. last_checkpoint still names .*model_0000002.pth"):
+        trainer.checkpointer.save("model_0000099")
+    monkeypatch.undo()
+    assert (tmp_path / "model_0000099.pth").exists() and last_checkpoint(tmp_path) == "model_0000002.pth"
+    trainer = built_trainer(teacher, tmp_path)
+    trainer.resume_or_load(resume=True)  # from model_0000002.pth, saved by an untrained trainer (iteration 0)
+    assert trainer.checkpointer.get_checkpoint_file().endswith("model_0000002.pth") and trainer.start_iter == 1

@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import threading
+from unittest import mock
 
 import pytest
 
@@ -84,6 +86,31 @@ def test_an_image_whose_size_disagrees_with_its_annotation_is_named_before_train
     with pytest.raises(ValueError, match=rf"dataset 'wrong_size': image .*{coco['images'][3]['file_name']} is 128x128 but "
                                          r"its annotation says 200x128.*fix the annotation's width and height"):
         DatasetCatalog.get("wrong_size")
+
+
+def test_checking_every_image_decodes_in_threads_and_reports_progress(tiny_digits, caplog):
+    """DATASETS.CHECK_IMAGES all: a thread pool decodes, the log counts in tenths; the files of a
+    dataset are checked once per process (the dataset check loads it again)."""
+    import PIL.Image
+
+    json_path, image_root = tiny_digits
+    load_config(STUDENT, ["DATASETS.COCO", [("all_checked", json_path, image_root)], "DATASETS.CHECK_IMAGES", "all"])
+    threads = set()
+    real_open = PIL.Image.open
+
+    def counted(*args, **kwargs):
+        threads.add(threading.get_ident())
+        return real_open(*args, **kwargs)
+
+    with caplog.at_level("INFO", logger="d2_taskdistill"), mock.patch.object(PIL.Image, "open", counted):
+        count = len(DatasetCatalog.get("all_checked"))
+        decoded_once = set(threads)
+        DatasetCatalog.get("all_checked")
+    assert f"dataset 'all_checked': decoding its {count} images (DATASETS.CHECK_IMAGES 'all';" in caplog.text
+    assert f"dataset 'all_checked': {count}/{count} images decoded" in caplog.text
+    assert caplog.text.count("images decoded") == min(count, 10)
+    assert threading.get_ident() not in decoded_once  # decoded by the pool's threads
+    assert threads == decoded_once  # the second load decoded nothing
 
 
 def test_a_training_set_without_annotations_says_what_to_check(tiny_digits, tmp_path):

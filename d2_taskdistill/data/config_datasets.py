@@ -24,7 +24,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from ..config import YACS_SETTING_NAMES
-from ..settings import setting, using_setting_names
+from ..settings import current_setting_names, setting, using_setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,14 @@ def register_declared_datasets(coco=(), voc=(), image_check="sample"):
 
 def _wrap_loader(name, check_files, image_check="sample", explain_key_error=None):
     load = DatasetCatalog[name]  # the loader detectron2 registered (DatasetCatalog is a dict)
+    names = current_setting_names()  # its errors name the settings of the config that declared it
+
+    def checked():
+        with using_setting_names(names):
+            return checked_dicts(name, load, check_files, image_check, explain_key_error)
+
     DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: checked_dicts(name, load, check_files, image_check, explain_key_error))
+    DatasetCatalog.register(name, checked)
 
 
 def _unknown_categories(name, json_file):
