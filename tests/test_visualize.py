@@ -1,4 +1,5 @@
 """The visualisation command and the metrics plot, on generated data with known GT."""
+import logging
 import math
 import os
 import subprocess
@@ -22,16 +23,23 @@ def test_visualize_batch_files_and_value_maps(teachers, tiny_batch, tmp_path):
     cfg = distill_cfg("retinanet_R34-R18_tid.yaml", teacher, tmp_path, opts=["DISTILL.LOSSES", VISUALIZED_LOSSES])
     model = build_model(cfg)
     batch = tiny_batch[:2]
-    written = visualize_batch(model, batch, str(tmp_path / "vis"), "BGR")
+    figures = visualize_batch(model, batch, str(tmp_path / "vis"), "BGR")
     h, w = batch[0]["image"].shape[1:]
     for i, inputs in enumerate(batch):
-        stem = tmp_path / "vis" / str(inputs["image_id"])
+        levels = tmp_path / "vis" / str(inputs["image_id"]) / "levels"
         for name in MAPS:
             for level in range(3, 8):
-                image = cv2.imread(str(stem / f"{name}_p{level}.png"))
+                image = cv2.imread(str(levels / f"{name}_p{level}.png"))
                 assert image.shape == (h, w, 3), (name, level)
-        assert cv2.imread(str(stem / "detections_teacher_vs_student.png")).shape == (h, 2 * w, 3)
-    assert len(written) == 2 * (len(MAPS) * 5 + 1)
+        figure = figures[i]
+        assert figure["figure"] == str(tmp_path / "vis" / f"{inputs['image_id']}.png")
+        assert figure["maps"] == MAPS and len(figure["levels"]) == len(MAPS) * 5
+        # 3 detection panels over 4 columns, then the 8 maps in 2 rows of 4: 1680 x 1290 px at 100 dpi.
+        assert cv2.imread(figure["figure"]).shape == (1290, 1680, 3)
+        # The level drawn is the one with the most of the student's positive locations.
+        positives = distill_maps(model, batch)["positives"]
+        counts = [float(level[i].sum()) for level in positives]
+        assert figure["level"] == 3 + counts.index(max(counts)) and max(counts) > 0
 
     # TID's value map: non-zero at positions inside a GT box, zero beyond the band around all boxes.
     maps = distill_maps(model.train(), batch)
@@ -65,8 +73,64 @@ def test_visualize_command_on_an_image(teachers, tiny_digits, tmp_path):
            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "wrote 41 PNGs" in out.stdout
-    assert cv2.imread(str(tmp_path / "vis" / "000001" / "bckd_weight_p3.png")).shape == (128, 128, 3)
+    assert f"{tmp_path / 'vis' / '000001.png'}: BCKD localisation weight (P" in out.stdout
+    assert cv2.imread(str(tmp_path / "vis" / "000001" / "levels" / "bckd_weight_p3.png")).shape == (128, 128, 3)
+    assert cv2.imread(str(tmp_path / "vis" / "000001.png")).shape[1] == 1260  # 3 panels of 4.2 in at 100 dpi
+
+
+def test_the_maps_of_a_distilled_run_load_without_warnings(teachers, tiny_dataset, tmp_path, caplog):
+    """The maps step builds the losses the run trained, nothing else: every tensor of the
+    checkpoint loads and nothing is missing (no "not found in the checkpoint" warning)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from d2_taskdistill.visualize import explain_run
+
+    cfg = distill_cfg("retinanet_R34-R18_bckd_tid.yaml", teachers["retinanet"], tmp_path)
+    DetectionCheckpointer(build_model(cfg), str(tmp_path)).save("model_final")
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    with caplog.at_level("INFO"):
+        figures = explain_run(str(tmp_path / "config.yaml"), str(tmp_path / "model_final.pth"), str(tmp_path / "vis"),
+                              num_images=1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert figures[0]["maps"] == ["tid_key_area", "tid_weak_area", "tid_value", "bckd_weight"]
+    # A run whose loss has no map says so in one line and still draws its detections.
+    cfg = distill_cfg("retinanet_R34-R18_fitnet.yaml", teachers["retinanet"], tmp_path / "fitnet")
+    (tmp_path / "fitnet" / "config.yaml").parent.mkdir(exist_ok=True)
+    (tmp_path / "fitnet" / "config.yaml").write_text(cfg.dump())
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        figures = explain_run(str(tmp_path / "fitnet" / "config.yaml"), None, str(tmp_path / "vis_fitnet"),
+                              num_images=1)
+    assert figures[0]["maps"] == [] and cv2.imread(figures[0]["figure"]).shape[1] == 1260
+    assert "FITNET: no per-location map to draw" in caplog.text
+
+
+def test_the_demo_report_is_one_page_whose_images_all_load(tmp_path):
+    """report.html holds its images (base64 PNGs): each decodes, none is a link to a missing file."""
+    import base64
+    import re
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from demo import write_html_report
+
+    pictures = []
+    for name, size in (("chart", (360, 800)), ("1", (430, 1680))):
+        path = str(tmp_path / f"{name}.png")
+        cv2.imwrite(path, np.full((*size, 3), 200, np.uint8))
+        pictures.append(path)
+    figure = {"image_id": "1", "figure": pictures[1], "level": 4, "maps": ["tid_value", "bckd_weight"]}
+    path = write_html_report(str(tmp_path / "report.html"), "demo", "intro", "<table></table>", pictures[0],
+                             "<table></table>", [figure], "BCKD+TID", 12.0)
+    page = open(path).read()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    shapes = [cv2.imdecode(np.frombuffer(base64.b64decode(s.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR).shape
+              for s in sources]
+    assert shapes == [(360, 800, 3), (430, 1680, 3)]
+    assert "on P4 (the level where this image has the most positive locations" in page
+    assert "TID&#x27;s value map, the weight of its feature imitation" in page
 
 
 def test_plot_reads_real_metrics(teachers, tiny_dataset, tmp_path):

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The embedded default pipeline: teacher, student baseline and distilled student on the
-digits dataset, evaluated with COCO metrics, reported as a table, report.md and a bar chart.
+digits dataset, evaluated with COCO metrics, reported as a table, a bar chart and one figure per
+validation image of what the student is taught: report.html (one self-contained page) and report.md.
 
     python tools/demo.py [--detector retinanet|fcos] [--method tid] [--student-init neck+head] [--output output/demo]
 
@@ -19,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
 from harness.experiments import digits_config, digits_teacher_dir, train_and_evaluate
-from harness.report import bar_chart, markdown_table, method_label, metrics_table
+from harness.report import bar_chart, embedded_image, html_page, markdown_table, method_label, metrics_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The best RetinaNet row of benchmarks/accuracy_trained.md (BCKD+TID 41.9 AP over 3 seeds; TBD
@@ -28,26 +29,39 @@ DEFAULT_METHOD = "bckd_tid"
 
 
 def write_maps(config_file, opts, run_dir, output_dir, num_images=2):
-    """Distillation maps of the trained distilled student (``config_file`` with ``opts``, which
-    name the teacher's weights) on validation images."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    """One figure per validation image of the trained distilled student (``config_file`` with
+    ``opts``, which name the teacher's weights): visualize.explain_run, the losses of the run only."""
+    from d2_taskdistill.visualize import explain_run
 
-    from d2_taskdistill import load_config
-    from d2_taskdistill.engine import resolve_device
-    from d2_taskdistill.visualize import VISUALIZED_LOSSES, visualize_batch
+    return explain_run(config_file, os.path.join(run_dir, "model_final.pth"), output_dir,
+                       num_images=num_images, opts=opts)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from visualize_distill import inputs_from_dataset
 
-    cfg = resolve_device(load_config(config_file, list(opts)))
-    cfg.DISTILL.LOSSES = list(dict.fromkeys([*cfg.DISTILL.LOSSES, *VISUALIZED_LOSSES]))
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
-    batch = inputs_from_dataset(cfg, cfg.DATASETS.TEST[0], num_images)
-    written = visualize_batch(model, batch, output_dir, cfg.INPUT.FORMAT, cfg.DATASETS.TEST[0])
-    keep = ("tid_value_p3", "tid_weak_area_p3", "tbd_harmony_teacher_p3", "bckd_weight_p3", "detections")
-    return [p for p in written if os.path.basename(p).startswith(keep)]
+def figure_notes(figure, method_name):
+    """What to look for in a demo figure: one sentence for the detections, one per map."""
+    from d2_taskdistill.visualize import MAP_NOTES
+
+    notes = [f"Top row: the image with its ground truth, then the teacher's and the {method_name} student's "
+             "detections: the digits the student misses or boxes badly are where the maps below should be hot."]
+    if figure["maps"]:
+        notes.append(f"Below, on P{figure['level']} (the level where this image has the most positive locations, "
+                     "ground-truth boxes in white):")
+    return notes + [MAP_NOTES[name][1] for name in figure["maps"]]
+
+
+def write_html_report(path, title, intro, table_html, chart, runs_html, figures, method_name, elapsed):
+    import html
+
+    parts = [f"<p>{html.escape(intro)}</p>", table_html, embedded_image(chart, "COCO metrics of the three runs"),
+             runs_html, f"<p>Wall time of this demo: {elapsed:.0f} s.</p>", "<h2>Where the student is taught</h2>"]
+    for figure in figures:
+        notes = figure_notes(figure, method_name)
+        parts.append(f"<figure>{embedded_image(figure['figure'], 'image ' + figure['image_id'])}<figcaption><p>"
+                     f"<b>Validation image {html.escape(figure['image_id'])}.</b> {html.escape(notes[0])}</p><ul>"
+                     + "".join(f"<li>{html.escape(n)}</li>" for n in notes[1:]) + "</ul></figcaption></figure>")
+    with open(path, "w") as f:
+        f.write(html_page(title, "\n".join(parts)))
+    return path
 
 
 def main():
@@ -98,36 +112,33 @@ def main():
     table = metrics_table(rows)
     chart = bar_chart(rows, os.path.join(out, "accuracy.png"))
     gain = results[2][1]["metrics"]["AP"] - results[1][1]["metrics"]["AP"]
-    report = "\n".join([
-        f"# d2-taskdistill demo: {det}, {method_name}",
-        "",
-        f"Teacher R34-FPN, student R18-FPN, {det} on the embedded digits dataset "
-        "(COCO metrics on digits_det_val).",
-        "",
-        table,
-        "",
-        f"Distillation gain over the student baseline: {gain:+.1f} AP.",
-        "",
-        f"![accuracy]({os.path.basename(chart)})",
-        "",
-        markdown_table(["run", "config", "iterations", "seconds"], [
-            [name, os.path.relpath(r["config_file"], ROOT), r["iterations"],
-             f"{r['seconds']}{' (reused)' if r['reused'] else ''}"] for name, r in results]),
-        "",
-        f"Wall time of this demo: {elapsed:.0f} s.",
-    ])
+    title = f"d2-taskdistill demo: {det}, {method_name}"
+    intro = (f"Teacher R34-FPN, student R18-FPN, {det} on the embedded digits dataset (COCO metrics on "
+             f"digits_det_val). Distillation gain over the student baseline: {gain:+.1f} AP.")
+    runs = (["run", "config", "iterations", "seconds"], [
+        [name, os.path.relpath(r["config_file"], ROOT), r["iterations"],
+         f"{r['seconds']}{' (reused)' if r['reused'] else ''}"] for name, r in results])
     _, distilled_config, distilled_dir, distilled_opts = stages[2]
-    maps = write_maps(distilled_config, distilled_opts, distilled_dir,
-                      os.path.join(out, "maps"))
-    report += "\n\n## Where the student is taught\n\n" + "\n".join(
-        f"- [{os.path.relpath(p, out)}]({os.path.relpath(p, out)})" for p in maps) + "\n"
+    figures = write_maps(distilled_config, distilled_opts, distilled_dir, os.path.join(out, "maps"))
+    report = "\n".join([f"# {title}", "", intro, "", table, "", f"![accuracy]({os.path.basename(chart)})", "",
+                         markdown_table(*runs), "", f"Wall time of this demo: {elapsed:.0f} s.", "",
+                         "## Where the student is taught", ""])
+    for figure in figures:
+        relative = os.path.relpath(figure["figure"], out)
+        notes = figure_notes(figure, method_name)
+        report += "\n".join([f"![image {figure['image_id']}]({relative})", "", notes[0], "",
+                              *[f"- {n}" for n in notes[1:]], "",
+                              f"Every map on every level: `{os.path.relpath(os.path.dirname(figure['levels'][0]), out)}/`"
+                              if figure["levels"] else "", "", ""])
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report + "\n")
+    html_report = write_html_report(os.path.join(out, "report.html"), title, intro, metrics_table(rows, tablefmt="html"),
+                                    chart, markdown_table(*runs, tablefmt="html"), figures, method_name, elapsed)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({name: r for name, r in results}, f, indent=1)
     print("\n" + table)
-    print(f"\nDistillation gain: {gain:+.1f} AP. Report: {os.path.join(out, 'report.md')}; "
-          f"chart: {chart}; wall time {elapsed:.0f} s")
+    print(f"\nDistillation gain: {gain:+.1f} AP. Report: {html_report} (one page, open it in a browser) and "
+          f"{os.path.join(out, 'report.md')}; wall time {elapsed:.0f} s")
     return 0
 
 

@@ -17,19 +17,43 @@ def _fmt(value, std=None):
     return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
 
 
-def markdown_table(headers, rows):
-    """A markdown (pipe) table of already formatted cells, by tabulate."""
+def markdown_table(headers, rows, tablefmt="pipe"):
+    """A markdown (pipe) table of already formatted cells, by tabulate (``tablefmt="html"``: HTML)."""
     from tabulate import tabulate
 
-    return tabulate([[str(c) for c in row] for row in rows], headers=headers, tablefmt="pipe",
+    return tabulate([[str(c) for c in row] for row in rows], headers=headers, tablefmt=tablefmt,
                     disable_numparse=True)
 
 
-def metrics_table(rows, metrics=METRICS):
-    """rows: [(name, {metric: value}, {metric: std} or None)] -> a markdown table."""
+def metrics_table(rows, metrics=METRICS, tablefmt="pipe"):
+    """rows: [(name, {metric: value}, {metric: std} or None)] -> a markdown (or HTML) table."""
     return markdown_table(["model", *metrics], [
         [name, *(_fmt(values.get(m), None if stds is None else stds.get(m)) for m in metrics)]
-        for name, values, stds in rows])
+        for name, values, stds in rows], tablefmt)
+
+
+def embedded_image(path, alt):
+    """An HTML <img> holding the PNG at ``path`` itself (base64): the page opens anywhere, alone."""
+    import base64
+    import html
+
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+HTML_STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;"
+              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+              "figure{margin:2em 0}figcaption{max-width:60em}")
+
+
+def html_page(title, body):
+    """A self-contained HTML page."""
+    import html
+
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{HTML_STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
 
 def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val"):
