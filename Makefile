@@ -27,7 +27,7 @@ GPU_TWIN_OUT ?= output/gpu_twin
 # Which detectron2 sources the twin checks (the check itself builds upstream, v0.6 where that fails).
 GPU_TWIN_DETECTRON2 ?= upstream registry
 
-.PHONY: setup setup-upstream test test-upstream demo bench-accuracy bench-speed clean-venv gpu-bundle gpu-twin
+.PHONY: setup setup-upstream test test-upstream demo demo-screenshot bench-accuracy bench-speed clean-venv gpu-bundle gpu-twin
 
 setup: $(STAMP)
 
@@ -64,6 +64,14 @@ test-upstream: setup setup-upstream
 
 demo: setup
 	$(PY) tools/demo.py
+
+# The demo's report.html as a person's browser shows it (Debian: apt-get install chromium-headless-shell).
+CHROMIUM ?= $(firstword $(shell command -v chromium-headless-shell chromium 2>/dev/null))
+demo-screenshot:
+	@test -n "$(CHROMIUM)" || { echo "make demo-screenshot: needs chromium-headless-shell or chromium (Debian: apt-get install chromium-headless-shell)"; exit 2; }
+	@test -f output/demo/report.html || { echo "make demo-screenshot: no output/demo/report.html; run make demo first"; exit 2; }
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,3600 \
+		--screenshot=$(CURDIR)/output/demo/report_screenshot.png file://$(CURDIR)/output/demo/report.html
 
 bench-accuracy: setup
 	$(PY) tools/bench_accuracy.py --jobs $(BENCH_JOBS)

@@ -103,7 +103,8 @@ class Watchdog(HookBase):
     that stopped answering): where a step runs longer than max(``min_seconds``,
     WATCHDOG_STEP_FACTOR x the median step), every thread's Python stack goes to the log and to
     stderr, and the process exits with WATCHDOG_EXIT_CODE, so that torchrun restarts the group from
-    the last checkpoint. The other ranks, waiting for it in a collective, stop the same way.
+    the last checkpoint. The launcher stops the other ranks, which wait for it in a collective
+    (elsewhere, their own watchdog does).
     Evaluations and checkpoint saves (after the step) are not timed: their length depends on the
     test set and the disk. ``min_seconds`` 0 turns it off."""
 

@@ -344,8 +344,8 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
     """Four faults in successive rounds of one torchrun job (10 iterations, a checkpoint every
     2): SIGKILLs after iteration 2 (rank 1), half-way through writing the checkpoint of iteration
     5 (rank 0), after iteration 7 (rank 1), then rank 1 hangs inside iteration 8 (sleeps forever):
-    the watchdog stops both ranks (rank 0 waits for it in DDP's all-reduce) with their stacks in the
-    logs and exit code 124. Each round is one run of world size 2 whose workers meet through
+    its watchdog stops it with its stacks in its log and exit code 124, and torchrun stops rank 0,
+    which waits for it in DDP's all-reduce. Each round is one run of world size 2 whose workers meet through
     torchrun's environment (env://), not two runs of world size 1 racing into one OUTPUT_DIR;
     torchrun restarts the group, which resumes from its last complete checkpoint by itself. The
     job reaches MAX_ITER; every checkpoint on disk loads; no fault costs more than
@@ -368,7 +368,8 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
     rank1_log = open(out / "log.txt.rank1").read()
     assert "Rank of current process: 1. World size: 2" in rank1_log
     assert re.search(r"Loading from .*model_0000003\.pth", log)  # round 2: the save of 5 was killed
-    # The hang: both ranks stopped by their watchdog, each with its stacks in its own log.
+    # The hang: rank 1's watchdog stops it, its stacks in its own log; torchrun then stops rank 0, which
+    # waits for it in DDP's all-reduce (or rank 0's own watchdog does, if it looks first).
     hung = re.search(r"Rank 1: iteration 8 has not finished after (\d+) s \(the limit is the larger of "
                      rf"SOLVER.WATCHDOG_SECONDS={HANG_LIMIT_S} s and 20 x the median step, ([\d.]+) s\).*Exiting with "
                      "code 124", rank1_log, re.S)
@@ -376,7 +377,6 @@ def test_torchrun_survives_a_fault_in_each_round(teachers, tiny_dataset, tmp_pat
     limit = max(HANG_LIMIT_S, 20 * float(hung.group(2)))
     assert limit <= int(hung.group(1)) + 0.5 < limit + 5  # the watchdog looks every 1.5 s
     assert "in hang_forever" in rank1_log
-    assert re.search(r"Rank 0: iteration 8 has not finished after \d+ s", log)
     # Rank 0 alone writes events: at most one file per round (v0.6 opens it at start, upstream at
     # its first write).
     assert 1 <= len([f for f in os.listdir(out) if f.startswith("events.out")]) <= len(FAULTS) + 1
