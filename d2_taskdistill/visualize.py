@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from detectron2.data import MetadataCatalog
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
 from .losses.maps import unflatten_levels
@@ -103,22 +104,29 @@ def busiest_level(positives, i):
 
 
 def _visualizer(image, metadata):
-    """detectron2's Visualizer drawing the image upscaled to PANEL_PIXELS, its labels readable."""
-    scale = PANEL_PIXELS / max(image.shape[:2])
-    visualizer = Visualizer(image, metadata, scale=scale)
+    """detectron2's Visualizer drawing the image on a white margin (labels of boxes at the border
+    stay whole), upscaled to PANEL_PIXELS, its labels readable; and the margin in input pixels."""
+    margin = max(4, round(0.08 * max(image.shape[:2])))
+    padded = cv2.copyMakeBorder(image, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+    scale = PANEL_PIXELS / max(padded.shape[:2])
+    visualizer = Visualizer(padded, metadata, scale=scale)
     visualizer._default_font_size = 13 / scale  # 13 px labels in the output, whatever the input size
-    return visualizer
+    return visualizer, margin
 
 
 def detection_panel(image, instances, metadata=None):
-    return _visualizer(image, metadata).draw_instance_predictions(instances).get_image()
+    visualizer, margin = _visualizer(image, metadata)
+    shifted = Instances((image.shape[0] + 2 * margin, image.shape[1] + 2 * margin), **instances.get_fields())
+    shifted.pred_boxes = Boxes(instances.pred_boxes.tensor + margin)
+    return visualizer.draw_instance_predictions(shifted).get_image()
 
 
 def ground_truth_panel(image, boxes, classes, metadata=None):
+    visualizer, margin = _visualizer(image, metadata)
     names = metadata.get("thing_classes", None) if metadata is not None else None
     labels = [names[c] if names else str(c) for c in classes]
-    return _visualizer(image, metadata).overlay_instances(
-        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=labels,
+    return visualizer.overlay_instances(
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4) + margin, labels=labels,
         assigned_colors=[(0.1, 0.9, 0.1)] * len(boxes)).get_image()
 
 
@@ -155,6 +163,10 @@ def explain_image(path, image, gt_boxes, gt_classes, teacher_instances, student_
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2))
         ax.set_title(f"{MAP_NOTES[name][0]}, P{level + 3}", fontsize=11)
         fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
+    if drawn and columns > 3:  # the top row's free slot says how to read the maps
+        axes[0, 3].text(0.02, 0.5, f"Maps below: FPN level P{level + 3}\n(stride {2 ** (level + 3)} px), where the "
+                        "student\nhas the most positive locations\nin this image.\n\nWhite boxes: ground truth.\n"
+                        "Colour: the map's value\n(its own scale, bar at right).", fontsize=11, va="center")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

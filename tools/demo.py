@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+import torch
+
 import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
@@ -56,9 +58,11 @@ def write_html_report(path, title, intro, table_html, chart, runs_html, figures,
              runs_html, f"<p>Wall time of this demo: {elapsed:.0f} s.</p>", "<h2>Where the student is taught</h2>"]
     for figure in figures:
         notes = figure_notes(figure, method_name)
+        maps = notes[2:] if figure["maps"] else []
         parts.append(f"<figure>{embedded_image(figure['figure'], 'image ' + figure['image_id'])}<figcaption><p>"
-                     f"<b>Validation image {html.escape(figure['image_id'])}.</b> {html.escape(notes[0])}</p><ul>"
-                     + "".join(f"<li>{html.escape(n)}</li>" for n in notes[1:]) + "</ul></figcaption></figure>")
+                     f"<b>Validation image {html.escape(figure['image_id'])}.</b> {html.escape(notes[0])}"
+                     + (f" {html.escape(notes[1])}</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in maps)
+                        + "</ul>" if maps else "</p>") + "</figcaption></figure>")
     with open(path, "w") as f:
         f.write(html_page(title, "\n".join(parts)))
     return path
@@ -88,13 +92,17 @@ def main():
     width = ["MODEL.FPN.OUT_CHANNELS", load_config(teacher_config).MODEL.FPN.OUT_CHANNELS] if inherit else []
     method_name = method_label(args.method)
     suffix = f"_init_{args.student_init.replace('+', '_')}" if inherit else ""
+    # The configs say cuda; said once here instead of a warning per stage on a machine without a GPU.
+    device = ["MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"]
+    if device[1] == "cpu":
+        print("No GPU here: every stage trains on the CPU (MODEL.DEVICE cpu).", flush=True)
     stages = [
-        ("teacher", teacher_config, teacher_dir, []),
+        ("teacher", teacher_config, teacher_dir, device),
         ("student", digits_config(ROOT, f"{det}_R18_FPN_student.yaml"),
-         os.path.join(out, f"{det}_student{'_wide' if inherit else ''}"), width),
+         os.path.join(out, f"{det}_student{'_wide' if inherit else ''}"), [*device, *width]),
         (f"student + {method_name}" + (f" ({args.student_init} from teacher)" if inherit else ""),
          digits_config(ROOT, f"{det}_R34-R18_{args.method}.yaml"), os.path.join(out, f"{det}_{args.method}{suffix}"),
-         ["DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
+         [*device, "DISTILL.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
           "DISTILL.TEACHER.EVAL_AT_START", False, *width,
           *(["DISTILL.STUDENT_INIT", args.student_init] if inherit else [])]),
     ]
