@@ -108,3 +108,43 @@ def test_evaluators_score_perfect_predictions(view, both_views, tmp_path):
     else:
         assert MetadataCatalog.get(name).evaluator_type == "pascal_voc"
         assert bbox["AP50"] == pytest.approx(100.0)
+
+
+def test_instance_masks_are_the_digits_pixels_beside_unchanged_images_and_boxes(tmp_path):
+    """Generator 3 adds each digit's mask (COCO RLE); images, boxes and areas are generator 2's, so
+    the committed records stay valid: the digest below was taken from generator 2's output."""
+    import hashlib
+
+    from pycocotools import mask as mask_util
+
+    root = str(tmp_path)
+    path = generate_split(root, "val", num_images=20, image_size=128, seed=0)
+    coco = json.load(open(path))
+    digest = hashlib.sha256()
+    for image in coco["images"]:
+        digest.update(open(os.path.join(root, "val", image["file_name"]), "rb").read())
+    digest.update(json.dumps([(a["image_id"], a["category_id"], a["bbox"], a["area"])
+                              for a in coco["annotations"]]).encode())
+    assert digest.hexdigest() == "c2ad7f063d194a72bfc7057e7165a6adadc5ac4fe00f2ec9cbb13b9c66dcadef"
+    fill = []
+    for a in coco["annotations"]:
+        mask = mask_util.decode(a["segmentation"])
+        assert mask.shape == (128, 128)
+        ys, xs = np.nonzero(mask)
+        x, y, w, h = a["bbox"]
+        # The box is the mask's extent: both come from the same pixels.
+        assert (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (x, y, w, h)
+        fill.append(mask.sum() / (w * h))
+    assert 0.2 < np.median(fill) < 0.8  # strokes, not filled boxes
+
+    # detectron2 loads them as bitmasks (RLE keeps the holes of 0, 6, 8 and 9).
+    from detectron2.data import DatasetMapper
+    from detectron2.data.datasets import load_coco_json
+
+    cfg = load_config(config_path("digits", "retinanet_R18_FPN_student.yaml"),
+                      ["INPUT.MASK_FORMAT", "bitmask", "MODEL.MASK_ON", "True"])
+    record = load_coco_json(path, os.path.join(root, "val"), "masks_check")[0]
+    mapped = DatasetMapper(cfg, is_train=True, augmentations=[])(record)["instances"]
+    assert mapped.gt_masks.tensor.shape == (len(record["annotations"]), 128, 128)
+    first = mask_util.decode(record["annotations"][0]["segmentation"])
+    assert torch.equal(mapped.gt_masks.tensor[0], torch.as_tensor(first, dtype=torch.bool))

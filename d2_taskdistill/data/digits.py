@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 
 CLASS_NAMES = [str(d) for d in range(10)]
-# Bump when the generated data changes, so that cached splits are written again.
-GENERATOR_VERSION = 2
+# Bump when the generated data changes, so that cached splits are written again. 3: instance masks
+# (COCO RLE) beside the same images and boxes as 2.
+GENERATOR_VERSION = 3
 DEFAULT_ROOT_ENV = "D2_TASKDISTILL_DATA"
 _VAL_FRACTION = 0.2
 # Digit side in pixels (the stroke box is a little smaller) and how often each range is drawn.
@@ -105,8 +106,19 @@ def _render_image(rng, image_size, digits, labels, backgrounds, max_objects):
         region = canvas[y0 : y0 + side, x0 : x0 + side]
         region[:] = region * (1 - alpha[..., None]) + color * alpha[..., None]
         boxes.append(box)
-        annotations.append((box, int(labels[index])))
+        annotations.append((box, int(labels[index]), (x0, y0, alpha > 0.15)))
     return np.clip(canvas, 0, 255).astype(np.uint8), annotations
+
+
+def instance_mask_rle(image_size, x0, y0, pixels):
+    """The digit's own pixels (where its alpha exceeds the box's threshold) as COCO compressed RLE.
+    The mask's extent is the box; later digits drawn over it (IoU <= 0.3) are not cut out."""
+    from pycocotools import mask as mask_util
+
+    mask = np.zeros((image_size, image_size), dtype=np.uint8)
+    mask[y0 : y0 + pixels.shape[0], x0 : x0 + pixels.shape[1]] = pixels
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 @contextlib.contextmanager
@@ -190,11 +202,13 @@ def _generate_split(root, split, json_path, params):
         path = os.path.join(image_dir, file_name)
         _replace_with(path, lambda temporary: cv2.imwrite(temporary, image), suffix=".png")
         images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
-        for box, label in objects:
+        for box, label, (x0, y0, pixels) in objects:
             w, h = box[2] - box[0], box[3] - box[1]
+            # area stays the box's: COCO's small/medium/large ranges, and the recorded APs, use it.
             annotations.append(
                 dict(id=len(annotations) + 1, image_id=image_id, category_id=label + 1,
-                     bbox=[int(box[0]), int(box[1]), int(w), int(h)], area=int(w * h), iscrowd=0)
+                     bbox=[int(box[0]), int(box[1]), int(w), int(h)], area=int(w * h), iscrowd=0,
+                     segmentation=instance_mask_rle(image_size, x0, y0, pixels))
             )
     categories = [dict(id=i + 1, name=name) for i, name in enumerate(CLASS_NAMES)]
     coco = dict(info=dict(description="d2_taskdistill digits", params=params),
