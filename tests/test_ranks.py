@@ -107,6 +107,9 @@ def _saved_checkpoint(folder):
 
 
 def _generate(root, barrier):
+    from sklearn.datasets import load_digits, load_sample_images
+
+    load_digits(), load_sample_images()  # what the generator reads first, read before all start at once
     barrier.wait()
     generate_split(root, "train", num_images=24, image_size=64, seed=9)
     write_voc_split(root, "train")
@@ -119,7 +122,7 @@ def test_workers_generating_the_embedded_data_at_once_write_it_once(tmp_path):
     import xml.etree.ElementTree as ET
 
     root = str(tmp_path / "digits")
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # as launch() starts workers; fork could inherit cv2's held locks
     barrier = context.Barrier(4)
     workers = [context.Process(target=_generate, args=(root, barrier)) for _ in range(4)]
     for w in workers:
