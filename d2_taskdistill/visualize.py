@@ -130,8 +130,7 @@ def ground_truth_panel(image, boxes, classes, metadata=None):
         assigned_colors=[(0.1, 0.9, 0.1)] * len(boxes)).get_image()
 
 
-def explain_image(path, image, gt_boxes, gt_classes, teacher_instances, student_instances, maps, i, metadata=None,
-                  names=("teacher", "student")):
+def explain_image(path, image, gt_boxes, gt_classes, teacher_instances, student_instances, maps, i, metadata=None):
     """One figure for image ``i``: the input with its ground truth, the teacher's and the student's
     detections (score >= SCORE_THRESHOLD), and each map on the level where the student has the most
     positives, titled, with a colour bar and the ground-truth boxes. Returns the level drawn."""
@@ -147,8 +146,8 @@ def explain_image(path, image, gt_boxes, gt_classes, teacher_instances, student_
     rows = 1 + -(-len(drawn) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.3 * rows), dpi=100, squeeze=False)
     panels = [("input and ground truth", ground_truth_panel(image, gt_boxes, gt_classes, metadata)),
-              (f"{names[0]} (score >= {SCORE_THRESHOLD})", detection_panel(image, teacher_instances, metadata)),
-              (f"{names[1]} (score >= {SCORE_THRESHOLD})", detection_panel(image, student_instances, metadata))]
+              (f"teacher (score >= {SCORE_THRESHOLD})", detection_panel(image, teacher_instances, metadata)),
+              (f"student (score >= {SCORE_THRESHOLD})", detection_panel(image, student_instances, metadata))]
     for ax, (title, picture) in zip(axes[0], panels):
         ax.imshow(picture)
         ax.set_title(title, fontsize=11)

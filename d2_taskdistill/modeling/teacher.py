@@ -133,9 +133,7 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
     lazy = is_lazy_config_file(path)  # a .py, or the config.yaml of a LazyConfig run
     overrides = [str(o) for o in overrides] if lazy else list(overrides)
     if lazy:
-        origin = _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting)
-        origin.sha256 = sha256
-        return origin
+        return _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, sha256)
     teacher_yacs = load_config(path, overrides)
     teacher_yacs.MODEL.DEVICE = device
     teacher_yacs.MODEL.WEIGHTS = weights
@@ -160,7 +158,7 @@ def checked_sha256_pin(sha256):
     return pin
 
 
-def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting):
+def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting, sha256):
     from detectron2.config import LazyConfig
 
     lazy = LazyConfig.load(path)
@@ -183,6 +181,7 @@ def _lazy_teacher_origin(name, path, weights, overrides, device, weights_setting
         lazy, name, weights, device,
         input_format=lazy.model.get("input_format", None) or mapper.get("image_format", "BGR"),
         train_datasets=[names] if isinstance(names, str) else list(names), weights_setting=weights_setting,
+        sha256=sha256,
     )
 
 
