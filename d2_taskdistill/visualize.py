@@ -178,16 +178,26 @@ def explain_image(path, image, gt_boxes, gt_classes, teacher_instances, student_
 
 
 @torch.no_grad()
+def detections_at_input_size(model, batched_inputs):
+    """(teacher's, student's) detections per image, in the pixels of the input tensor the figures
+    draw: a detector rescales its boxes to the record's "height" and "width", the image's size
+    before the mapper resized it."""
+    inputs = [dict(x, height=x["image"].shape[1], width=x["image"].shape[2]) for x in batched_inputs]
+    was_training = model.training
+    model.eval()
+    student = model.student(inputs)
+    teacher = model.teacher(model.teacher_inputs(inputs))
+    model.train(was_training)
+    return ([d["instances"].to("cpu") for d in teacher], [d["instances"].to("cpu") for d in student])
+
+
+@torch.no_grad()
 def visualize_batch(model, batched_inputs, output_dir, input_format, metadata_name=None):
     """For each image: one figure ``<image_id>.png`` (see explain_image) and, under
     ``<image_id>/levels/``, each map on every FPN level. Returns [{"image_id", "figure", "level",
     "maps", "levels"}], one per image."""
     maps = distill_maps(model, batched_inputs)
-    was_training = model.training
-    model.eval()
-    student_dets = model.student(batched_inputs)
-    teacher_dets = model.teacher(model.teacher_inputs(batched_inputs))
-    model.train(was_training)
+    teacher_dets, student_dets = detections_at_input_size(model, batched_inputs)
     metadata = MetadataCatalog.get(metadata_name) if metadata_name else None
     figures = []
     for i, inputs in enumerate(batched_inputs):
@@ -207,8 +217,7 @@ def visualize_batch(model, batched_inputs, output_dir, input_format, metadata_na
                 path = os.path.join(level_dir, f"{name}_p{level + 3}.png")
                 save_png(path, overlay(image, level_map[i], boxes, vmax))
                 level_files.append(path)
-        detections = [d["instances"].to("cpu") for d in (teacher_dets[i], student_dets[i])]
-        detections = [d[d.scores >= SCORE_THRESHOLD] for d in detections]
+        detections = [d[d.scores >= SCORE_THRESHOLD] for d in (teacher_dets[i], student_dets[i])]
         figure = os.path.join(output_dir, f"{image_id}.png")
         level = explain_image(figure, image, boxes, gt.gt_classes.tolist(), *detections, maps, i, metadata)
         figures.append({"image_id": image_id, "figure": figure, "level": level + 3,

@@ -63,6 +63,24 @@ def test_visualize_batch_files_and_value_maps(teachers, tiny_batch, tmp_path):
     assert far_positions > 0  # large digits' bands can cover a whole 128 px image, not both
 
 
+def test_detections_are_drawn_in_the_pixels_of_the_resized_image(teachers, tiny_batch, tmp_path):
+    """A mapper that resized the image leaves the original size in "height"/"width", which the
+    detectors rescale their boxes to: the figures need them in the input tensor's pixels."""
+    from d2_taskdistill.visualize import detections_at_input_size
+
+    keep_all = ["MODEL.RETINANET.SCORE_THRESH_TEST", -1.0]  # untrained: every candidate, so that there are boxes
+    model = build_model(distill_cfg("retinanet_R34-R18_tid.yaml", teachers["retinanet"], tmp_path, opts=keep_all,
+                                    teacher_opts=keep_all))
+    batch = tiny_batch[:2]
+    as_drawn = detections_at_input_size(model, batch)
+    # The same tensors, as if resized from 256 x 384 px originals.
+    from_larger = detections_at_input_size(model, [dict(x, height=256, width=384) for x in batch])
+    for drawn, larger in zip(as_drawn, from_larger):
+        for a, b, x in zip(drawn, larger, batch):
+            assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+            assert a.image_size == tuple(x["image"].shape[1:])
+
+
 def test_visualize_command_on_an_image(teachers, tiny_digits, tmp_path):
     teacher = teachers["fcos"]
     image = os.path.join(tiny_digits[1], "000001.png")
