@@ -4,6 +4,7 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -104,7 +105,10 @@ class Watchdog(HookBase):
     WATCHDOG_STEP_FACTOR x the median step), every thread's Python stack goes to the log and to
     stderr, and the process exits with WATCHDOG_EXIT_CODE, so that torchrun restarts the group from
     the last checkpoint. The launcher stops the other ranks, which wait for it in a collective
-    (elsewhere, their own watchdog does).
+    (elsewhere, their own watchdog does). Ranks time their steps alike, so the first to fire may be
+    one that waits: while training, a process stopped with SIGTERM (how torchrun and launch() stop
+    the rest of a group) writes its stacks to stderr first, so that the hung rank's stacks are
+    seen whichever rank fires.
     Evaluations and checkpoint saves (after the step) are not timed: their length depends on the
     test set and the disk. ``min_seconds`` 0 turns it off."""
 
@@ -125,6 +129,8 @@ class Watchdog(HookBase):
         if self.min_seconds > 0:
             self._thread = threading.Thread(target=self._watch, name="d2_taskdistill-watchdog", daemon=True)
             self._thread.start()
+            if hasattr(faulthandler, "register"):  # POSIX; chain: SIGTERM still ends the process
+                faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 
     def before_step(self):
         self._step_started = time.monotonic()
@@ -135,6 +141,8 @@ class Watchdog(HookBase):
 
     def after_train(self):
         self._stop.set()
+        if self._thread is not None and hasattr(faulthandler, "unregister"):
+            faulthandler.unregister(signal.SIGTERM)
 
     def _watch(self):
         poll = max(0.2, min(10.0, self.min_seconds / 10))
@@ -149,13 +157,16 @@ class Watchdog(HookBase):
             faulthandler.dump_traceback(file=f, all_threads=True)
             f.seek(0)
             stacks = f.read()
-        median = statistics.median(self._steps) if self._steps else float("nan")
+        # The first step after a (re)start has no median yet: the limit is the setting alone.
+        median = f"{statistics.median(self._steps):.2f} s" if self._steps else "none finished yet"
         logger.error(
             "Rank %d: iteration %d has not finished after %.0f s (the limit is the larger of %s=%g s and %d x the "
-            "median step, %.2f s): a worker hangs. Exiting with code %d, so that torchrun restarts the job from "
-            "its last checkpoint. Python stacks of this process (the training thread is the one inside "
-            "run_step):\n%s", comm.get_rank(), self.trainer.iter, elapsed, self.setting_name, self.min_seconds,
-            WATCHDOG_STEP_FACTOR, median, WATCHDOG_EXIT_CODE, stacks)
+            "median step, %s): a worker hangs. Exiting with code %d, so that torchrun restarts the job from "
+            "its last checkpoint. If the training thread below waits in a collective (backward's all-reduce, a "
+            "barrier), another rank is the one that hangs: the launcher stops it, and its stacks follow in its "
+            "stderr. Python stacks of this process (the training thread is the one inside run_step):\n%s",
+            comm.get_rank(), self.trainer.iter, elapsed, self.setting_name, self.min_seconds, WATCHDOG_STEP_FACTOR,
+            median, WATCHDOG_EXIT_CODE, stacks)
         sys.stderr.write(stacks)
         for handler in logging.getLogger().handlers + [h for name in ("d2_taskdistill", "detectron2")
                                                         for h in logging.getLogger(name).handlers]:

@@ -224,6 +224,57 @@ def test_the_watchdog_stops_a_step_that_does_not_finish(caplog):
     assert re.search(r"Rank 0: iteration 3 has not finished after \d s \(the limit is the larger of "
                      r"SOLVER.WATCHDOG_SECONDS=0.6 s and 20 x the median step, 0.0\d s\)", caplog.text)
     assert "test_the_watchdog_stops_a_step_that_does_not_finish" in caplog.text
+    watchdog.after_train()
+
+
+def test_the_watchdog_fires_on_the_first_step_after_a_start(caplog):
+    """The first step of a (re)started run has no median step: the limit is the setting alone."""
+    import time
+
+    from d2_taskdistill.hooks import Watchdog
+
+    exits = []
+    watchdog = Watchdog(0.3, "train.watchdog_seconds", exit=exits.append)
+    watchdog.trainer = argparse.Namespace(iter=8)
+    watchdog.before_train()
+    with caplog.at_level("ERROR", logger="d2_taskdistill"):
+        watchdog.before_step()
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+    watchdog.after_train()
+    assert len(exits) == 1
+    assert ("iteration 8 has not finished after 0 s (the limit is the larger of train.watchdog_seconds=0.3 s and "
+            "20 x the median step, none finished yet)") in caplog.text
+
+
+def test_a_rank_stopped_while_training_writes_its_stacks(tmp_path):
+    """SIGTERM (how torchrun and launch() stop the rest of a group) while the watchdog runs: the
+    process writes its stacks to stderr and still ends by the signal; after training it does not."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import sys, time, argparse\n"
+        "from d2_taskdistill.hooks import Watchdog\n"
+        "watchdog = Watchdog(600, 'SOLVER.WATCHDOG_SECONDS')\n"
+        "watchdog.trainer = argparse.Namespace(iter=0)\n"
+        "watchdog.before_train()\n"
+        "if sys.argv[1] == 'after': watchdog.after_train()\n"
+        "def waiting_in_a_collective():\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "waiting_in_a_collective()\n")
+    for when in ("during", "after"):
+        proc = subprocess.Popen([sys.executable, str(script), when], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGTERM, (when, stderr)
+        assert ('in waiting_in_a_collective' in stderr) == (when == "during"), (when, stderr)
 
 
 def test_the_watchdog_limit_grows_with_slow_steps():
