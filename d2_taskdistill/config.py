@@ -19,7 +19,7 @@ YACS_SETTING_NAMES = {
     "teacher.allow_change": "DISTILL.TEACHER.ALLOW_CHANGE",
     "teacher.allow_other_class_names": "DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES",
     "losses": "DISTILL.LOSSES",
-    "student.num_classes": "MODEL.RETINANET.NUM_CLASSES / MODEL.FCOS.NUM_CLASSES",
+    "student.num_classes": "MODEL.RETINANET.NUM_CLASSES / MODEL.FCOS.NUM_CLASSES / MODEL.ROI_HEADS.NUM_CLASSES",
     "student.input_format": "INPUT.FORMAT",
     "teacher.input_format": "the teacher config's INPUT.FORMAT",
     "anchor_layout": "MODEL.ANCHOR_GENERATOR / MODEL.FPN settings of DISTILL.TEACHER.CONFIG_FILE and the student",

@@ -15,6 +15,7 @@ from detectron2.utils.visualizer import Visualizer
 from .losses.maps import unflatten_levels
 from .losses.tbd import dense_harmony_score
 from .modeling.dense_outputs import run_dense_detector
+from .modeling.rcnn_outputs import is_rcnn
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def visualize_batch(model, batched_inputs, output_dir, input_format, metadata_na
     """For each image: one figure ``<image_id>.png`` (see explain_image) and, under
     ``<image_id>/levels/``, each map on every FPN level. Returns [{"image_id", "figure", "level",
     "maps", "levels"}], one per image."""
+    if is_rcnn(model.student):
+        raise ValueError("The figures are drawn for RetinaNet and FCOS students (their maps and positives are "
+                         "per location); this run's student is a GeneralizedRCNN, whose figures are not built yet "
+                         "(docs/two_stage.md).")
     maps = distill_maps(model, batched_inputs)
     teacher_dets, student_dets = detections_at_input_size(model, batched_inputs)
     metadata = MetadataCatalog.get(metadata_name) if metadata_name else None

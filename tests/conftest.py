@@ -157,6 +157,13 @@ def teachers(tmp_path_factory, tiny_batch):
         yield paths
 
 
+@pytest.fixture(scope="session")
+def rcnn_teacher(tmp_path_factory, tiny_batch):
+    """A small Faster R-CNN teacher checkpoint, as ``teachers`` (made on first use only)."""
+    with scratch_dir(tmp_path_factory, "rcnn_teacher") as root:
+        yield make_teacher_checkpoint("faster_rcnn", str(root / "faster_rcnn.pth"), tiny_batch)
+
+
 def make_teacher_checkpoint(detector, path, batches, opts=()):
     """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
 

@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from d2_taskdistill import load_config
 from d2_taskdistill.engine import build_evaluator
 from d2_taskdistill.modeling import TaskDistillDetector
+from d2_taskdistill.modeling.meta_arch import num_classes_of
 from d2_taskdistill.modeling.teacher import build_teacher_origin
 from conftest import CONFIGS, ROOT, TEST_DEVICE, scratch_dir
 
@@ -59,7 +60,7 @@ def test_config_builds(config, teacher_checkpoints, monkeypatch):
         model = build_model(cfg)
     if isinstance(model, TaskDistillDetector):
         assert type(model.student).__name__ == cfg.DISTILL.STUDENT_ARCHITECTURE
-        assert model.teacher.num_classes == model.student.num_classes
+        assert num_classes_of(model.teacher) == num_classes_of(model.student)
         assert list(model.distill_losses) == list(cfg.DISTILL.LOSSES)
     else:
         assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE

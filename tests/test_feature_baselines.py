@@ -1,7 +1,6 @@
 """FGD, PKD and CWD (feature-distillation baselines): hand-computed values, builds from the
 digits configs with unequal FPN widths, and real training steps."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ class FeatureOutputs:
     def __init__(self, features, gt_instances=(), strides=(8, 16, 32, 64, 128)):
         self.features = features
         self.gt_instances = list(gt_instances)
-        self.detector = SimpleNamespace(anchor_generator=SimpleNamespace(strides=list(strides)))
+        self.feature_strides = list(strides)
 
 
 def loss_module(cls, config, channels=2, levels=1, **overrides):

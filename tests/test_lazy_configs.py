@@ -31,14 +31,16 @@ DIGITS = config_path("digits")
 ITERATIONS = 2
 
 
-@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
-def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, teachers, tmp_path):
+@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 5)])
+def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, methods, teachers, rcnn_teacher,
+                                                                        tmp_path):
+    teacher = rcnn_teacher if detector == "faster_rcnn" else teachers[detector]
     yaml_files = sorted(glob.glob(os.path.join(DIGITS, f"{detector}_R34-R18_*.yaml")))
-    assert len(yaml_files) == 10
+    assert len(yaml_files) == methods
     for yaml_file in yaml_files:
         name = os.path.basename(yaml_file)[:-len(".yaml")]
-        cfg = distill_cfg(os.path.basename(yaml_file), teachers[detector], tmp_path)
-        lazy = lazy_cfg(name + ".py", teachers[detector], tmp_path)
+        cfg = distill_cfg(os.path.basename(yaml_file), teacher, tmp_path)
+        lazy = lazy_cfg(name + ".py", teacher, tmp_path)
         assert lazy.train.output_dir == str(tmp_path)
         torch.manual_seed(0)
         from_yaml = build_model(cfg)
@@ -61,7 +63,8 @@ def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector,
         assert from_py.teacher_needs_bgr_flip == from_yaml.teacher_needs_bgr_flip
 
 
-@pytest.mark.parametrize("name", ["retinanet_R34_FPN_teacher", "retinanet_R18_FPN_student"])
+@pytest.mark.parametrize("name", ["retinanet_R34_FPN_teacher", "retinanet_R18_FPN_student",
+                                  "faster_rcnn_R34_FPN_teacher", "faster_rcnn_R18_FPN_student"])
 def test_the_plain_py_twins_build_their_yaml_model_and_schedule(name):
     lazy = load_lazy_config(os.path.join(DIGITS, name + ".py"), ["train.device=cpu"])
     yaml_cfg = load_config(os.path.join(DIGITS, name + ".yaml"), ["MODEL.DEVICE", "cpu"])

@@ -184,3 +184,24 @@ def test_resize_zoo_detector_makes_a_small_trainable_detector(detector, image_ba
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+
+
+def test_resize_zoo_detector_resizes_an_fpn_rcnn():
+    """The zoo's Mask R-CNN (common/models/mask_rcnn_fpn.py) at R18, 64 channels, 10 classes: the
+    RPN head, the box head and predictor, and the mask head follow the width and the classes."""
+    from detectron2.modeling.backbone.resnet import BasicBlock
+
+    from d2_taskdistill.zoo import resize_zoo_detector
+
+    lazy = LazyConfig.load(model_zoo.get_config_file("common/models/mask_rcnn_fpn.py"))
+    resize_zoo_detector(lazy.model, depth=18, width=64, num_classes=10, box_head_fc=256)
+    model = instantiate(lazy.model)
+    assert all(type(b) is BasicBlock for stage in model.backbone.bottom_up.stages for b in stage)
+    assert {s.channels for s in model.backbone.output_shape().values()} == {64}
+    assert model.proposal_generator.rpn_head.conv.in_channels == 64
+    box_head = model.roi_heads.box_head
+    assert (box_head.fc1.in_features, box_head.fc1.out_features, box_head.fc2.out_features) == (64 * 7 * 7, 256, 256)
+    predictor = model.roi_heads.box_predictor
+    assert (predictor.cls_score.in_features, predictor.cls_score.out_features) == (256, 11)
+    mask_head = model.roi_heads.mask_head
+    assert mask_head.mask_fcn1.in_channels == 64 and mask_head.predictor.out_channels == 10

@@ -110,9 +110,7 @@ def feature_outputs(channels, seed, boxes=((0.0, 0.0, 40.0, 24.0),)):
     gt = Instances((64, 64))
     gt.gt_boxes = Boxes(torch.tensor(boxes))
     gt.gt_classes = torch.zeros(len(boxes), dtype=torch.long)
-    anchor_generator = SimpleNamespace(strides=[8, 16, 32, 64, 128])
-    return SimpleNamespace(features=features, gt_instances=[gt, gt],
-                           detector=SimpleNamespace(anchor_generator=anchor_generator))
+    return SimpleNamespace(features=features, gt_instances=[gt, gt], feature_strides=[8, 16, 32, 64, 128])
 
 
 def assert_same_losses(a, b):

@@ -62,8 +62,8 @@ train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the y
 
 # The yaml models: ResNets with BatchNorm (from scratch: FrozenBN would be an identity), FPN on
 # res3-res5, heads of 2 convs, 10 classes; RetinaNet's anchors half of detectron2's COCO sizes.
-def digits_model(model, depth, width):
-    resize_zoo_detector(model, depth=depth, width=width, num_classes=10, norm="BN", head_convs=2)
+def digits_model(model, depth, width, **resize):
+    resize_zoo_detector(model, depth=depth, width=width, num_classes=10, norm="BN", head_convs=2, **resize)
     model.pixel_mean = [103.530, 116.280, 123.675]
     model.pixel_std = [1.0, 1.0, 1.0]
     return model
@@ -77,9 +77,23 @@ def digits_retinanet(depth, width):
     return model
 
 
+def digits_faster_rcnn(depth, width, box_head_fc):
+    """faster_rcnn_R18_FPN_student.yaml's model: the zoo's FPN R-CNN without its mask branch, the
+    RPN's anchors half of detectron2's COCO sizes, 128 sampled proposals per image."""
+    model = get_config("common/models/mask_rcnn_fpn.py").model
+    for key in ("mask_in_features", "mask_pooler", "mask_head"):
+        del model.roi_heads[key]
+    digits_model(model, depth, width, box_head_fc=box_head_fc)
+    model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+    model.roi_heads.batch_size_per_image = 128
+    return model
+
+
 # The R18 students (*_R18_FPN_student.yaml): 64 FPN channels.
 retinanet_student = digits_retinanet(depth=18, width=64)
 
 fcos_student = digits_model(get_config("common/models/fcos.py").model, depth=18, width=64)
 # The project's FCOS: detectron2's, with v0.6's images-without-boxes fault guarded.
 fcos_student._target_ = FCOS
+
+faster_rcnn_student = digits_faster_rcnn(depth=18, width=64, box_head_fc=256)

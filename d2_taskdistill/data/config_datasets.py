@@ -327,12 +327,12 @@ def recorded_class_names(dataset, run_dir, wanted_by):
 
 
 def num_classes_setting(cfg):
-    """('MODEL.<HEAD>.NUM_CLASSES', its value) of a RetinaNet or FCOS config, distilled or not;
+    """('MODEL.<HEAD>.NUM_CLASSES', its value) of a RetinaNet, FCOS or R-CNN config, distilled or not;
     (None, None) for other architectures."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "TaskDistillDetector":
         arch = cfg.DISTILL.STUDENT_ARCHITECTURE
-    head = {"RetinaNet": "RETINANET", "FCOS": "FCOS"}.get(arch)
+    head = {"RetinaNet": "RETINANET", "FCOS": "FCOS", "GeneralizedRCNN": "ROI_HEADS"}.get(arch)
     if head is None:
         return None, None
     return f"MODEL.{head}.NUM_CLASSES", cfg.MODEL[head].NUM_CLASSES

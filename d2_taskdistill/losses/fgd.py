@@ -161,7 +161,7 @@ class FGD(DistillLoss):
         levels = slice(0, self.num_levels)
         student_features = self.adapter(student.features[levels])
         teacher_features = teacher.features[levels]
-        strides = student.detector.anchor_generator.strides[levels]
+        strides = student.feature_strides[levels]
         with torch.no_grad():
             gt_boxes, gt_valid = padded_gt_boxes(student.gt_instances, teacher_features[0].device)
         batch = global_mean(teacher_features[0].shape[0], device=teacher_features[0].device)

@@ -62,7 +62,52 @@ def _cached_with_grad(fn):
     return cached_property(compute)
 
 
-class DenseOutputs:
+class LevelLayout:
+    """What a loss reads of the FPN levels it compares, for any detector: ``features`` (L x
+    (N, C, H, W)), ``feature_strides``, ``anchors`` (L x Boxes: the detector's anchors on those
+    levels, for FGFI's region) and the batch (``images``, ``image_sizes``, ``gt_instances``)."""
+
+    @cached_property
+    def anchors_flat(self):
+        return Boxes.cat(self.anchors)
+
+    @property
+    def num_anchors(self):
+        """A, anchors per location."""
+        height, width = self.level_shapes[0]
+        return len(self.anchors[0]) // (height * width)
+
+    @property
+    def level_shapes(self):
+        return [tuple(f.shape[-2:]) for f in self.features]
+
+    @property
+    def num_images(self):
+        return self.features[0].shape[0]
+
+    @cached_property
+    def valid_mask(self):
+        """(N, R) bool: the location's anchor centre lies inside the image, not in padding."""
+        centers = self.anchors_flat.get_centers()  # (R, 2)
+        sizes = self.images.image_sizes if self.image_sizes is None else self.image_sizes
+        sizes = torch.as_tensor(sizes, device=centers.device, dtype=centers.dtype)
+        return (centers[None, :, 0] < sizes[:, None, 1]) & (centers[None, :, 1] < sizes[:, None, 0])
+
+    def split_levels(self, flat):
+        """(N, R, ...) -> L x (N, H, W, A, ...) in this detector's layout."""
+        sizes = [h * w * self.num_anchors for h, w in self.level_shapes]
+        parts = torch.split(flat, sizes, dim=1)
+        return [
+            p.reshape(p.shape[0], h, w, self.num_anchors, *p.shape[2:])
+            for p, (h, w) in zip(parts, self.level_shapes)
+        ]
+
+    def to_maps(self, flat):
+        """(N, R) -> L x (N, H, W): per-location values, max over the A anchors."""
+        return [p.amax(dim=3) for p in self.split_levels(flat)]
+
+
+class DenseOutputs(LevelLayout):
     """Head outputs and lazily computed, cached derived quantities."""
 
     def __init__(self, detector, images, features, predictions, gt_instances, thresholds_fcos, image_sizes=None):
@@ -92,22 +137,15 @@ class DenseOutputs:
         """L x Boxes (H*W*A, 4): anchors (RetinaNet) or stride-sized point boxes (FCOS)."""
         return self.detector.anchor_generator(self.features)
 
-    @cached_property
-    def anchors_flat(self):
-        return Boxes.cat(self.anchors)
+    @property
+    def feature_strides(self):
+        return list(self.detector.anchor_generator.strides)
 
     @property
     def num_anchors(self):
-        """A, anchors per location."""
+        """A, anchors per location (from the head, without building the anchors)."""
         return self.cls_logits[0].shape[1] // self.num_classes
 
-    @property
-    def level_shapes(self):
-        return [tuple(f.shape[-2:]) for f in self.features]
-
-    @property
-    def num_images(self):
-        return self.features[0].shape[0]
 
     # --- flattened predictions (N, R, .) ---------------------------------------------------
     @_cached_with_grad
@@ -136,14 +174,6 @@ class DenseOutputs:
         deltas = self.box_reg_flat
         boxes = self.detector.box2box_transform.apply_deltas(deltas.reshape(-1, 4), anchors.repeat(deltas.shape[0], 1))
         return boxes.view(deltas.shape)
-
-    @cached_property
-    def valid_mask(self):
-        """(N, R) bool: the location's anchor centre lies inside the image, not in padding."""
-        centers = self.anchors_flat.get_centers()  # (R, 2)
-        sizes = self.images.image_sizes if self.image_sizes is None else self.image_sizes
-        sizes = torch.as_tensor(sizes, device=centers.device, dtype=centers.dtype)
-        return (centers[None, :, 0] < sizes[:, None, 1]) & (centers[None, :, 1] < sizes[:, None, 0])
 
     # --- ground-truth matching -------------------------------------------------------------
     @cached_property
@@ -204,19 +234,6 @@ class DenseOutputs:
         return mask
 
     # --- helpers -----------------------------------------------------------------------------
-    def split_levels(self, flat):
-        """(N, R, ...) -> L x (N, H, W, A, ...) in this detector's layout."""
-        sizes = [h * w * self.num_anchors for h, w in self.level_shapes]
-        parts = torch.split(flat, sizes, dim=1)
-        return [
-            p.reshape(p.shape[0], h, w, self.num_anchors, *p.shape[2:])
-            for p, (h, w) in zip(parts, self.level_shapes)
-        ]
-
-    def to_maps(self, flat):
-        """(N, R) -> L x (N, H, W): per-location values, max over the A anchors."""
-        return [p.amax(dim=3) for p in self.split_levels(flat)]
-
     def detector_losses(self):
         """The detector's own training losses, from the targets computed here."""
         labels, gt_boxes = self.anchor_targets

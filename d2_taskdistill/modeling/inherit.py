@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 # Which state-dict keys each part covers; the ResNet body (backbone.bottom_up) is never copied.
 PARTS = {
     "neck": lambda key: key.startswith("backbone.") and not key.startswith("backbone.bottom_up."),
-    "head": lambda key: key.startswith("head."),
+    # A dense detector's head; an R-CNN's RPN and ROI heads.
+    "head": lambda key: key.startswith(("head.", "proposal_generator.", "roi_heads.")),
 }
 CHOICES = ("none", "neck", "head", "neck+head")
 

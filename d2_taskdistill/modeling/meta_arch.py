@@ -14,7 +14,9 @@ from ..losses.registry import registered_loss
 from ..settings import setting, using_setting_names
 from .dense_outputs import DENSE_DETECTOR_ATTRIBUTES, run_dense_detector
 from .inherit import parts_of
-from .teacher import DENSE_ARCHITECTURES, build_teacher
+from .level_pairs import LevelSubset, shared_level_indices
+from .rcnn_outputs import RCNN_DETECTOR_ATTRIBUTES, is_rcnn, rcnn_levels, run_rcnn_detector
+from .teacher import DISTILLABLE_ARCHITECTURES, build_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -22,25 +24,36 @@ logger = logging.getLogger(__name__)
 def student_config(cfg):
     """The student's own config: ``cfg`` with the student's meta-architecture."""
     arch = cfg.DISTILL.STUDENT_ARCHITECTURE
-    if arch not in DENSE_ARCHITECTURES:
-        raise ValueError(f"DISTILL.STUDENT_ARCHITECTURE={arch!r}; must be one of {DENSE_ARCHITECTURES}")
+    if arch not in DISTILLABLE_ARCHITECTURES:
+        raise ValueError(f"DISTILL.STUDENT_ARCHITECTURE={arch!r}; must be one of {DISTILLABLE_ARCHITECTURES}")
     student_cfg = cfg.clone()
     student_cfg.defrost()
     student_cfg.MODEL.META_ARCHITECTURE = arch
     return student_cfg
 
 
-def check_dense_detector(detector, role, losses):
+def check_detector(detector, role, losses):
     """A clear error when ``detector`` lacks what running it for distillation reads."""
-    missing = [a for a in DENSE_DETECTOR_ATTRIBUTES if not hasattr(detector, a)]
+    needed = RCNN_DETECTOR_ATTRIBUTES if is_rcnn(detector) else DENSE_DETECTOR_ATTRIBUTES
+    missing = [a for a in needed if getattr(detector, a, None) is None]
     if isinstance(detector, nn.Module) and not missing:
         return
     what = f"lacks {missing}, which" if isinstance(detector, nn.Module) else "is not an nn.Module; "
     raise TypeError(
-        f"The {role} ({type(detector).__module__}.{type(detector).__name__}) is not a dense detector that "
+        f"The {role} ({type(detector).__module__}.{type(detector).__name__}) is not a detector that "
         f"d2_taskdistill can distil: it {what} running it for the losses {list(losses)} reads. Use "
-        "detectron2's RetinaNet or FCOS, or a subclass with the same attributes."
+        "detectron2's RetinaNet, FCOS or GeneralizedRCNN with an RPN (Faster/Mask R-CNN), or a subclass "
+        "with the same attributes."
     )
+
+
+def distilled_levels(detector):
+    """The FPN levels a detector's feature losses read: its dense head's, or its RPN's."""
+    return rcnn_levels(detector) if is_rcnn(detector) else list(detector.head_in_features)
+
+
+def num_classes_of(detector):
+    return detector.roi_heads.num_classes if is_rcnn(detector) else detector.num_classes
 
 
 def yacs_loss_factory(name, cfg):
@@ -79,10 +92,10 @@ def check_loss_name(name, loss):
 
 
 def anchor_layout(detector):
-    """What must match for location-by-location comparison of two detectors."""
-    generator = detector.anchor_generator
+    """What must match for location-by-location comparison of two detectors (an R-CNN's: its RPN's)."""
+    generator = detector.proposal_generator.anchor_generator if is_rcnn(detector) else detector.anchor_generator
     return {
-        "head_in_features": list(detector.head_in_features),
+        "head_in_features": distilled_levels(detector),
         "strides": list(generator.strides),
         "anchors per location": list(generator.num_cell_anchors),
         # Rounded to 1e-3 px: configs write sizes like 32 * 2**(1/3) with varying precision.
@@ -103,17 +116,27 @@ def check_losses_compatible(student, teacher, losses):
 
 
 def check_compatible(student, teacher, needs_same_layout, loss_names):
-    if student.num_classes != teacher.num_classes:
+    rcnn = [role for role, d in (("student", student), ("teacher", teacher)) if is_rcnn(d)]
+    if rcnn and needs_same_layout:
+        raise ValueError(
+            f"The {' and '.join(rcnn)} {'is' if len(rcnn) == 1 else 'are'} two-stage (GeneralizedRCNN): losses "
+            f"{loss_names} compare dense heads location by location, which an R-CNN does not have. Use losses "
+            f"that compare features ({layout_free_losses()}) in {setting('losses')}.")
+    student_classes, teacher_classes = num_classes_of(student), num_classes_of(teacher)
+    if student_classes != teacher_classes:
         origin = getattr(teacher, "teacher_origin", None)
         weights = f" ({origin.weights_setting}={origin.weights!r})" if origin is not None else ""
         raise ValueError(
-            f"Teacher has {teacher.num_classes} classes, student {student.num_classes}: the losses compare "
+            f"Teacher has {teacher_classes} classes, student {student_classes}: the losses compare "
             f"class outputs, so both must know the same classes. The teacher's weights{weights} were trained "
-            f"for {teacher.num_classes}: use a teacher trained on the student's dataset, or set "
-            f"{setting('student.num_classes')} to {teacher.num_classes} if the student trains on the teacher's classes."
+            f"for {teacher_classes}: use a teacher trained on the student's dataset, or set "
+            f"{setting('student.num_classes')} to {teacher_classes} if the student trains on the teacher's classes."
         )
     s_layout, t_layout = anchor_layout(student), anchor_layout(teacher)
-    keys = list(s_layout) if needs_same_layout else ["strides", "padding (size_divisibility)"]
+    # Feature losses compare the levels of equal stride (level_pairs); there must be some.
+    keys = list(s_layout) if needs_same_layout else ["padding (size_divisibility)"]
+    if not set(s_layout["strides"]) & set(t_layout["strides"]):
+        keys = ["strides", *keys]
     for key in keys:
         if s_layout[key] != t_layout[key]:
             across = ""
@@ -152,8 +175,9 @@ class TaskDistillDetector(nn.Module):
                  fcos_iou_thresholds=(0.4, 0.5), teacher_amp=False, setting_names=None):
         """
         Args:
-            student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass).
-            teacher: a frozen dense detector with its weights (:func:`load_teacher`), or None.
+            student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass), or a
+                GeneralizedRCNN with an RPN (Faster/Mask R-CNN; the feature losses only).
+            teacher: a frozen detector of those kinds with its weights (:func:`load_teacher`), or None.
             losses: {name: a DistillLoss, or its LazyConfig (``L(TID)(...)``), or a callable
                 ``(student_shapes, teacher_shapes) -> DistillLoss``}.
             input_format / teacher_input_format: "BGR" or "RGB"; default: the detector's own
@@ -171,7 +195,7 @@ class TaskDistillDetector(nn.Module):
                 f"TaskDistillDetector has no distillation losses ({setting('losses')}): name at least one "
                 "(e.g. TID) or train the student's own architecture."
             )
-        check_dense_detector(student, "student", losses)
+        check_detector(student, "student", losses)
         self.student = student
         self.input_format = input_format or getattr(student, "input_format", None) or "BGR"
         self.fcos_thresholds = tuple(fcos_iou_thresholds)
@@ -182,8 +206,9 @@ class TaskDistillDetector(nn.Module):
             logger.info("Built without the teacher, for inference: the student runs alone, and the "
                         "distillation adapters (distill_losses.*) of a checkpoint are not used.")
             self.teacher_needs_bgr_flip = False
+            self.level_pairs = None
             return
-        check_dense_detector(teacher, "teacher", losses)
+        check_detector(teacher, "teacher", losses)
         source = getattr(teacher, "teacher_origin", None)  # set by load_teacher / build_teacher
         teacher_format = teacher_input_format or getattr(source, "input_format", None) or getattr(
             teacher, "input_format", None) or "BGR"
@@ -194,8 +219,17 @@ class TaskDistillDetector(nn.Module):
             )
         self.teacher_needs_bgr_flip = self.input_format != teacher_format
 
-        s_shapes = [self.student.backbone.output_shape()[f] for f in self.student.head_in_features]
-        t_shapes = [teacher.backbone.output_shape()[f] for f in teacher.head_in_features]
+        s_shapes = [self.student.backbone.output_shape()[f] for f in distilled_levels(self.student)]
+        t_shapes = [teacher.backbone.output_shape()[f] for f in distilled_levels(teacher)]
+        self.level_pairs = None  # (student indices, teacher indices) where the strides differ
+        s_strides, t_strides = [x.stride for x in s_shapes], [x.stride for x in t_shapes]
+        if s_strides != t_strides:
+            self.level_pairs = shared_level_indices(s_strides, t_strides)
+            s_shapes = [s_shapes[i] for i in self.level_pairs[0]]
+            t_shapes = [t_shapes[i] for i in self.level_pairs[1]]
+            logger.info("The feature losses compare the levels of equal stride: %s",
+                        ", ".join(f"student {distilled_levels(self.student)[i]} - teacher {distilled_levels(teacher)[j]} "
+                                  f"(stride {s_strides[i]})" for i, j in zip(*self.level_pairs)))
         for name, loss in losses.items():
             self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
             check_loss_name(name, self.distill_losses[name])
@@ -272,12 +306,16 @@ class TaskDistillDetector(nn.Module):
         # The student runs under the caller's autocast (SOLVER.AMP.ENABLED); its losses, the
         # distillation losses and the masks that feed them run in float32: exp, log, softmax
         # and IoU overflow or lose the small values they compare at half precision.
-        student_out = run_dense_detector(self.student, batched_inputs, gt_instances, self.fcos_thresholds, image_sizes)
+        student_out = self.run_detector(self.student, batched_inputs, gt_instances, image_sizes)
         with torch.autocast(device_type=self.device.type, enabled=False):
             student_out.to_float32()
             losses = dict(student_out.detector_losses())
+            student_levels, teacher_levels = student_out, teacher_out
+            if self.level_pairs is not None:
+                student_levels = LevelSubset(student_out, self.level_pairs[0])
+                teacher_levels = LevelSubset(teacher_out, self.level_pairs[1])
             for loss in self.distill_losses.values():
-                losses.update(loss(student_out, teacher_out))
+                losses.update(loss(student_levels, teacher_levels))
         # A non-finite term: detectron2's trainer reads every loss each step and raises
         # FloatingPointError naming them before the optimizer step (hooks.NonFiniteLossHint).
         return losses
@@ -290,6 +328,12 @@ class TaskDistillDetector(nn.Module):
             sizes = sizes.pin_memory()
         return sizes.to(self.device, non_blocking=True)
 
+    def run_detector(self, detector, batched_inputs, gt_instances, image_sizes, with_losses=True):
+        """A dense detector up to its head outputs; an R-CNN's features, and its losses ``with_losses``."""
+        if is_rcnn(detector):
+            return run_rcnn_detector(detector, batched_inputs, gt_instances, image_sizes, with_losses)
+        return run_dense_detector(detector, batched_inputs, gt_instances, self.fcos_thresholds, image_sizes)
+
     @torch.no_grad()
     def run_teacher(self, batched_inputs, gt_instances, image_sizes=None):
         if self.teacher.training:  # someone called teacher.train(): the teacher stays frozen
@@ -299,6 +343,7 @@ class TaskDistillDetector(nn.Module):
         # DISTILL.TEACHER.AMP alone decides the teacher's precision, not the student's autocast.
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.teacher_amp)):
-            outputs = run_dense_detector(self.teacher, inputs, gt_instances, self.fcos_thresholds, image_sizes)
+            # An R-CNN teacher runs its backbone only: the feature losses read nothing else.
+            outputs = self.run_detector(self.teacher, inputs, gt_instances, image_sizes, with_losses=False)
         return outputs.to_float32()
 

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.utils.file_io import PathManager
@@ -17,6 +17,8 @@ from ..settings import setting, using_setting_names
 logger = logging.getLogger(__name__)
 
 DENSE_ARCHITECTURES = ("RetinaNet", "FCOS")
+# Faster and Mask R-CNN: the feature losses only (their heads are not dense).
+DISTILLABLE_ARCHITECTURES = DENSE_ARCHITECTURES + ("GeneralizedRCNN",)
 
 
 def resolve_teacher_config_file(name):
@@ -107,10 +109,10 @@ class TeacherOrigin:
                 f"{setting('teacher.config_file')}={self.config_file!r} with {setting('teacher.overrides')}: its "
                 f"`model` could not be built: {type(e).__name__}: {e}"
             ) from e
-        if not isinstance(model, (RetinaNet, FCOS)):
+        if not isinstance(model, (RetinaNet, FCOS, GeneralizedRCNN)):
             raise ValueError(
                 f"{setting('teacher.config_file')}={self.config_file!r}: its `model` is a "
-                f"{type(model).__name__}; the teacher must be one of {DENSE_ARCHITECTURES}."
+                f"{type(model).__name__}; the teacher must be one of {DISTILLABLE_ARCHITECTURES}."
             )
         return model.to(self.device)
 
@@ -138,10 +140,10 @@ def teacher_origin_from(config_file="", weights="", overrides=(), device="cpu", 
     teacher_yacs.MODEL.DEVICE = device
     teacher_yacs.MODEL.WEIGHTS = weights
     arch = teacher_yacs.MODEL.META_ARCHITECTURE
-    if arch not in DENSE_ARCHITECTURES:
+    if arch not in DISTILLABLE_ARCHITECTURES:
         raise ValueError(
             f"Teacher config {name!r} has MODEL.META_ARCHITECTURE={arch!r}; "
-            f"the teacher must be one of {DENSE_ARCHITECTURES}."
+            f"the teacher must be one of {DISTILLABLE_ARCHITECTURES}."
         )
     return TeacherOrigin(teacher_yacs, name, weights, device, teacher_yacs.INPUT.FORMAT,
                          list(teacher_yacs.DATASETS.TRAIN), weights_setting, sha256)

@@ -1,0 +1,8 @@
+from detectron2.config import LazyCall as L
+
+from d2_taskdistill.losses import FGD
+
+from .distill_faster_rcnn_R34_R18 import dataloader, lr_multiplier, model, optimizer, train
+
+model.losses = {"FGD": L(FGD)()}
+train.output_dir = "output/digits/faster_rcnn_R34-R18_fgd"

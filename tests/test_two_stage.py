@@ -1,0 +1,179 @@
+"""Two-stage detectors (detectron2's GeneralizedRCNN): the feature losses between Faster R-CNNs,
+and between a RetinaNet and a Faster R-CNN, on the levels of equal stride."""
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import distill_cfg, lazy_cfg
+
+FEATURE_LOSSES = ["FITNET", "FGFI", "FGD", "PKD", "CWD"]
+RCNN_OWN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+
+
+def build(config, teacher, tmp_path, losses=FEATURE_LOSSES, opts=()):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(distill_cfg(config, teacher, tmp_path, opts=["MODEL.DEVICE", "cpu", "DISTILL.LOSSES", losses,
+                                                                     *opts]))
+
+
+def backbone_levels(detector, batch, names):
+    with torch.no_grad():
+        features = detector.backbone(detector.preprocess_image(batch).tensor)
+    return [features[n] for n in names]
+
+
+def hand_fitnet(adapter, student_levels, teacher_levels):
+    """FitNet by hand: the mean over levels of sum((A(F_S) - F_T)^2) / (C * N * H * W)."""
+    per_level = []
+    for fs, ft in zip(student_levels, teacher_levels):
+        diff = adapter.conv(fs) - ft
+        per_level.append((diff ** 2).sum() / diff.numel())
+    return sum(per_level) / len(per_level)
+
+
+def training_losses(model, batch, seed=0):
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(seed)  # the ROI heads sample proposals at random
+    with EventStorage():
+        return model(batch)
+
+
+def test_faster_rcnn_into_faster_rcnn_distils_p2_to_p6(rcnn_teacher, tiny_batch, tmp_path):
+    from d2_taskdistill.modeling.rcnn_outputs import run_rcnn_detector
+
+    model = build("faster_rcnn_R34-R18_fitnet.yaml", rcnn_teacher, tmp_path)
+    assert model.level_pairs is None  # the same strides: every level, in order
+    losses = training_losses(model, tiny_batch)
+    assert RCNN_OWN_LOSSES | {"loss_distill_fitnet", "loss_distill_fgfi", "loss_distill_pkd", "loss_distill_cwd",
+                              "loss_distill_fgd_fg"} <= set(losses)
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+    # The student's own losses are those GeneralizedRCNN.forward computes, at the same seed.
+    alone = training_losses(model.student, tiny_batch)
+    for name in RCNN_OWN_LOSSES:
+        assert losses[name].item() == pytest.approx(alone[name].item(), rel=1e-6), name
+
+    names = ["p2", "p3", "p4", "p5", "p6"]
+    student_levels = backbone_levels(model.student, tiny_batch, names)
+    teacher_levels = backbone_levels(model.teacher, tiny_batch, names)
+    expected = hand_fitnet(model.distill_losses["FITNET"].adapter, student_levels, teacher_levels)
+    assert losses["loss_distill_fitnet"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # FGD's masks and FGFI's region on the RPN's levels and anchors (3 per location, P2 at stride 4).
+    gt = [x["instances"] for x in tiny_batch]
+    with torch.no_grad():
+        out = run_rcnn_detector(model.student, tiny_batch, gt, with_losses=False)
+    assert out.feature_strides == [4, 8, 16, 32, 64]
+    assert out.num_anchors == 3
+    assert len(out.anchors_flat) == 3 * sum(h * w for h, w in out.level_shapes) == 3 * (32 ** 2 + 16 ** 2 + 8 ** 2 + 4 ** 2 + 2 ** 2)
+
+    sum(losses.values()).backward()
+    assert model.student.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_a_retinanet_teacher_and_a_faster_rcnn_student_share_p3_to_p6(teachers, tiny_batch, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="d2_taskdistill"):
+        model = build("retinanet_R34-faster_rcnn_R18_fgd.yaml", teachers["retinanet"], tmp_path, ["FITNET", "FGD"])
+    assert model.level_pairs == ([1, 2, 3, 4], [0, 1, 2, 3])
+    assert ("compare the levels of equal stride: student p3 - teacher p3 (stride 8), student p4 - teacher p4 "
+            "(stride 16), student p5 - teacher p5 (stride 32), student p6 - teacher p6 (stride 64)") in caplog.text
+    losses = training_losses(model, tiny_batch)
+    assert RCNN_OWN_LOSSES <= set(losses)
+    names = ["p3", "p4", "p5", "p6"]
+    expected = hand_fitnet(model.distill_losses["FITNET"].adapter, backbone_levels(model.student, tiny_batch, names),
+                           backbone_levels(model.teacher, tiny_batch, names))
+    assert losses["loss_distill_fitnet"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # FGD's scale masks use the paired levels' strides, 8 to 64 (not the student's P2 stride 4).
+    assert torch.isfinite(losses["loss_distill_fgd_fg"]) and losses["loss_distill_fgd_fg"] > 0
+
+
+def test_a_faster_rcnn_teacher_and_a_retinanet_student(rcnn_teacher, tiny_batch, tmp_path):
+    model = build("retinanet_R34-R18_fitnet.yaml", rcnn_teacher, tmp_path, ["FITNET"],
+                  opts=["DISTILL.TEACHER.CONFIG_FILE", "configs/digits/faster_rcnn_R34_FPN_teacher.yaml"])
+    assert model.level_pairs == ([0, 1, 2, 3], [1, 2, 3, 4])  # student P3-P6 (of P3-P7), teacher P3-P6 (of P2-P6)
+    losses = training_losses(model, tiny_batch)
+    assert {"loss_cls", "loss_box_reg", "loss_distill_fitnet"} == set(losses)  # RetinaNet's own, and FitNet
+
+
+@pytest.mark.parametrize("config, teacher_config, loss, role", [
+    ("faster_rcnn_R34-R18_fitnet.yaml", None, "TID", "student and teacher are"),
+    ("retinanet_R34-faster_rcnn_R18_fgd.yaml", None, "BCKD", "student is"),
+    ("retinanet_R34-R18_fitnet.yaml", "configs/digits/faster_rcnn_R34_FPN_teacher.yaml", "TBD", "teacher is"),
+])
+def test_head_losses_refuse_a_two_stage_detector(config, teacher_config, loss, role, rcnn_teacher, teachers,
+                                                 tmp_path):
+    teacher = teachers["retinanet"] if "retinanet_R34-" in config and teacher_config is None else rcnn_teacher
+    opts = ["DISTILL.TEACHER.CONFIG_FILE", teacher_config] if teacher_config else []
+    with pytest.raises(ValueError) as error:
+        build(config, teacher, tmp_path, [loss], opts)
+    message = str(error.value)
+    assert f"The {role} two-stage (GeneralizedRCNN): losses ['{loss}'] compare dense heads" in message
+    assert "'CWD', 'FGD', 'FGFI', 'FITNET', 'PKD'" in message and "DISTILL.LOSSES" in message
+
+
+def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teacher, tiny_dataset, tmp_path):
+    """train_net.py's trainer on a Mask R-CNN student with a Faster R-CNN teacher: the teacher
+    evaluated at the start, the student trained on the digits' masks (the teacher untouched),
+    saved without the teacher and evaluated at the end, boxes and masks."""
+    from d2_taskdistill.engine import DistillTrainer
+
+    out = tmp_path / "run"
+    cfg = distill_cfg("mask_rcnn_R34-R18_fgd.yaml", rcnn_teacher, out, max_iter=2,
+                      opts=["DISTILL.TEACHER.EVAL_AT_START", True, "SOLVER.CHECKPOINT_PERIOD", 100,
+                            "DISTILL.TEACHER.CONFIG_FILE", "configs/digits/faster_rcnn_R34_FPN_teacher.yaml",
+                            # Untrained, no score reaches 0.05: keep every detection, so that masks are evaluated.
+                            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    trainer = DistillTrainer(cfg)
+    teacher_before = {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert all(torch.equal(v, teacher_before[k]) for k, v in trainer.model.teacher.state_dict().items())
+    history = trainer.storage.histories()
+    assert all(torch.isfinite(torch.tensor(history[k].latest())) for k in ("loss_mask", "loss_distill_fgd_fg"))
+    saved = torch.load(out / "model_final.pth", weights_only=False)["model"]
+    assert any(k.startswith("student.roi_heads.mask_head") for k in saved)
+    assert not any(k.startswith("teacher") for k in saved)
+    with open(out / "teacher_eval.json") as f:
+        assert "AP" in json.load(f)[tiny_dataset]["bbox"]
+    with open(out / "metrics.json") as f:
+        evaluations = [json.loads(line) for line in f if "bbox/AP" in line]
+    assert len(evaluations) == 1 and "segm/AP" in evaluations[0]  # after the last iteration
+
+
+def test_the_mixed_pair_py_twin_builds_the_yaml_model(teachers, tmp_path):
+    from detectron2.config import instantiate
+
+
+
+    name = "retinanet_R34-faster_rcnn_R18_fgd"
+    from_yaml = build(name + ".yaml", teachers["retinanet"], tmp_path, ["FGD"])
+    torch.manual_seed(0)
+    from_py = instantiate(lazy_cfg(name + ".py", teachers["retinanet"], tmp_path).model)
+    assert repr(from_py) == repr(from_yaml) and from_py.level_pairs == from_yaml.level_pairs
+    a, b = from_yaml.state_dict(), from_py.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_rcnn_teacher_whose_keys_do_not_load(teachers, tmp_path):
+    """A RetinaNet checkpoint given as the Faster R-CNN teacher's weights: a hard error that
+    names the setting and the keys, as for dense teachers."""
+    with pytest.raises(KeyError) as error:
+        build("faster_rcnn_R34-R18_fgd.yaml", teachers["retinanet"], tmp_path, ["FGD"])
+    message = str(error.value)
+    assert "DISTILL.TEACHER.WEIGHTS=" in message and "retinanet.pth" in message
+    assert "'roi_heads.box_predictor.cls_score.weight'" in message.split("missing keys: ")[1].split("]")[0]
+    assert "'head.cls_score.weight'" in message.split("unexpected keys: ")[1].split("]")[0]
+
+
+def test_figures_of_a_two_stage_run_are_refused_by_name(rcnn_teacher, tiny_batch, tmp_path):
+    from d2_taskdistill.visualize import visualize_batch
+
+    model = build("faster_rcnn_R34-R18_fgd.yaml", rcnn_teacher, tmp_path, ["FGD"])
+    with pytest.raises(ValueError, match="this run's student is a GeneralizedRCNN, whose figures are not built yet"):
+        visualize_batch(model, tiny_batch, str(tmp_path / "figures"), "BGR")
