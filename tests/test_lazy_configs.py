@@ -31,7 +31,7 @@ DIGITS = config_path("digits")
 ITERATIONS = 2
 
 
-@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 5)])
+@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 7)])
 def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, methods, teachers, rcnn_teacher,
                                                                         tmp_path):
     teacher = rcnn_teacher if detector == "faster_rcnn" else teachers[detector]

@@ -101,20 +101,76 @@ def test_a_faster_rcnn_teacher_and_a_retinanet_student(rcnn_teacher, tiny_batch,
     assert {"loss_cls", "loss_box_reg", "loss_distill_fitnet"} == set(losses)  # RetinaNet's own, and FitNet
 
 
-@pytest.mark.parametrize("config, teacher_config, loss, role", [
-    ("faster_rcnn_R34-R18_fitnet.yaml", None, "TID", "student and teacher are"),
-    ("retinanet_R34-faster_rcnn_R18_fgd.yaml", None, "BCKD", "student is"),
-    ("retinanet_R34-R18_fitnet.yaml", "configs/digits/faster_rcnn_R34_FPN_teacher.yaml", "TBD", "teacher is"),
+@pytest.mark.parametrize("config, teacher_config, loss, expected", [
+    ("faster_rcnn_R34-R18_fitnet.yaml", None, "TID",
+     "The student and teacher are two-stage (GeneralizedRCNN): losses ['TID'] compare dense heads"),
+    ("retinanet_R34-R18_fitnet.yaml", "configs/digits/faster_rcnn_R34_FPN_teacher.yaml", "TBD",
+     "The teacher is two-stage (GeneralizedRCNN): losses ['TBD'] compare dense heads"),
+    ("retinanet_R34-faster_rcnn_R18_fgd.yaml", None, "BCKD",
+     "The student is two-stage (GeneralizedRCNN): losses ['BCKD'] distil an R-CNN's RPN, a one-class dense head, "
+     "into the RPN of another R-CNN: the teacher and the student must both be R-CNNs"),
 ])
-def test_head_losses_refuse_a_two_stage_detector(config, teacher_config, loss, role, rcnn_teacher, teachers,
-                                                 tmp_path):
+def test_head_losses_that_cannot_run_are_refused_by_name(config, teacher_config, loss, expected, rcnn_teacher,
+                                                         teachers, tmp_path):
     teacher = teachers["retinanet"] if "retinanet_R34-" in config and teacher_config is None else rcnn_teacher
     opts = ["DISTILL.TEACHER.CONFIG_FILE", teacher_config] if teacher_config else []
     with pytest.raises(ValueError) as error:
         build(config, teacher, tmp_path, [loss], opts)
     message = str(error.value)
-    assert f"The {role} two-stage (GeneralizedRCNN): losses ['{loss}'] compare dense heads" in message
+    assert expected in message
     assert "'CWD', 'FGD', 'FGFI', 'FITNET', 'PKD'" in message and "DISTILL.LOSSES" in message
+
+
+def flat_rpn_outputs(rpn, features):
+    """The RPN head's objectness (N, R) and decoded boxes (N, R, 4), in detectron2's (level, y, x,
+    anchor) order, and its anchors."""
+    objectness, deltas = rpn.rpn_head(features)
+    anchors = torch.cat([a.tensor for a in rpn.anchor_generator(features)])
+    logits = torch.cat([o.permute(0, 2, 3, 1).reshape(o.shape[0], -1) for o in objectness], dim=1)
+    deltas = torch.cat([d.view(d.shape[0], -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(d.shape[0], -1, 4)
+                        for d in deltas], dim=1)
+    boxes = torch.stack([rpn.box2box_transform.apply_deltas(d, anchors) for d in deltas])
+    return logits, boxes, anchors
+
+
+def elementwise_giou(a, b):
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).prod(-1)
+    return inter / union - (hull - union) / hull
+
+
+def test_bckd_distils_the_rpn_of_two_faster_rcnns(rcnn_teacher, tiny_batch, tmp_path):
+    """BCKD on the RPNs, by hand: BCE(z_S, p_T) |p_T - p_S| over every anchor, and
+    (1 - GIoU) of both RPNs' decoded proposals weighted by |p_T - p_S|, each over the student
+    RPN's matched positives (IoU >= 0.7, or an object's best anchor)."""
+    from detectron2.structures import Boxes, pairwise_iou
+
+    model = build("faster_rcnn_R34-R18_fitnet.yaml", rcnn_teacher, tmp_path, ["BCKD"])
+    losses = training_losses(model, tiny_batch)
+    assert RCNN_OWN_LOSSES | {"loss_distill_bckd_cls", "loss_distill_bckd_loc"} == set(losses)
+
+    names = ["p2", "p3", "p4", "p5", "p6"]
+    with torch.no_grad():
+        z_s, boxes_s, anchors = flat_rpn_outputs(model.student.proposal_generator,
+                                                 backbone_levels(model.student, tiny_batch, names))
+        z_t, boxes_t, _ = flat_rpn_outputs(model.teacher.proposal_generator,
+                                           backbone_levels(model.teacher, tiny_batch, names))
+    assert z_s.shape[1] == 3 * (32 ** 2 + 16 ** 2 + 8 ** 2 + 4 ** 2 + 2 ** 2)
+    p_s, p_t = z_s.sigmoid(), z_t.sigmoid()
+    positives = 0
+    for x in tiny_batch:  # the RPN's matcher: IoU >= 0.7, and each object's best anchors
+        iou = pairwise_iou(x["instances"].gt_boxes, Boxes(anchors))
+        best = iou.max(dim=1, keepdim=True).values
+        positives += int(((iou.max(dim=0).values >= 0.7) | ((iou == best) & (best > 0)).any(dim=0)).sum())
+    bce = -(p_t * torch.log(p_s) + (1 - p_t) * torch.log(1 - p_s))
+    bckd = model.distill_losses["BCKD"]
+    expected_cls = bckd.cls_weight * (bce * (p_t - p_s).abs()).sum() / positives
+    expected_loc = bckd.loc_weight * ((1 - elementwise_giou(boxes_s, boxes_t)) * (p_t - p_s).abs()).sum() / positives
+    assert losses["loss_distill_bckd_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-4)
+    assert losses["loss_distill_bckd_loc"].item() == pytest.approx(expected_loc.item(), rel=1e-4)
 
 
 def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teacher, tiny_dataset, tmp_path):

@@ -12,6 +12,11 @@ RetinaNet and FCOS.
   to the average, so that the loss does not depend on how the batch is split
   (losses/normalizers.py).
 
+On a two-stage detector, BCKD distils the RPN (ours: the paper distils one-stage heads): the
+objectness is a one-class score, the box term compares the proposals both RPNs decode at the
+same anchors, and the positives are the anchors the student's RPN matches to an object (before
+it samples 256 per image for its own loss).
+
 Our choices: a location is valid when its anchor centre lies in the image (not in
 batch padding), anchors that stick out of the image included; FCOS's centerness
 is distilled with the same binary term (FCOS ranks detections by
@@ -36,6 +41,7 @@ def binary_distillation(student_logits, teacher_probs, beta=1.0):
 @DISTILL_LOSS_REGISTRY.register()
 class BCKD(DistillLoss):
     needs_same_layout = True
+    distils_rpn = True  # the RPN's objectness is a binary classification
     config_node = "BCKD"
 
     @configurable

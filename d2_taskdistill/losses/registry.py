@@ -25,7 +25,9 @@ So both config systems build it:
 
 Class attributes: ``config_node`` (the yacs node's name); ``needs_same_layout``, True when the
 loss compares predictions location by location, so teacher and student must share anchors,
-levels and strides. ``check_detectors(student, teacher)`` runs once both detectors exist.
+levels and strides; ``distils_rpn``, True when such a loss also distils a two-stage detector's
+RPN (a one-class dense head, modeling.rcnn_outputs). ``check_detectors(student, teacher)`` runs
+once both detectors exist.
 """
 
 
@@ -39,6 +41,7 @@ class DistillLoss(nn.Module):
     """Base of the registered losses: yacs kwargs by name, and a hook on the built detectors."""
 
     needs_same_layout = False
+    distils_rpn = False
     config_node = None  # e.g. "TID": the yacs node DISTILL.TID
 
     @classmethod

@@ -12,7 +12,6 @@ from functools import cached_property
 import torch
 
 from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
-from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes, pairwise_iou
 
@@ -38,9 +37,10 @@ def run_dense_detector(detector, batched_inputs, gt_instances=None, thresholds_f
 
 def sample_thresholds(detector, thresholds_fcos):
     """(thr_neg, thr_pos): the IoU thresholds the detector itself samples with."""
-    if isinstance(detector, RetinaNet):
+    matcher = getattr(detector, "anchor_matcher", None)  # RetinaNet's, an R-CNN's RPN's
+    if matcher is not None:
         # Matcher thresholds are [-inf, neg, pos, inf].
-        return float(detector.anchor_matcher.thresholds[1]), float(detector.anchor_matcher.thresholds[2])
+        return float(matcher.thresholds[1]), float(matcher.thresholds[2])
     thr_neg, thr_pos = thresholds_fcos
     return float(thr_neg), float(thr_pos)
 

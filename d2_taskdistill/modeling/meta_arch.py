@@ -109,19 +109,32 @@ def layout_free_losses():
     return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if not getattr(loss, "needs_same_layout", False))
 
 
+def rpn_losses():
+    """The registered head losses that distil an R-CNN's RPN (a one-class dense head)."""
+    return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if getattr(loss, "distils_rpn", False))
+
+
 def check_losses_compatible(student, teacher, losses):
     """ValueError unless ``losses`` ({name: a loss or its class}) can distil ``teacher`` into ``student``."""
     needs_layout = [n for n, l in losses.items() if getattr(l, "needs_same_layout", False)]
+    rcnn = [role for role, d in (("student", student), ("teacher", teacher)) if is_rcnn(d)]
+    if rcnn and needs_layout:
+        two_stage = f"The {' and '.join(rcnn)} {'is' if len(rcnn) == 1 else 'are'} two-stage (GeneralizedRCNN)"
+        not_on_rpn = [n for n in needs_layout if not getattr(losses[n], "distils_rpn", False)]
+        if not_on_rpn:
+            raise ValueError(
+                f"{two_stage}: losses {not_on_rpn} compare dense heads location by location, which an R-CNN does "
+                f"not have. Use losses that compare features ({layout_free_losses()}), or {rpn_losses()} on the "
+                f"RPN of two R-CNNs, in {setting('losses')}.")
+        if len(rcnn) == 1:
+            raise ValueError(
+                f"{two_stage}: losses {needs_layout} distil an R-CNN's RPN, a one-class dense head, into the RPN of "
+                f"another R-CNN: the teacher and the student must both be R-CNNs. Use losses that compare features "
+                f"({layout_free_losses()}) in {setting('losses')} for this pair.")
     check_compatible(student, teacher, bool(needs_layout), needs_layout or list(losses))
 
 
 def check_compatible(student, teacher, needs_same_layout, loss_names):
-    rcnn = [role for role, d in (("student", student), ("teacher", teacher)) if is_rcnn(d)]
-    if rcnn and needs_same_layout:
-        raise ValueError(
-            f"The {' and '.join(rcnn)} {'is' if len(rcnn) == 1 else 'are'} two-stage (GeneralizedRCNN): losses "
-            f"{loss_names} compare dense heads location by location, which an R-CNN does not have. Use losses "
-            f"that compare features ({layout_free_losses()}) in {setting('losses')}.")
     student_classes, teacher_classes = num_classes_of(student), num_classes_of(teacher)
     if student_classes != teacher_classes:
         origin = getattr(teacher, "teacher_origin", None)
@@ -176,7 +189,7 @@ class TaskDistillDetector(nn.Module):
         """
         Args:
             student: a dense detector (detectron2's RetinaNet or FCOS, or a subclass), or a
-                GeneralizedRCNN with an RPN (Faster/Mask R-CNN; the feature losses only).
+                GeneralizedRCNN with an RPN (Faster/Mask R-CNN: the feature losses, and BCKD on the RPN).
             teacher: a frozen detector of those kinds with its weights (:func:`load_teacher`), or None.
             losses: {name: a DistillLoss, or its LazyConfig (``L(TID)(...)``), or a callable
                 ``(student_shapes, teacher_shapes) -> DistillLoss``}.
@@ -329,9 +342,11 @@ class TaskDistillDetector(nn.Module):
         return sizes.to(self.device, non_blocking=True)
 
     def run_detector(self, detector, batched_inputs, gt_instances, image_sizes, with_losses=True):
-        """A dense detector up to its head outputs; an R-CNN's features, and its losses ``with_losses``."""
+        """A dense detector up to its head outputs; an R-CNN's features, its RPN head's outputs when a
+        loss reads them, and its own losses ``with_losses``."""
         if is_rcnn(detector):
-            return run_rcnn_detector(detector, batched_inputs, gt_instances, image_sizes, with_losses)
+            reads_rpn = any(getattr(loss, "needs_same_layout", False) for loss in self.distill_losses.values())
+            return run_rcnn_detector(detector, batched_inputs, gt_instances, image_sizes, with_losses, reads_rpn)
         return run_dense_detector(detector, batched_inputs, gt_instances, self.fcos_thresholds, image_sizes)
 
     @torch.no_grad()
@@ -343,7 +358,7 @@ class TaskDistillDetector(nn.Module):
         # DISTILL.TEACHER.AMP alone decides the teacher's precision, not the student's autocast.
         dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.teacher_amp)):
-            # An R-CNN teacher runs its backbone only: the feature losses read nothing else.
+            # An R-CNN teacher runs its backbone (and its RPN head for BCKD) only: no proposals.
             outputs = self.run_detector(self.teacher, inputs, gt_instances, image_sizes, with_losses=False)
         return outputs.to_float32()
 

@@ -1,11 +1,14 @@
 """One batch of a two-stage detector (detectron2's GeneralizedRCNN: Faster and Mask R-CNN), run
-for the feature losses: the FPN levels its RPN reads, with the RPN's anchors, and, for the
-student, its own RPN and ROI-head losses."""
-from functools import cached_property
+for distillation: the FPN levels its RPN reads and, for the student, its own RPN and ROI-head
+losses. The RPN is a dense one-class detector: its objectness and box deltas are the head
+outputs (``cls_logits``, ``box_reg``) of DenseOutputs, so that BCKD distils it as it does a
+RetinaNet's head."""
+import torch
 
 from detectron2.modeling import GeneralizedRCNN
+from detectron2.structures import Boxes, pairwise_iou
 
-from .dense_outputs import LevelLayout
+from .dense_outputs import DenseOutputs
 
 # What running a GeneralizedRCNN for distillation reads of it.
 RCNN_DETECTOR_ATTRIBUTES = ("preprocess_image", "backbone", "proposal_generator", "roi_heads")
@@ -20,41 +23,84 @@ def rcnn_levels(detector):
     return list(detector.proposal_generator.in_features)
 
 
-def run_rcnn_detector(detector, batched_inputs, gt_instances=None, image_sizes=None, with_losses=True):
-    """Run ``detector``'s backbone and, ``with_losses``, its RPN and ROI heads in training mode,
-    as GeneralizedRCNN.forward does (within an EventStorage: both heads log to it)."""
+class RPNAsDenseHead:
+    """An RPN as a one-class dense detector: its anchors, box coder and matcher. Labels are
+    DenseOutputs': 0 the object class, 1 background, -1 ignored (the RPN's 1, 0, -1), matched as
+    the RPN matches, before it samples anchors for its own loss (the sample is random)."""
+
+    num_classes = 1
+
+    def __init__(self, rpn):
+        self.rpn = rpn
+        self.anchor_generator = rpn.anchor_generator
+        self.box2box_transform = rpn.box2box_transform
+        self.anchor_matcher = rpn.anchor_matcher
+
+    @torch.no_grad()
+    def label_anchors(self, anchors, gt_instances):
+        anchors = Boxes.cat(anchors)
+        labels, matched_boxes = [], []
+        for gt in gt_instances:  # one matching per image
+            matched, rpn_labels = self.anchor_matcher(pairwise_iou(gt.gt_boxes, anchors))
+            rpn_labels = rpn_labels.to(anchors.device)
+            if self.rpn.anchor_boundary_thresh >= 0:  # off in detectron2's configs, as the RPN
+                rpn_labels[~anchors.inside_box(gt.image_size, self.rpn.anchor_boundary_thresh)] = -1
+            labels.append(torch.where(rpn_labels == 1, 0, torch.where(rpn_labels == 0, 1, -1)))
+            matched_boxes.append(gt.gt_boxes.tensor[matched] if len(gt) else torch.zeros_like(anchors.tensor))
+        return labels, matched_boxes
+
+
+def run_rcnn_detector(detector, batched_inputs, gt_instances=None, image_sizes=None, with_losses=True,
+                      with_rpn_head=True):
+    """Run ``detector``'s backbone and its RPN head (``with_rpn_head``) and, ``with_losses``, its
+    RPN and ROI heads in training mode as GeneralizedRCNN.forward does (within an EventStorage:
+    both heads log to it); the RPN head's outputs are then those the RPN's own loss used."""
     images = detector.preprocess_image(batched_inputs)
     features = detector.backbone(images.tensor)
-    losses = {}
+    levels = rcnn_levels(detector)
+    rpn = detector.proposal_generator
+    losses, head_outputs = {}, None
     if with_losses:
-        proposals, proposal_losses = detector.proposal_generator(images, features, gt_instances)
+        captured = []
+        hook = rpn.rpn_head.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs))
+        try:
+            proposals, proposal_losses = rpn(images, features, gt_instances)
+        finally:
+            hook.remove()
+        head_outputs = captured[0]
         _, roi_losses = detector.roi_heads(images, features, proposals, gt_instances)
         losses = {**proposal_losses, **roi_losses}
-    levels = rcnn_levels(detector)
-    return RCNNOutputs(detector, images, [features[f] for f in levels], losses, gt_instances, image_sizes)
+    elif with_rpn_head:
+        head_outputs = rpn.rpn_head([features[f] for f in levels])
+    return RCNNOutputs(detector, images, [features[f] for f in levels], head_outputs, losses, gt_instances,
+                       image_sizes)
 
 
-class RCNNOutputs(LevelLayout):
-    def __init__(self, detector, images, features, losses, gt_instances, image_sizes=None):
-        self.detector = detector
-        self.images = images
-        self.image_sizes = image_sizes
-        self.features = features  # L x (N, C, H, W): the RPN's levels
-        self.gt_instances = gt_instances
+class RCNNOutputs(DenseOutputs):
+    """DenseOutputs of the RPN (``detector`` is the RPNAsDenseHead; ``rcnn`` the GeneralizedRCNN),
+    on the levels it reads; ``detector_losses`` are the R-CNN's RPN and ROI-head losses."""
+
+    def __init__(self, rcnn, images, features, rpn_head_outputs, losses, gt_instances, image_sizes=None):
+        rpn = RPNAsDenseHead(rcnn.proposal_generator)
+        # Without the RPN head's outputs (a teacher for the feature losses only), only the features are read.
+        predictions = rpn_head_outputs if rpn_head_outputs is not None else ([], [])
+        super().__init__(rpn, images, features, predictions, gt_instances, thresholds_fcos=None,
+                         image_sizes=image_sizes)
+        self.rcnn = rcnn
         self._losses = losses
 
     @property
     def feature_strides(self):
-        shapes = self.detector.backbone.output_shape()
-        return [shapes[f].stride for f in rcnn_levels(self.detector)]
+        shapes = self.rcnn.backbone.output_shape()
+        return [shapes[f].stride for f in rcnn_levels(self.rcnn)]
 
-    @cached_property
-    def anchors(self):
-        """L x Boxes: the RPN's anchors (FGFI's region on a two-stage student)."""
-        return self.detector.proposal_generator.anchor_generator(self.features)
+    @property
+    def num_anchors(self):
+        """A, anchors per location (without the RPN head's outputs too)."""
+        return self.detector.anchor_generator.num_cell_anchors[0]
 
     def to_float32(self):
-        self.features = [f.float() for f in self.features]
+        super().to_float32()
         self._losses = {k: v.float() for k, v in self._losses.items()}
         return self
 
