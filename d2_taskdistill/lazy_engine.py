@@ -23,6 +23,7 @@ from .hooks import (TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFini
                     refuse_amp_off_cuda, unwrap, warn_unsynced_batch_norm)
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
+from .modeling.rcnn_outputs import is_rcnn
 from .schedule import epoch_schedule, kept_images, log_schedule
 from .settings import using_setting_names
 
@@ -368,6 +369,15 @@ class _AMPTrainer(NonFiniteLossHint, AMPTrainer):
     non_finite_hint = LAZY_NON_FINITE_HINT
 
 
+def num_classes_setting(detector, key):
+    """(the LazyConfig key of ``detector``'s class count, the count); an R-CNN's is its ROI heads'."""
+    if is_rcnn(detector):
+        return f"{key}.roi_heads.num_classes", detector.roi_heads.num_classes
+    if hasattr(detector, "num_classes"):
+        return f"{key}.num_classes", detector.num_classes
+    return None, None
+
+
 class LazyDistillTrainer:
     """Trains ``cfg.model`` (a TaskDistillDetector) as lazyconfig_train_net's do_train does:
     model, optimizer and data loader built in that order (the yacs DistillTrainer's order, so
@@ -411,9 +421,8 @@ class LazyDistillTrainer:
         cfg, model = self.cfg, self.unwrapped_model
         distill = is_distill_model(model)
         teacher_origin = model.teacher_origin if distill else None
-        student_setting = (("model.student.num_classes", model.student.num_classes) if distill
-                           else ("model.num_classes", model.num_classes) if hasattr(model, "num_classes")
-                           else (None, None))  # e.g. an R-CNN: its classes live in its ROI heads
+        student_setting = (num_classes_setting(model.student, "model.student") if distill
+                           else num_classes_setting(model, "model"))
         teacher_node = cfg.train.student_init_teacher
         if parts_of(cfg.train.student_init) and not distill and teacher_node is None:
             raise ValueError(

@@ -233,3 +233,19 @@ def test_figures_of_a_two_stage_run_are_refused_by_name(rcnn_teacher, tiny_batch
     model = build("faster_rcnn_R34-R18_fgd.yaml", rcnn_teacher, tmp_path, ["FGD"])
     with pytest.raises(ValueError, match="this run's student is a GeneralizedRCNN, whose figures are not built yet"):
         visualize_batch(model, tiny_batch, str(tmp_path / "figures"), "BGR")
+
+
+def test_a_py_faster_rcnn_distillation_trains(rcnn_teacher, tiny_dataset, tmp_path):
+    """The .py path: LazyDistillTrainer on the PKD + BCKD twin, its class count read from the
+    student's ROI heads for the dataset check."""
+    from conftest import without_checkpoints_or_evaluation
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer, num_classes_setting
+
+    lazy = lazy_cfg("faster_rcnn_R34-R18_pkd_bckd.py", rcnn_teacher, tmp_path)
+    trainer = without_checkpoints_or_evaluation(LazyDistillTrainer(lazy))
+    assert num_classes_setting(trainer.model.student, "model.student") == ("model.student.roi_heads.num_classes", 10)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    latest = {k: v[0] for k, v in trainer.storage.latest().items()}
+    for name in (*RCNN_OWN_LOSSES, "loss_distill_pkd", "loss_distill_bckd_cls", "loss_distill_bckd_loc"):
+        assert torch.isfinite(torch.tensor(latest[name])) and latest[name] > 0, name

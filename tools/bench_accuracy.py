@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
-SEEDS = {"retinanet": 3, "fcos": 2}
+SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2}
 # Heterogeneous pairs, "<teacher>_to_<student>": the trained teacher of one detector into the
 # student of the other. Rows are the methods that compare features only (the others need the
 # same anchor layout and refuse the pair at build time); the baseline is the student's own.
@@ -98,7 +98,16 @@ def layout_free_methods(det):
     from d2_taskdistill.modeling.meta_arch import layout_free_losses
 
     free = set(layout_free_losses())
-    return [m for m in METHODS if set(load_config(digits_config(ROOT, f"{det}_R34-R18_{m}.yaml")).DISTILL.LOSSES) <= free]
+    return [m for m in methods_of(det) if set(load_config(method_config(det, m)).DISTILL.LOSSES) <= free]
+
+
+def method_config(det, method):
+    return digits_config(ROOT, f"{det}_R34-R18_{method}.yaml")
+
+
+def methods_of(det):
+    """The METHODS that ``det`` has a digits config of (Faster R-CNN: not TID, TBD)."""
+    return [m for m in METHODS if os.path.exists(method_config(det, m))]
 
 
 def config_sha(cfg):
@@ -364,7 +373,9 @@ def rows_of(args, track, rows):
     """A pair's rows: the given ones but the baseline (the student's own track has it); by
     default the methods that can run across the pair."""
     if not is_pair(track):
-        return rows
+        available = methods_of(track)
+        return [r for r in rows if r.startswith("baseline")
+                or VARIANTS.get(r.removesuffix(INIT), (r.removesuffix(INIT),))[0] in available]
     if args.rows is None:
         return layout_free_methods(student_and_teacher(track)[0])
     return [r for r in rows if not r.startswith("baseline")]
@@ -420,7 +431,8 @@ def build_report(args, runs, teachers, seconds):
         report["detectors"][det] = {"teacher": teacher, "rows": summary, "expected_seeds": seeds_of(args, det),
                                     "not_trained": [row for row, records in rows.items() if not records]}
         if is_pair(det):
-            report["detectors"][det]["needs_same_layout"] = [m for m in METHODS if m not in layout_free_methods(student)]
+            report["detectors"][det]["needs_same_layout"] = [m for m in methods_of(student)
+                                                             if m not in layout_free_methods(student)]
     return report
 
 

@@ -60,6 +60,16 @@ train.checkpointer = dict(period=1000, max_to_keep=100)
 train.seed = -1
 train.device = "cuda"  # the CPU where there is no GPU, as MODEL.DEVICE in the yaml configs
 
+
+def teacher_schedule(optimizer, lr_multiplier, train):
+    """The teachers' schedule (*_R34_FPN_teacher.yaml): longer than the students', at half their lr."""
+    optimizer.lr = 0.0005
+    train.max_iter = 900
+    lr_multiplier.scheduler.milestones = [700, 850]
+    lr_multiplier.scheduler.num_updates = 900
+    lr_multiplier.warmup_length = 100 / 900
+
+
 # The yaml models: ResNets with BatchNorm (from scratch: FrozenBN would be an identity), FPN on
 # res3-res5, heads of 2 convs, 10 classes; RetinaNet's anchors half of detectron2's COCO sizes.
 def digits_model(model, depth, width, **resize):
