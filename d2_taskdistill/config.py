@@ -108,6 +108,7 @@ def add_distill_config(cfg):
 
     add_tid_config(cfg)
     add_bckd_config(cfg)
+    add_roi_kd_config(cfg)
     add_tbd_config(cfg)
     add_fgd_config(cfg)
     add_pkd_config(cfg)
@@ -240,6 +241,14 @@ def add_bckd_config(cfg):
     c.LOC_WEIGHT = 4.0
     c.BETA = 1.0  # exponent of |p_T - p_S| in the binary term
     c.CENTERNESS_WEIGHT = 1.0  # FCOS only: binary distillation of centerness
+
+
+def add_roi_kd_config(cfg):
+    """ROI_KD: an R-CNN's box head on the student's proposals (losses/roi_kd.py; ours)."""
+    c = cfg.DISTILL.ROI_KD = CN()
+    c.CLS_WEIGHT = 1.0  # T^2 KL of the K + 1 class distributions
+    c.TEMPERATURE = 1.0
+    c.BOX_WEIGHT = 1.0  # 1 - GIoU of the class-specific boxes, on proposals matched to an object
 
 
 def add_tbd_config(cfg):

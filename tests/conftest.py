@@ -73,18 +73,20 @@ def tiny_batch(tiny_digits):
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd"]
 
 
-def project_losses():
-    """The project's registered losses, sorted (tests register losses of their own too)."""
+def project_losses(dense=False):
+    """The project's registered losses, sorted (tests register losses of their own too); ``dense``:
+    those that run on RetinaNet and FCOS (not the two-stage-only ones)."""
     from d2_taskdistill.losses import DISTILL_LOSS_REGISTRY
 
-    return sorted(name for name, cls in DISTILL_LOSS_REGISTRY if cls.__module__.startswith("d2_taskdistill."))
+    return sorted(name for name, cls in DISTILL_LOSS_REGISTRY if cls.__module__.startswith("d2_taskdistill.")
+                  and not (dense and getattr(cls, "two_stage_only", False)))
 
 
 def every_loss_cfg(detector, teacher_weights, output_dir, opts=(), **kwargs):
     """The digits config of ``detector`` with every project loss in one model: one forward
     covers them all."""
     return distill_cfg(f"{detector}_R34-R18_tid.yaml", teacher_weights, output_dir,
-                       opts=["DISTILL.LOSSES", project_losses(), *opts], **kwargs)
+                       opts=["DISTILL.LOSSES", project_losses(dense=True), *opts], **kwargs)
 
 TINY_TRAIN = "digits_tiny_train"
 # Where the session's tiny dataset lives, for processes the tests start (launch workers).

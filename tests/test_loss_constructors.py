@@ -2,6 +2,7 @@
 (``Cls(student_shapes=s, teacher_shapes=t, ...)``, as a LazyConfig does) into the same module."""
 import inspect
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +31,10 @@ TEACHER = [ShapeSpec(channels=6, stride=2 ** i) for i in range(3, 8)]
 def digits_cfg(name, **overrides):
     """The digits RetinaNet config of loss ``name`` (as the loss tests use), with ``overrides``
     of its DISTILL.<name> keys."""
-    cfg = load_config(config_path("digits", f"retinanet_R34-R18_{name.lower()}.yaml"))
+    path = config_path("digits", f"retinanet_R34-R18_{name.lower()}.yaml")
+    if not os.path.exists(path):  # a two-stage-only loss
+        path = config_path("digits", f"faster_rcnn_R34-R18_{name.lower()}.yaml")
+    cfg = load_config(path)
     for key, value in overrides.items():
         setattr(cfg.DISTILL[name], key, value)
     return cfg

@@ -44,7 +44,7 @@ def test_autocast_losses_are_float32_and_close(detector, dtype, teachers, tiny_b
             mixed = twin(batch)
     assert full.keys() == mixed.keys() and any(k.startswith("loss_distill") for k in mixed)
     # Inside the losses: autocast off, every input float32 (also in the autocast run).
-    assert len(seen) == 2 * len(project_losses())
+    assert len(seen) == 2 * len(project_losses(dense=True))
     assert all(enabled is False and dtypes == {torch.float32} for enabled, dtypes in seen)
     # DISTILL.TEACHER.AMP (off here) alone sets the teacher's precision, not the student's autocast.
     assert teacher_autocast == [False, False]

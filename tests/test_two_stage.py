@@ -249,3 +249,54 @@ def test_a_py_faster_rcnn_distillation_trains(rcnn_teacher, tiny_dataset, tmp_pa
     latest = {k: v[0] for k, v in trainer.storage.latest().items()}
     for name in (*RCNN_OWN_LOSSES, "loss_distill_pkd", "loss_distill_bckd_cls", "loss_distill_bckd_loc"):
         assert torch.isfinite(torch.tensor(latest[name])) and latest[name] > 0, name
+
+
+def test_roi_kd_scores_the_students_proposals_with_the_teachers_box_head(rcnn_teacher, tiny_batch, tmp_path):
+    """ROI_KD by hand: the proposals the student sampled (at the same seed, by its own forward)
+    pooled from the teacher's P2-P5 through the teacher's box head; T^2 KL(p_T || p_S) at T = 2
+    averaged over the proposals, and 1 - GIoU of both heads' boxes for each object's class
+    averaged over the proposals matched to an object."""
+    import torch.nn.functional as F
+    from detectron2.utils.events import EventStorage
+
+    from d2_taskdistill.modeling.rcnn_outputs import capturing_training_outputs
+
+    model = build("faster_rcnn_R34-R18_roi_kd.yaml", rcnn_teacher, tmp_path, ["ROI_KD"],
+                  opts=["DISTILL.ROI_KD.TEMPERATURE", 2.0, "DISTILL.ROI_KD.BOX_WEIGHT", 3.0])
+    losses = training_losses(model, tiny_batch)
+    assert RCNN_OWN_LOSSES | {"loss_distill_roi_cls", "loss_distill_roi_box"} == set(losses)
+
+    torch.manual_seed(0)
+    with EventStorage(), capturing_training_outputs(model.student) as captured:
+        alone = model.student(tiny_batch)
+    assert alone["loss_cls"].item() == pytest.approx(losses["loss_cls"].item(), rel=1e-6)  # the same samples
+    proposals = captured["roi_samples"]
+    student_scores, student_deltas = captured["roi_predictions"]
+    heads = model.teacher.roi_heads
+    with torch.no_grad():
+        pooled = heads.box_pooler(backbone_levels(model.teacher, tiny_batch, ["p2", "p3", "p4", "p5"]),
+                                  [p.proposal_boxes for p in proposals])
+        teacher_scores, teacher_deltas = heads.box_predictor(heads.box_head(pooled))
+        p_t = F.softmax(teacher_scores / 2.0, dim=1)
+        log_p_s = F.log_softmax(student_scores / 2.0, dim=1)
+        expected_cls = (p_t * (p_t.log() - log_p_s)).sum() * 4.0 / len(student_scores)
+
+        classes = torch.cat([p.gt_classes for p in proposals])
+        foreground = classes < 10
+        assert 0 < foreground.sum() < len(classes)
+        boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])[foreground]
+        rows = torch.arange(len(classes))[foreground]
+        columns = (4 * classes[foreground])[:, None] + torch.arange(4)
+        decode = model.student.roi_heads.box_predictor.box2box_transform.apply_deltas
+        student_boxes = decode(student_deltas[rows[:, None], columns], boxes)
+        teacher_boxes = decode(teacher_deltas[rows[:, None], columns], boxes)
+        expected_box = 3.0 * (1 - elementwise_giou(student_boxes, teacher_boxes)).mean()
+    assert losses["loss_distill_roi_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-4)
+    assert losses["loss_distill_roi_box"].item() == pytest.approx(expected_box.item(), rel=1e-4)
+
+
+def test_roi_kd_refuses_a_dense_teacher(teachers, tmp_path):
+    with pytest.raises(ValueError, match=r"Losses \['ROI_KD'\] distil an R-CNN's ROI heads into another's: the "
+                                         r"teacher and the student must both be two-stage \(GeneralizedRCNN\), and "
+                                         r"the teacher is not"):
+        build("retinanet_R34-faster_rcnn_R18_fgd.yaml", teachers["retinanet"], tmp_path, ["ROI_KD"])

@@ -9,3 +9,4 @@ from .tbd import TBD, dense_harmony_score, harmonious_share, harmony_score
 from .fgd import FGD, GlobalContext, fgd_attention, gt_scale_masks
 from .pkd import PKD, standardize
 from .cwd import CWD, channel_wise_divergence
+from .roi_kd import ROI_KD

@@ -26,7 +26,8 @@ So both config systems build it:
 Class attributes: ``config_node`` (the yacs node's name); ``needs_same_layout``, True when the
 loss compares predictions location by location, so teacher and student must share anchors,
 levels and strides; ``distils_rpn``, True when such a loss also distils a two-stage detector's
-RPN (a one-class dense head, modeling.rcnn_outputs). ``check_detectors(student, teacher)`` runs
+RPN (a one-class dense head, modeling.rcnn_outputs); ``two_stage_only``, True when the loss
+distils an R-CNN's ROI heads, so that teacher and student must both be R-CNNs. ``check_detectors(student, teacher)`` runs
 once both detectors exist.
 """
 
@@ -42,6 +43,7 @@ class DistillLoss(nn.Module):
 
     needs_same_layout = False
     distils_rpn = False
+    two_stage_only = False
     config_node = None  # e.g. "TID": the yacs node DISTILL.TID
 
     @classmethod

@@ -106,7 +106,8 @@ def anchor_layout(detector):
 
 def layout_free_losses():
     """The registered losses that compare features only: they run across anchor layouts."""
-    return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if not getattr(loss, "needs_same_layout", False))
+    return sorted(name for name, loss in DISTILL_LOSS_REGISTRY
+                  if not getattr(loss, "needs_same_layout", False) and not getattr(loss, "two_stage_only", False))
 
 
 def rpn_losses():
@@ -118,6 +119,13 @@ def check_losses_compatible(student, teacher, losses):
     """ValueError unless ``losses`` ({name: a loss or its class}) can distil ``teacher`` into ``student``."""
     needs_layout = [n for n, l in losses.items() if getattr(l, "needs_same_layout", False)]
     rcnn = [role for role, d in (("student", student), ("teacher", teacher)) if is_rcnn(d)]
+    two_stage_only = [n for n, l in losses.items() if getattr(l, "two_stage_only", False)]
+    if two_stage_only and len(rcnn) < 2:
+        dense = [role for role in ("student", "teacher") if role not in rcnn]
+        raise ValueError(
+            f"Losses {two_stage_only} distil an R-CNN's ROI heads into another's: the teacher and the student must "
+            f"both be two-stage (GeneralizedRCNN), and the {' and '.join(dense)} {'is' if len(dense) == 1 else 'are'} "
+            f"not. Use losses that compare features ({layout_free_losses()}) in {setting('losses')} for this pair.")
     if rcnn and needs_layout:
         two_stage = f"The {' and '.join(rcnn)} {'is' if len(rcnn) == 1 else 'are'} two-stage (GeneralizedRCNN)"
         not_on_rpn = [n for n in needs_layout if not getattr(losses[n], "distils_rpn", False)]

@@ -3,6 +3,8 @@ for distillation: the FPN levels its RPN reads and, for the student, its own RPN
 losses. The RPN is a dense one-class detector: its objectness and box deltas are the head
 outputs (``cls_logits``, ``box_reg``) of DenseOutputs, so that BCKD distils it as it does a
 RetinaNet's head."""
+import contextlib
+
 import torch
 
 from detectron2.modeling import GeneralizedRCNN
@@ -50,44 +52,78 @@ class RPNAsDenseHead:
         return labels, matched_boxes
 
 
+@contextlib.contextmanager
+def capturing_training_outputs(detector):
+    """{"rpn_head": the RPN head's (objectness, deltas), "roi_samples": the proposals the ROI heads
+    sampled (with their gt_classes), "roi_predictions": the box predictor's (scores, deltas) on
+    them}, as one training forward of ``detector`` computes them for its own losses."""
+    captured = {}
+    roi_heads = detector.roi_heads
+    label_and_sample = roi_heads.label_and_sample_proposals
+
+    def sample_and_keep(proposals, targets):
+        captured["roi_samples"] = label_and_sample(proposals, targets)
+        return captured["roi_samples"]
+
+    hooks = [detector.proposal_generator.rpn_head.register_forward_hook(
+                 lambda module, inputs, outputs: captured.setdefault("rpn_head", outputs)),
+             roi_heads.box_predictor.register_forward_hook(
+                 lambda module, inputs, outputs: captured.setdefault("roi_predictions", outputs))]
+    roi_heads.label_and_sample_proposals = sample_and_keep  # this instance, for this forward
+    try:
+        yield captured
+    finally:
+        del roi_heads.label_and_sample_proposals
+        for hook in hooks:
+            hook.remove()
+
+
 def run_rcnn_detector(detector, batched_inputs, gt_instances=None, image_sizes=None, with_losses=True,
                       with_rpn_head=True):
     """Run ``detector``'s backbone and its RPN head (``with_rpn_head``) and, ``with_losses``, its
     RPN and ROI heads in training mode as GeneralizedRCNN.forward does (within an EventStorage:
-    both heads log to it); the RPN head's outputs are then those the RPN's own loss used."""
+    both heads log to it); the RPN head's and the box predictor's outputs are then those the
+    R-CNN's own losses used."""
     images = detector.preprocess_image(batched_inputs)
     features = detector.backbone(images.tensor)
     levels = rcnn_levels(detector)
     rpn = detector.proposal_generator
-    losses, head_outputs = {}, None
+    losses, captured = {}, {}
     if with_losses:
-        captured = []
-        hook = rpn.rpn_head.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs))
-        try:
+        with capturing_training_outputs(detector) as captured:
             proposals, proposal_losses = rpn(images, features, gt_instances)
-        finally:
-            hook.remove()
-        head_outputs = captured[0]
-        _, roi_losses = detector.roi_heads(images, features, proposals, gt_instances)
+            _, roi_losses = detector.roi_heads(images, features, proposals, gt_instances)
         losses = {**proposal_losses, **roi_losses}
     elif with_rpn_head:
-        head_outputs = rpn.rpn_head([features[f] for f in levels])
-    return RCNNOutputs(detector, images, [features[f] for f in levels], head_outputs, losses, gt_instances,
-                       image_sizes)
+        captured["rpn_head"] = rpn.rpn_head([features[f] for f in levels])
+    outputs = RCNNOutputs(detector, images, features, captured.get("rpn_head"), losses, gt_instances, image_sizes)
+    outputs.roi_samples = captured.get("roi_samples")
+    outputs.roi_predictions = captured.get("roi_predictions")
+    return outputs
 
 
 class RCNNOutputs(DenseOutputs):
     """DenseOutputs of the RPN (``detector`` is the RPNAsDenseHead; ``rcnn`` the GeneralizedRCNN),
     on the levels it reads; ``detector_losses`` are the R-CNN's RPN and ROI-head losses."""
 
-    def __init__(self, rcnn, images, features, rpn_head_outputs, losses, gt_instances, image_sizes=None):
+    def __init__(self, rcnn, images, all_features, rpn_head_outputs, losses, gt_instances, image_sizes=None):
         rpn = RPNAsDenseHead(rcnn.proposal_generator)
         # Without the RPN head's outputs (a teacher for the feature losses only), only the features are read.
         predictions = rpn_head_outputs if rpn_head_outputs is not None else ([], [])
+        features = [all_features[f] for f in rcnn_levels(rcnn)]
         super().__init__(rpn, images, features, predictions, gt_instances, thresholds_fcos=None,
                          image_sizes=image_sizes)
         self.rcnn = rcnn
+        self.all_features = all_features  # every FPN level by name, for the ROI heads
         self._losses = losses
+        self.roi_samples = self.roi_predictions = None  # the student's, from its training forward
+
+    def box_predictions_on(self, proposals):
+        """This R-CNN's box head on ``proposals`` (another detector's samples): (scores, deltas)."""
+        heads = self.rcnn.roi_heads
+        pooled = heads.box_pooler([self.all_features[f] for f in heads.box_in_features],
+                                  [p.proposal_boxes for p in proposals])
+        return heads.box_predictor(heads.box_head(pooled))
 
     @property
     def feature_strides(self):
@@ -102,6 +138,8 @@ class RCNNOutputs(DenseOutputs):
     def to_float32(self):
         super().to_float32()
         self._losses = {k: v.float() for k, v in self._losses.items()}
+        if self.roi_predictions is not None:
+            self.roi_predictions = tuple(x.float() for x in self.roi_predictions)
         return self
 
     def detector_losses(self):
