@@ -24,22 +24,28 @@ OTHER_METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "fgd", "pkd", "cwd"]
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_amp_training(detector, teachers, tiny_dataset, tmp_path):
-    check_amp_training(detector, REPRESENTATIVE, teachers, tmp_path)
+    check_amp_training(detector, REPRESENTATIVE, teachers[detector], tmp_path)
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_amp_training_every_method(detector, method, teachers, tiny_dataset, tmp_path):
-    check_amp_training(detector, method, teachers, tmp_path)
+    check_amp_training(detector, method, teachers[detector], tmp_path)
 
 
-def check_amp_training(detector, method, teachers, tmp_path):
+@pytest.mark.parametrize("method", ["pkd_bckd", "roi_kd"])
+def test_amp_training_faster_rcnn(method, rcnn_teacher, tiny_dataset, tmp_path):
+    """Two Faster R-CNNs: PKD on the features with BCKD on the RPN, and ROI_KD on the box head."""
+    check_amp_training("faster_rcnn", method, rcnn_teacher, tmp_path)
+
+
+def check_amp_training(detector, method, teacher, tmp_path):
     from detectron2.engine import AMPTrainer
 
     from d2_taskdistill.engine import DistillTrainer
     from d2_taskdistill.hooks import GradScalerMonitor
 
-    cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], tmp_path,
+    cfg = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teacher, tmp_path,
                       opts=["MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "DISTILL.TEACHER.AMP", True])
     trainer = DistillTrainer(cfg)
     assert isinstance(trainer._trainer, AMPTrainer)

@@ -39,7 +39,7 @@ from harness.experiments import METRICS, digits_config, same_run_config, train_a
 from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2}
