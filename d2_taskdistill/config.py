@@ -249,6 +249,7 @@ def add_roi_kd_config(cfg):
     c.CLS_WEIGHT = 1.0  # T^2 KL of the K + 1 class distributions
     c.TEMPERATURE = 1.0
     c.BOX_WEIGHT = 1.0  # 1 - GIoU of the class-specific boxes, on proposals matched to an object
+    c.MASK_WEIGHT = 0.0  # Mask R-CNNs: BCE of the mask logits on the foreground proposals; 0: off
 
 
 def add_tbd_config(cfg):

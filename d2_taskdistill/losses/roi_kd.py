@@ -12,6 +12,9 @@ Distillation", share the student's proposals the same way).
   teacher's class-specific regressions give for the object's class, both decoded at the
   proposal with the student's box coder (ours, as BCKD's localisation term; Chen et al. bound
   the student's L2 error to the ground truth by the teacher's instead).
+- Mask (Mask R-CNNs, MASK_WEIGHT > 0; ours): on the foreground proposals the student's mask head
+  trains on, BCE(z_S, sigmoid(z_T)) of both heads' mask logits for the object's class, averaged
+  over the pixels and the proposals.
 - Normalisers are averaged over processes (losses/normalizers.py).
 """
 import torch
@@ -21,6 +24,7 @@ from detectron2.config import configurable
 
 from .box_ops import giou_loss
 from .normalizers import global_mean
+from ..settings import loss_setting
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_positive
 
 # What the loss reads of each R-CNN's ROI heads (detectron2's StandardROIHeads).
@@ -41,12 +45,14 @@ class ROI_KD(DistillLoss):
     two_stage_only = True
 
     @configurable
-    def __init__(self, *, student_shapes, teacher_shapes, cls_weight=1.0, temperature=1.0, box_weight=1.0):
+    def __init__(self, *, student_shapes, teacher_shapes, cls_weight=1.0, temperature=1.0, box_weight=1.0,
+                 mask_weight=0.0):
         super().__init__()
         check_positive("ROI_KD", temperature=temperature)
         self.cls_weight = cls_weight
         self.temperature = temperature
         self.box_weight = box_weight
+        self.mask_weight = mask_weight
 
     def check_detectors(self, student, teacher):
         for role, detector in (("student", student), ("teacher", teacher)):
@@ -55,6 +61,13 @@ class ROI_KD(DistillLoss):
                 raise TypeError(
                     f"ROI_KD: the {role}'s ROI heads ({type(detector.roi_heads).__name__}) lack {missing}: it "
                     "distils detectron2's StandardROIHeads (one box head, as Faster and Mask R-CNN have).")
+            heads = detector.roi_heads
+            has_mask_head = getattr(heads, "mask_on", False) and hasattr(heads.mask_head, "predictor")
+            if self.mask_weight > 0 and not has_mask_head:
+                raise ValueError(
+                    f"{loss_setting('ROI_KD', 'mask_weight', self.mask_weight)} distils mask logits, but the {role} "
+                    "has no mask head of detectron2's kind (MaskRCNNConvUpsampleHead): use Mask R-CNNs for both "
+                    "(MODEL.MASK_ON), or set it to 0.")
 
     def forward(self, student, teacher):
         proposals = student.roi_samples
@@ -75,4 +88,25 @@ class ROI_KD(DistillLoss):
         teacher_boxes = decode(class_specific_deltas(teacher_deltas.float(), classes, num_classes), boxes)
         loss_box = (giou_loss(student_boxes, teacher_boxes) * foreground).sum() / global_mean(
             foreground.sum(), device=foreground.device)
-        return {"loss_distill_roi_cls": self.cls_weight * loss_cls, "loss_distill_roi_box": self.box_weight * loss_box}
+        losses = {"loss_distill_roi_cls": self.cls_weight * loss_cls,
+                  "loss_distill_roi_box": self.box_weight * loss_box}
+        if self.mask_weight > 0:
+            losses["loss_distill_roi_mask"] = self.mask_weight * self.mask_loss(student, teacher)
+        return losses
+
+    def mask_loss(self, student, teacher):
+        proposals = student.mask_samples
+        with torch.no_grad():
+            teacher_logits = teacher.mask_logits_on(proposals).float()
+        classes = torch.cat([p.gt_classes for p in proposals])
+        bce = F.binary_cross_entropy_with_logits(class_channel(student.mask_logits, classes),
+                                                 class_channel(teacher_logits, classes).sigmoid(), reduction="none")
+        return bce.mean(dim=(1, 2)).sum() / global_mean(len(classes), device=bce.device)
+
+
+def class_channel(mask_logits, classes):
+    """(M, H, W): each proposal's mask logits for its class (a class-agnostic head has one)."""
+    if mask_logits.shape[1] == 1:
+        return mask_logits[:, 0]
+    index = classes.view(-1, 1, 1, 1).expand(-1, 1, *mask_logits.shape[2:])
+    return mask_logits.gather(1, index).squeeze(1)

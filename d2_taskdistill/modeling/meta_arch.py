@@ -248,9 +248,10 @@ class TaskDistillDetector(nn.Module):
             self.level_pairs = shared_level_indices(s_strides, t_strides)
             s_shapes = [s_shapes[i] for i in self.level_pairs[0]]
             t_shapes = [t_shapes[i] for i in self.level_pairs[1]]
+            s_names, t_names = distilled_levels(self.student), distilled_levels(teacher)
             logger.info("The feature losses compare the levels of equal stride: %s",
-                        ", ".join(f"student {distilled_levels(self.student)[i]} - teacher {distilled_levels(teacher)[j]} "
-                                  f"(stride {s_strides[i]})" for i, j in zip(*self.level_pairs)))
+                        ", ".join(f"student {s_names[i]} - teacher {t_names[j]} (stride {s_strides[i]})"
+                                  for i, j in zip(*self.level_pairs)))
         for name, loss in losses.items():
             self.distill_losses[name] = build_loss_from_spec(name, loss, s_shapes, t_shapes)
             check_loss_name(name, self.distill_losses[name])

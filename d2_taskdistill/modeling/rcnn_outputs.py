@@ -56,7 +56,9 @@ class RPNAsDenseHead:
 def capturing_training_outputs(detector):
     """{"rpn_head": the RPN head's (objectness, deltas), "roi_samples": the proposals the ROI heads
     sampled (with their gt_classes), "roi_predictions": the box predictor's (scores, deltas) on
-    them}, as one training forward of ``detector`` computes them for its own losses."""
+    them, and with a mask head "mask_samples": the foreground proposals it trains on,
+    "mask_logits": its (M, K, 28, 28) logits}, as one training forward of ``detector`` computes them
+    for its own losses."""
     captured = {}
     roi_heads = detector.roi_heads
     label_and_sample = roi_heads.label_and_sample_proposals
@@ -65,10 +67,18 @@ def capturing_training_outputs(detector):
         captured["roi_samples"] = label_and_sample(proposals, targets)
         return captured["roi_samples"]
 
-    hooks = [detector.proposal_generator.rpn_head.register_forward_hook(
-                 lambda module, inputs, outputs: captured.setdefault("rpn_head", outputs)),
-             roi_heads.box_predictor.register_forward_hook(
-                 lambda module, inputs, outputs: captured.setdefault("roi_predictions", outputs))]
+    def keep(name, position=None):
+        # A hook that returns None leaves the module's inputs and outputs as they are.
+        def hook(module, inputs, outputs=None):
+            captured.setdefault(name, outputs if position is None else inputs[position])
+        return hook
+
+    hooks = [detector.proposal_generator.rpn_head.register_forward_hook(keep("rpn_head")),
+             roi_heads.box_predictor.register_forward_hook(keep("roi_predictions"))]
+    mask_head = getattr(roi_heads, "mask_head", None) if getattr(roi_heads, "mask_on", False) else None
+    if mask_head is not None and hasattr(mask_head, "predictor"):  # detectron2's MaskRCNNConvUpsampleHead
+        hooks += [mask_head.register_forward_pre_hook(keep("mask_samples", position=1)),
+                  mask_head.predictor.register_forward_hook(keep("mask_logits"))]
     roi_heads.label_and_sample_proposals = sample_and_keep  # this instance, for this forward
     try:
         yield captured
@@ -97,8 +107,8 @@ def run_rcnn_detector(detector, batched_inputs, gt_instances=None, image_sizes=N
     elif with_rpn_head:
         captured["rpn_head"] = rpn.rpn_head([features[f] for f in levels])
     outputs = RCNNOutputs(detector, images, features, captured.get("rpn_head"), losses, gt_instances, image_sizes)
-    outputs.roi_samples = captured.get("roi_samples")
-    outputs.roi_predictions = captured.get("roi_predictions")
+    for name in ("roi_samples", "roi_predictions", "mask_samples", "mask_logits"):
+        setattr(outputs, name, captured.get(name))
     return outputs
 
 
@@ -116,7 +126,8 @@ class RCNNOutputs(DenseOutputs):
         self.rcnn = rcnn
         self.all_features = all_features  # every FPN level by name, for the ROI heads
         self._losses = losses
-        self.roi_samples = self.roi_predictions = None  # the student's, from its training forward
+        # The student's, from its training forward (capturing_training_outputs).
+        self.roi_samples = self.roi_predictions = self.mask_samples = self.mask_logits = None
 
     def box_predictions_on(self, proposals):
         """This R-CNN's box head on ``proposals`` (another detector's samples): (scores, deltas)."""
@@ -124,6 +135,13 @@ class RCNNOutputs(DenseOutputs):
         pooled = heads.box_pooler([self.all_features[f] for f in heads.box_in_features],
                                   [p.proposal_boxes for p in proposals])
         return heads.box_predictor(heads.box_head(pooled))
+
+    def mask_logits_on(self, proposals):
+        """This R-CNN's mask head on ``proposals``: (M, K, 28, 28) logits."""
+        heads = self.rcnn.roi_heads
+        pooled = heads.mask_pooler([self.all_features[f] for f in heads.mask_in_features],
+                                   [p.proposal_boxes for p in proposals])
+        return heads.mask_head.layers(pooled)
 
     @property
     def feature_strides(self):
@@ -140,6 +158,8 @@ class RCNNOutputs(DenseOutputs):
         self._losses = {k: v.float() for k, v in self._losses.items()}
         if self.roi_predictions is not None:
             self.roi_predictions = tuple(x.float() for x in self.roi_predictions)
+        if self.mask_logits is not None:
+            self.mask_logits = self.mask_logits.float()
         return self
 
     def detector_losses(self):
