@@ -351,3 +351,30 @@ def test_roi_kd_mask_term_needs_two_mask_rcnns(rcnn_teacher, tmp_path):
                                          r"mask head"):
         build("faster_rcnn_R34-R18_roi_kd.yaml", rcnn_teacher, tmp_path, ["ROI_KD"],
               opts=["DISTILL.ROI_KD.MASK_WEIGHT", 2.0])
+
+
+def test_the_new_baselines_mask_rcnn_py_config_builds_a_compatible_pair(monkeypatch):
+    """configs/COCO-InstanceSegmentation: the zoo's new-baselines R50 recipe as the student, its
+    R101 400-epoch Mask R-CNN as the teacher (built here from its config, without weights): FGD and
+    ROI_KD with its mask term accept the pair."""
+    from detectron2.config import instantiate
+
+    from conftest import ROOT, config_path
+    from d2_taskdistill.lazy_engine import load_lazy_config
+    from d2_taskdistill.losses import FGD, ROI_KD
+    from d2_taskdistill.modeling.meta_arch import check_losses_compatible, distilled_levels
+    from d2_taskdistill.modeling.teacher import teacher_origin_from
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_lazy_config(config_path("COCO-InstanceSegmentation", "mask_rcnn_R101-R50_100ep_LSJ_fgd_roi_kd.py"),
+                           ["train.device=cpu"])
+    student = instantiate(cfg.model.student)
+    teacher = teacher_origin_from(cfg.model.teacher.config_file, cfg.model.teacher.weights).build_model()
+    assert student.backbone.bottom_up.stages[0][0].conv1.norm.__class__.__name__ == "SyncBatchNorm"
+    assert len(teacher.backbone.bottom_up.res4) == 23 and len(student.backbone.bottom_up.res4) == 6  # R101, R50
+    assert distilled_levels(student) == distilled_levels(teacher) == ["p2", "p3", "p4", "p5", "p6"]
+    losses = {name: instantiate({**spec, "student_shapes": [], "teacher_shapes": []}) if name == "ROI_KD" else None
+              for name, spec in cfg.model.losses.items()}
+    assert losses["ROI_KD"].mask_weight == 1.0
+    check_losses_compatible(student, teacher, {"FGD": FGD, "ROI_KD": ROI_KD})
+    losses["ROI_KD"].check_detectors(student, teacher)
