@@ -137,3 +137,18 @@ def test_links_between_pages_resolve():
 def heading_anchor(heading):
     """The anchor GitHub gives a markdown heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_two_stage_page_table_is_the_committed_benchmark():
+    """docs/two_stage.md's first-look table, cell by cell against benchmarks/accuracy_short_faster_rcnn.json."""
+    with open(os.path.join(ROOT, "benchmarks", "accuracy_short_faster_rcnn.json")) as f:
+        bench = json.load(f)["detectors"]["faster_rcnn"]
+    text = open(os.path.join(ROOT, "docs", "two_stage.md")).read()
+    (header, rows), = [t for t in markdown_tables(text) if t[0] == ["Faster R-CNN", "AP"]]
+    table = dict(rows)
+    assert table.pop("teacher R34") == one_decimal(bench["teacher"]["metrics"]["AP"])
+    labels = {"student R18 alone": "baseline", "+ BCKD (RPN)": "bckd"}
+    assert len(table) == len(bench["rows"])
+    for label, cell in table.items():
+        row = labels.get(label) or label.removeprefix("+ ").lower().replace("+", "_")
+        assert cell == one_decimal(bench["rows"][row]["mean"]["AP"]), label

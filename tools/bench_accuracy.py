@@ -265,7 +265,7 @@ def best_methods(records_by_row, count=2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", default=DEFAULT_TRACKS,
-                        help="retinanet, fcos, or a heterogeneous pair TEACHER_to_STUDENT, e.g. fcos_to_retinanet "
+                        help="retinanet, fcos, faster_rcnn, or a heterogeneous pair TEACHER_to_STUDENT, e.g. fcos_to_retinanet "
                              f"(default: {' '.join(DEFAULT_TRACKS)})")
     parser.add_argument("--rows", nargs="+", default=None,
                         help="baseline, methods, VARIANTS, any of them + '+init' (default: baseline, every "

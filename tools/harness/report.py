@@ -7,8 +7,9 @@ from .experiments import METRICS
 
 
 def method_label(method):
-    """The DISTILL.LOSSES of a digits config's method name: bckd_tid -> BCKD+TID."""
-    return method.upper().replace("_", "+")
+    """The DISTILL.LOSSES of a digits config's method name: bckd_tid -> BCKD+TID, roi_kd -> ROI_KD
+    (a loss whose own name has an underscore)."""
+    return method.upper().replace("_", "+").replace("ROI+KD", "ROI_KD")
 
 
 def _fmt(value, std=None):
