@@ -378,3 +378,18 @@ def test_the_new_baselines_mask_rcnn_py_config_builds_a_compatible_pair(monkeypa
     assert losses["ROI_KD"].mask_weight == 1.0
     check_losses_compatible(student, teacher, {"FGD": FGD, "ROI_KD": ROI_KD})
     losses["ROI_KD"].check_detectors(student, teacher)
+
+
+def test_detectors_without_a_common_stride_are_refused(rcnn_teacher, tmp_path):
+    """The student's RPN reads P2 alone, the teacher's P3-P6 (MODEL.RPN.IN_FEATURES, one anchor
+    size per level): no level to compare, an error that names both strides."""
+    from detectron2.modeling import build_model
+
+    cfg = distill_cfg("faster_rcnn_R34-R18_fitnet.yaml", rcnn_teacher, tmp_path,
+                      opts=["MODEL.DEVICE", "cpu", "MODEL.RPN.IN_FEATURES", ["p2"], "MODEL.ANCHOR_GENERATOR.SIZES",
+                            [[16]]],
+                      teacher_opts=["MODEL.RPN.IN_FEATURES", ["p3", "p4", "p5", "p6"],
+                                    "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256]]])
+    with pytest.raises(ValueError, match=r"Teacher and student share no FPN stride \(student \[4\], teacher "
+                                         r"\[8, 16, 32, 64\]\)"):
+        build_model(cfg)

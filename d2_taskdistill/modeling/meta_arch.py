@@ -246,6 +246,10 @@ class TaskDistillDetector(nn.Module):
         s_strides, t_strides = [x.stride for x in s_shapes], [x.stride for x in t_shapes]
         if s_strides != t_strides:
             self.level_pairs = shared_level_indices(s_strides, t_strides)
+            if not self.level_pairs[0]:
+                raise ValueError(
+                    f"Teacher and student share no FPN stride (student {s_strides}, teacher {t_strides}): the "
+                    f"losses compare the levels of equal stride. Align {setting('anchor_layout')}.")
             s_shapes = [s_shapes[i] for i in self.level_pairs[0]]
             t_shapes = [t_shapes[i] for i in self.level_pairs[1]]
             s_names, t_names = distilled_levels(self.student), distilled_levels(teacher)
