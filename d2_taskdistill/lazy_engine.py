@@ -37,6 +37,7 @@ LAZY_SETTING_NAMES = {
     "teacher.allow_other_class_names": "train.allow_other_teacher_class_names",
     "losses": "model.losses",
     "student.num_classes": "model.student.num_classes",
+    "student.rcnn_num_classes": "model.student.roi_heads.num_classes",
     "student.input_format": "model.input_format",
     "teacher.input_format": "model.teacher_input_format",
     "anchor_layout": "model.student.anchor_generator / the FPN of model.student and of the teacher's config",

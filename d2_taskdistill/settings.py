@@ -17,6 +17,7 @@ API_SETTING_NAMES = {
     "teacher.sha256": "load_teacher(sha256=...)",
     "losses": "TaskDistillDetector(losses=...)",
     "student.num_classes": "the student's num_classes",
+    "student.rcnn_num_classes": "the student's roi_heads.num_classes",
     "student.input_format": "TaskDistillDetector(input_format=...)",
     "teacher.input_format": "TaskDistillDetector(teacher_input_format=...)",
     "anchor_layout": "the anchor generator, FPN levels and size_divisibility of both detectors",

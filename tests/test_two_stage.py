@@ -2,6 +2,7 @@
 and between a RetinaNet and a Faster R-CNN, on the levels of equal stride."""
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -393,3 +394,23 @@ def test_detectors_without_a_common_stride_are_refused(rcnn_teacher, tmp_path):
     with pytest.raises(ValueError, match=r"Teacher and student share no FPN stride \(student \[4\], teacher "
                                          r"\[8, 16, 32, 64\]\)"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_class_count_mismatch_names_the_roi_heads_setting(lazy, rcnn_teacher, tmp_path):
+    """A Faster R-CNN student of 5 classes under a 10-class teacher: the error names the R-CNN's
+    class setting in the config's own words."""
+    from detectron2.modeling import build_model
+
+    from d2_taskdistill.lazy_engine import build_model as build_lazy_model
+
+    if lazy:
+        cfg = lazy_cfg("faster_rcnn_R34-R18_fgd.py", rcnn_teacher, tmp_path, overrides=[
+            "model.student.roi_heads.num_classes=5"])
+        expected, make = "set model.student.roi_heads.num_classes to 10", lambda: build_lazy_model(cfg)
+    else:
+        cfg = distill_cfg("faster_rcnn_R34-R18_fgd.yaml", rcnn_teacher, tmp_path,
+                          opts=["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", 5])
+        expected, make = "set MODEL.ROI_HEADS.NUM_CLASSES to 10", lambda: build_model(cfg)
+    with pytest.raises(ValueError, match=r"Teacher has 10 classes, student 5: .*" + re.escape(expected)):
+        make()

@@ -151,7 +151,8 @@ def check_compatible(student, teacher, needs_same_layout, loss_names):
             f"Teacher has {teacher_classes} classes, student {student_classes}: the losses compare "
             f"class outputs, so both must know the same classes. The teacher's weights{weights} were trained "
             f"for {teacher_classes}: use a teacher trained on the student's dataset, or set "
-            f"{setting('student.num_classes')} to {teacher_classes} if the student trains on the teacher's classes."
+            f"{setting('student.rcnn_num_classes' if is_rcnn(student) else 'student.num_classes')} to "
+            f"{teacher_classes} if the student trains on the teacher's classes."
         )
     s_layout, t_layout = anchor_layout(student), anchor_layout(teacher)
     # Feature losses compare the levels of equal stride (level_pairs); there must be some.
