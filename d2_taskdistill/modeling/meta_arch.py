@@ -262,6 +262,8 @@ class TaskDistillDetector(nn.Module):
             check_loss_name(name, self.distill_losses[name])
         logger.info("Distillation losses: %s", "; ".join(loss_description(n, l) for n, l in self.distill_losses.items()))
         check_losses_compatible(self.student, teacher, self.distill_losses)
+        # Head losses read an R-CNN teacher's RPN head outputs too (known once, not every step).
+        self.reads_head_outputs = any(getattr(l, "needs_same_layout", False) for l in self.distill_losses.values())
         for loss in self.distill_losses.values():
             check = getattr(loss, "check_detectors", None)
             if check is not None:
@@ -359,8 +361,8 @@ class TaskDistillDetector(nn.Module):
         """A dense detector up to its head outputs; an R-CNN's features, its RPN head's outputs when a
         loss reads them, and its own losses ``with_losses``."""
         if is_rcnn(detector):
-            reads_rpn = any(getattr(loss, "needs_same_layout", False) for loss in self.distill_losses.values())
-            return run_rcnn_detector(detector, batched_inputs, gt_instances, image_sizes, with_losses, reads_rpn)
+            return run_rcnn_detector(detector, batched_inputs, gt_instances, image_sizes, with_losses,
+                                     self.reads_head_outputs)
         return run_dense_detector(detector, batched_inputs, gt_instances, self.fcos_thresholds, image_sizes)
 
     @torch.no_grad()
