@@ -203,6 +203,24 @@ def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teache
         evaluations = [json.loads(line) for line in f if "bbox/AP" in line]
     assert len(evaluations) == 1 and "segm/AP" in evaluations[0]  # after the last iteration
 
+    # The export: a plain Mask R-CNN config and weights that load into it whole, masks included.
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from d2_taskdistill.export import export_student
+
+    weights, config_file, _ = export_student(cfg, str(out / "model_final.pth"), str(tmp_path / "export"))
+    plain = get_cfg()
+    plain.merge_from_file(config_file)
+    assert (plain.MODEL.META_ARCHITECTURE, plain.MODEL.MASK_ON, plain.MODEL.ROI_HEADS.NUM_CLASSES) == (
+        "GeneralizedRCNN", True, 10)
+    exported = build_model(plain)
+    DetectionCheckpointer(exported).load(weights)
+    student = {k.removeprefix("student."): v for k, v in saved.items() if k.startswith("student.")}
+    assert exported.state_dict().keys() == student.keys()
+    assert all(torch.equal(v, student[k]) for k, v in exported.state_dict().items())
+
 
 def test_the_mixed_pair_py_twin_builds_the_yaml_model(teachers, tmp_path):
     from detectron2.config import instantiate
