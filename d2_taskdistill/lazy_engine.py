@@ -10,6 +10,7 @@ import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetMapper
 from detectron2.engine import AMPTrainer, SimpleTrainer, defaults, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.registry import locate
@@ -23,7 +24,7 @@ from .hooks import (TEACHER_EVAL_FOLDER, WRITER_PERIOD, DistillFeatures, NonFini
                     refuse_amp_off_cuda, unwrap, warn_unsynced_batch_norm)
 from .modeling.inherit import parts_of
 from .modeling.meta_arch import TaskDistillDetector
-from .modeling.rcnn_outputs import is_rcnn
+from .modeling.rcnn_outputs import is_rcnn, trains_masks
 from .schedule import epoch_schedule, kept_images, log_schedule
 from .settings import using_setting_names
 
@@ -370,6 +371,30 @@ class _AMPTrainer(NonFiniteLossHint, AMPTrainer):
     non_finite_hint = LAZY_NON_FINITE_HINT
 
 
+def mask_head_setting(detector, key):
+    """(the LazyConfig key that gives ``detector`` a mask head, how to take it off); None without one."""
+    if not trains_masks(detector):
+        return None
+    return (f"{key}.roi_heads.mask_head",
+            f"delete {key}.roi_heads' mask_in_features, mask_pooler and mask_head (as configs/digits/lazy_common.py's "
+            "digits_faster_rcnn does)")
+
+
+def check_loader_keeps_masks(cfg, mask_head):
+    """A mask head's DatasetMapper must keep the masks: without use_instance_mask the loss fails at
+    the first step, far from the setting."""
+    mapper = cfg.dataloader.train.get("mapper", None)
+    target = mapper.get("_target_", None) if isinstance(mapper, DictConfig) else None
+    target = locate(target) if isinstance(target, str) else target
+    if mask_head is None or not (isinstance(target, type) and issubclass(target, DatasetMapper)):
+        return
+    if not mapper.get("use_instance_mask", False):
+        raise ValueError(
+            f"{mask_head[0]} trains a mask head, but dataloader.train.mapper.use_instance_mask is not True: the "
+            "loader drops the masks. Set dataloader.train.mapper.use_instance_mask=True (and instance_mask_format="
+            "'bitmask' for RLE masks), or train boxes only: " + mask_head[1])
+
+
 def num_classes_setting(detector, key):
     """(the LazyConfig key of ``detector``'s class count, the count); an R-CNN's is its ROI heads'."""
     if is_rcnn(detector):
@@ -422,8 +447,9 @@ class LazyDistillTrainer:
         cfg, model = self.cfg, self.unwrapped_model
         distill = is_distill_model(model)
         teacher_origin = model.teacher_origin if distill else None
-        student_setting = (num_classes_setting(model.student, "model.student") if distill
-                           else num_classes_setting(model, "model"))
+        student, key = (model.student, "model.student") if distill else (model, "model")
+        student_setting, mask_head = num_classes_setting(student, key), mask_head_setting(student, key)
+        check_loader_keeps_masks(cfg, mask_head)
         teacher_node = cfg.train.student_init_teacher
         if parts_of(cfg.train.student_init) and not distill and teacher_node is None:
             raise ValueError(
@@ -434,7 +460,8 @@ class LazyDistillTrainer:
             check_datasets=lambda: check_dataset_names(
                 dataset_names(cfg.dataloader.train), dataset_names(cfg.dataloader.test), student_setting, teacher_origin,
                 settings=("dataloader.train.dataset.names", "dataloader.test.dataset.names"),
-                input_short_side=train_short_side(cfg), allow_other_teacher_names=cfg.train.allow_other_teacher_class_names),
+                input_short_side=train_short_side(cfg), allow_other_teacher_names=cfg.train.allow_other_teacher_class_names,
+                mask_head=mask_head),
             student_init=cfg.train.student_init, build_teacher=lambda: instantiate(teacher_node),
             teacher_eval_at_start=cfg.train.teacher_eval_at_start,
             allow_teacher_change=cfg.train.allow_teacher_change, student_alone_run=cfg.train.student_alone_run,

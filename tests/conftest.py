@@ -166,6 +166,13 @@ def rcnn_teacher(tmp_path_factory, tiny_batch):
         yield make_teacher_checkpoint("faster_rcnn", str(root / "faster_rcnn.pth"), tiny_batch)
 
 
+@pytest.fixture(scope="session")
+def mask_rcnn_teacher(tmp_path_factory, tiny_batch):
+    """A small Mask R-CNN teacher checkpoint, as ``rcnn_teacher``."""
+    with scratch_dir(tmp_path_factory, "mask_rcnn_teacher") as root:
+        yield make_teacher_checkpoint("mask_rcnn", str(root / "mask_rcnn.pth"), tiny_batch)
+
+
 def make_teacher_checkpoint(detector, path, batches, opts=()):
     """Build the digits teacher of ``detector`` with SMALL_TEACHER_OPTS and save it.
 

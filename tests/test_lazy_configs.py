@@ -31,10 +31,10 @@ DIGITS = config_path("digits")
 ITERATIONS = 2
 
 
-@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 8)])
-def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, methods, teachers, rcnn_teacher,
-                                                                        tmp_path):
-    teacher = rcnn_teacher if detector == "faster_rcnn" else teachers[detector]
+@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 10), ("mask_rcnn", 2)])
+def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, methods, teachers, request, tmp_path):
+    rcnn_fixture = {"faster_rcnn": "rcnn_teacher", "mask_rcnn": "mask_rcnn_teacher"}.get(detector)
+    teacher = request.getfixturevalue(rcnn_fixture) if rcnn_fixture else teachers[detector]
     yaml_files = sorted(glob.glob(os.path.join(DIGITS, f"{detector}_R34-R18_*.yaml")))
     assert len(yaml_files) == methods
     for yaml_file in yaml_files:
@@ -64,7 +64,8 @@ def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector,
 
 
 @pytest.mark.parametrize("name", ["retinanet_R34_FPN_teacher", "retinanet_R18_FPN_student",
-                                  "faster_rcnn_R34_FPN_teacher", "faster_rcnn_R18_FPN_student"])
+                                  "faster_rcnn_R34_FPN_teacher", "faster_rcnn_R18_FPN_student",
+                                  "mask_rcnn_R34_FPN_teacher", "mask_rcnn_R18_FPN_student"])
 def test_the_plain_py_twins_build_their_yaml_model_and_schedule(name):
     lazy = load_lazy_config(os.path.join(DIGITS, name + ".py"), ["train.device=cpu"])
     yaml_cfg = load_config(os.path.join(DIGITS, name + ".yaml"), ["MODEL.DEVICE", "cpu"])
@@ -76,6 +77,9 @@ def test_the_plain_py_twins_build_their_yaml_model_and_schedule(name):
     a, b = from_yaml.state_dict(), from_py.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert lazy_engine.train_short_side(lazy) == max(yaml_cfg.INPUT.MIN_SIZE_TRAIN) == 128  # for the data summary
+    mapper = lazy.dataloader.train.mapper  # Mask R-CNN: the digits' masks, as bitmasks
+    assert (mapper.get("use_instance_mask", False), mapper.get("instance_mask_format", "polygon")) == (
+        yaml_cfg.MODEL.MASK_ON, yaml_cfg.INPUT.MASK_FORMAT if yaml_cfg.MODEL.MASK_ON else "polygon")
     scheduler = lazy.lr_multiplier.scheduler
     assert (lazy.optimizer.lr, lazy.train.max_iter, list(scheduler.milestones), scheduler.num_updates,
             round(lazy.lr_multiplier.warmup_length * lazy.train.max_iter), lazy.train.output_dir) == (

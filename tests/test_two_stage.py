@@ -322,7 +322,7 @@ def test_roi_kd_refuses_a_dense_teacher(teachers, tmp_path):
         build("retinanet_R34-faster_rcnn_R18_fgd.yaml", teachers["retinanet"], tmp_path, ["ROI_KD"])
 
 
-def test_roi_kd_mask_term_on_the_foreground_proposals(tiny_digits, tiny_batch, tmp_path):
+def test_roi_kd_mask_term_on_the_foreground_proposals(tiny_digits, mask_rcnn_teacher, tmp_path):
     """Two Mask R-CNNs, MASK_WEIGHT 2: the teacher's mask head on the foreground proposals the
     student's mask head trained on; BCE(z_S, sigmoid(z_T)) of each proposal's class channel, by
     hand, averaged over the 28 x 28 pixels and the proposals."""
@@ -332,15 +332,13 @@ def test_roi_kd_mask_term_on_the_foreground_proposals(tiny_digits, tiny_batch, t
     import detectron2.data.transforms as T
     from detectron2.utils.events import EventStorage
 
-    from conftest import make_teacher_checkpoint
     from d2_taskdistill.modeling.rcnn_outputs import capturing_training_outputs
 
     json_path, image_root = tiny_digits
     mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(128, 128)], image_format="BGR",
                            use_instance_mask=True, instance_mask_format="bitmask")
     batch = [mapper(d) for d in load_coco_json(json_path, image_root, "digits_tiny_masks")[:4]]
-    teacher = make_teacher_checkpoint("mask_rcnn", str(tmp_path / "mask_rcnn.pth"), tiny_batch)
-    model = build("mask_rcnn_R34-R18_fgd.yaml", teacher, tmp_path, ["ROI_KD"], opts=["DISTILL.ROI_KD.MASK_WEIGHT", 2.0])
+    model = build("mask_rcnn_R34-R18_fgd.yaml", mask_rcnn_teacher, tmp_path, ["ROI_KD"], opts=["DISTILL.ROI_KD.MASK_WEIGHT", 2.0])
     with torch.no_grad():  # mask predictors start at std 0.001: every class channel near 0 would hide a wrong one
         for detector in (model.student, model.teacher):
             torch.nn.init.normal_(detector.roi_heads.mask_head.predictor.weight, std=0.3)
@@ -432,3 +430,39 @@ def test_a_class_count_mismatch_names_the_roi_heads_setting(lazy, rcnn_teacher, 
         expected, make = "set MODEL.ROI_HEADS.NUM_CLASSES to 10", lambda: build_model(cfg)
     with pytest.raises(ValueError, match=r"Teacher has 10 classes, student 5: .*" + re.escape(expected)):
         make()
+
+
+def test_a_mask_rcnn_on_a_dataset_without_masks_names_the_setting(tiny_digits, tmp_path):
+    """Three annotations without 'segmentation': an error before the first step (detectron2's
+    mapper would build no gt_masks and the mask loss fail), naming MODEL.MASK_ON and the dataset."""
+    from d2_taskdistill.data.config_datasets import check_datasets
+
+    json_path, image_root = tiny_digits
+    with open(json_path) as f:
+        data = json.load(f)
+    for annotation in data["annotations"][:3]:
+        del annotation["segmentation"]
+    partly_masked = tmp_path / "partly_masked.json"
+    partly_masked.write_text(json.dumps(data))
+    cfg = distill_cfg("mask_rcnn_R34-R18_fgd.yaml", "unused.pth", tmp_path, opts=[
+        "DATASETS.COCO", [["digits_partly_masked", str(partly_masked), image_root]],
+        "DATASETS.TRAIN", ("digits_partly_masked",), "DATASETS.TEST", ("digits_partly_masked",)])
+    total = len(data["annotations"])
+    with pytest.raises(ValueError, match=re.escape(
+            f"MODEL.MASK_ON trains a mask head, but 3 of the {total} annotations of dataset 'digits_partly_masked' "
+            "(DATASETS.TRAIN) have no instance mask ('segmentation')") + r".*or train boxes only: set MODEL.MASK_ON False"):
+        check_datasets(cfg)
+    cfg.defrost()
+    cfg.MODEL.MASK_ON = False  # the same data trains a Faster R-CNN
+    check_datasets(cfg)
+
+
+def test_a_py_mask_rcnn_whose_loader_drops_the_masks(mask_rcnn_teacher, tiny_dataset, tmp_path):
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer
+
+    lazy = lazy_cfg("mask_rcnn_R34-R18_fgd.py", mask_rcnn_teacher, tmp_path,
+                    overrides=["dataloader.train.mapper.use_instance_mask=False"])
+    with pytest.raises(ValueError, match=re.escape(
+            "model.student.roi_heads.mask_head trains a mask head, but dataloader.train.mapper.use_instance_mask is "
+            "not True: the loader drops the masks")):
+        LazyDistillTrainer(lazy)

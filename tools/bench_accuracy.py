@@ -39,7 +39,8 @@ from harness.experiments import METRICS, digits_config, same_run_config, train_a
 from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd"]
+METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd",
+           "bckd_roi_kd", "pkd_bckd_roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2}
@@ -64,6 +65,9 @@ SCHEDULES = {
               ["MODEL.FPN.OUT_CHANNELS", 128, "SOLVER.MAX_ITER", 10, "SOLVER.STEPS", (), "SOLVER.WARMUP_ITERS", 5]),
     # The configs' own: students 200 iterations, teachers 900 (the demo's, minutes per run).
     "short": (["SEED", 0], []),
+    # The configs' own teachers, students 2.5 x short with the decays at the same fractions: the
+    # two-stage table (a teacher and 18 student runs) within a few hours of this 2-core machine.
+    "medium": (["SEED", 0], ["SOLVER.MAX_ITER", 500, "SOLVER.STEPS", (400, 475), "SOLVER.CHECKPOINT_PERIOD", 250]),
     # Trained: the teacher until its val AP levels off, the students long enough to reach half
     # of it (the baseline passed 21.6 AP at 1000 iterations before any lr decay, under a
     # teacher at 40.9). The student keeps the teacher's FPN width and head (as R50 and R101 do on COCO),

@@ -87,16 +87,24 @@ def digits_retinanet(depth, width):
     return model
 
 
-def digits_faster_rcnn(depth, width, box_head_fc):
-    """faster_rcnn_R18_FPN_student.yaml's model: the zoo's FPN R-CNN without its mask branch, the
-    RPN's anchors half of detectron2's COCO sizes, 128 sampled proposals per image."""
+def digits_faster_rcnn(depth, width, box_head_fc, masks=False):
+    """faster_rcnn_R18_FPN_student.yaml's model: the zoo's FPN R-CNN, the RPN's anchors half of
+    detectron2's COCO sizes, 128 sampled proposals per image; without its mask branch unless
+    ``masks`` (mask_rcnn_R18_FPN_student.yaml: 4 convs at the FPN's width)."""
     model = get_config("common/models/mask_rcnn_fpn.py").model
-    for key in ("mask_in_features", "mask_pooler", "mask_head"):
-        del model.roi_heads[key]
+    if not masks:
+        for key in ("mask_in_features", "mask_pooler", "mask_head"):
+            del model.roi_heads[key]
     digits_model(model, depth, width, box_head_fc=box_head_fc)
     model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
     model.roi_heads.batch_size_per_image = 128
     return model
+
+
+def with_instance_masks(dataloader):
+    """The training data with the digits' masks (COCO RLE, read as bitmasks: INPUT.MASK_FORMAT)."""
+    dataloader.train.mapper.use_instance_mask = True
+    dataloader.train.mapper.instance_mask_format = "bitmask"
 
 
 # The R18 students (*_R18_FPN_student.yaml): 64 FPN channels.
@@ -107,3 +115,5 @@ fcos_student = digits_model(get_config("common/models/fcos.py").model, depth=18,
 fcos_student._target_ = FCOS
 
 faster_rcnn_student = digits_faster_rcnn(depth=18, width=64, box_head_fc=256)
+
+mask_rcnn_student = digits_faster_rcnn(depth=18, width=64, box_head_fc=256, masks=True)

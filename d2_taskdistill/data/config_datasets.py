@@ -326,13 +326,16 @@ def recorded_class_names(dataset, run_dir, wanted_by):
         "(e.g. the .py that trained the run, as --config-file with --weights), or register the dataset first.")
 
 
+def student_architecture(cfg):
+    """The meta-architecture of the model a yacs config trains (a distillation's: its student's)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    return cfg.DISTILL.STUDENT_ARCHITECTURE if arch == "TaskDistillDetector" else arch
+
+
 def num_classes_setting(cfg):
     """('MODEL.<HEAD>.NUM_CLASSES', its value) of a RetinaNet, FCOS or R-CNN config, distilled or not;
     (None, None) for other architectures."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "TaskDistillDetector":
-        arch = cfg.DISTILL.STUDENT_ARCHITECTURE
-    head = {"RetinaNet": "RETINANET", "FCOS": "FCOS", "GeneralizedRCNN": "ROI_HEADS"}.get(arch)
+    head = {"RetinaNet": "RETINANET", "FCOS": "FCOS", "GeneralizedRCNN": "ROI_HEADS"}.get(student_architecture(cfg))
     if head is None:
         return None, None
     return f"MODEL.{head}.NUM_CLASSES", cfg.MODEL[head].NUM_CLASSES
@@ -414,20 +417,24 @@ def check_datasets(cfg, teacher_origin=None, train=True):
     """Before training (or evaluating) with a yacs config: :func:`check_dataset_names` of its
     DATASETS.TRAIN and DATASETS.TEST and its NUM_CLASSES."""
     check_declared_datasets_used(cfg, train)
+    masks = student_architecture(cfg) == "GeneralizedRCNN" and cfg.MODEL.MASK_ON
     with using_setting_names(YACS_SETTING_NAMES):
         check_dataset_names(list(cfg.DATASETS.TRAIN) if train else None, list(cfg.DATASETS.TEST),
                             num_classes_setting(cfg), teacher_origin, input_short_side=max(cfg.INPUT.MIN_SIZE_TRAIN),
-                            allow_other_teacher_names=cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES)
+                            allow_other_teacher_names=cfg.DISTILL.TEACHER.ALLOW_OTHER_CLASS_NAMES,
+                            mask_head=("MODEL.MASK_ON", "set MODEL.MASK_ON False") if masks else None)
 
 
 def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=None,
                         settings=("DATASETS.TRAIN", "DATASETS.TEST"), input_short_side=None,
-                        allow_other_teacher_names=False):
+                        allow_other_teacher_names=False, mask_head=None):
     """The test datasets load and pass the file and box checks (the training loader has loaded
     the train sets), class lists agree between train and test sets, with the model's class count
     ``num_classes`` ((setting, value); setting None: not checked) and with the teacher's dataset
-    (``teacher_origin``: a TeacherOrigin of d2_taskdistill.modeling.teacher). ``train`` None: only
-    the test sets (evaluation). Raises with the setting (``settings`` names them) to fix."""
+    (``teacher_origin``: a TeacherOrigin of d2_taskdistill.modeling.teacher), and every training
+    annotation has a mask when the student trains a mask head (``mask_head``: (the setting that
+    turns it on, how to turn it off); None: no mask head). ``train`` None: only the test sets
+    (evaluation). Raises with the setting (``settings`` names them) to fix."""
     train_setting, test_setting = settings
     if train is not None and not train:
         raise ValueError(f"{train_setting} is empty: name the dataset(s) to train on")
@@ -464,7 +471,26 @@ def check_dataset_names(train, test, num_classes=(None, None), teacher_origin=No
         _check_teacher_classes(teacher_origin, reference_name, reference, allow_other_teacher_names)
     logger.info("Datasets checked: %s, %d classes", ", ".join(names), len(reference))
     if train:
-        dataset_summary(train[0], DatasetCatalog.get(train[0]), reference, input_short_side)
+        first = DatasetCatalog.get(train[0])
+        if mask_head is not None:
+            for name in train:
+                check_instance_masks(name, first if name == train[0] else DatasetCatalog.get(name),
+                                     train_setting, *mask_head)
+        dataset_summary(train[0], first, reference, input_short_side)
+
+
+def check_instance_masks(name, dicts, train_setting, mask_setting, mask_head_off):
+    """Every annotation of a mask head's training set has a 'segmentation': without one,
+    detectron2's mapper builds no gt_masks and the mask loss fails at the first step."""
+    missing = [(d["file_name"], i) for d in dicts for i, a in enumerate(d.get("annotations", ()))
+               if "segmentation" not in a]
+    if missing:
+        total = sum(len(d.get("annotations", ())) for d in dicts)
+        raise ValueError(
+            f"{mask_setting} trains a mask head, but {len(missing)} of the {total} annotations of dataset "
+            f"{name!r} ({train_setting}) have no instance mask ('segmentation'), e.g. (image, annotation index) "
+            f"{missing[:_EXAMPLES]}: train on a dataset whose annotations have masks (COCO polygons or RLE), "
+            f"or train boxes only: {mask_head_off}")
 
 
 def _check_teacher_classes(teacher_origin, student_dataset, student_classes, allow_other_names=False):

@@ -24,6 +24,7 @@ from detectron2.config import configurable
 
 from .box_ops import giou_loss
 from .normalizers import global_mean
+from ..modeling.rcnn_outputs import trains_masks
 from ..settings import loss_setting
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_positive
 
@@ -62,7 +63,7 @@ class ROI_KD(DistillLoss):
                     f"ROI_KD: the {role}'s ROI heads ({type(detector.roi_heads).__name__}) lack {missing}: it "
                     "distils detectron2's StandardROIHeads (one box head, as Faster and Mask R-CNN have).")
             heads = detector.roi_heads
-            has_mask_head = getattr(heads, "mask_on", False) and hasattr(heads.mask_head, "predictor")
+            has_mask_head = trains_masks(detector) and hasattr(heads.mask_head, "predictor")
             if self.mask_weight > 0 and not has_mask_head:
                 raise ValueError(
                     f"{loss_setting('ROI_KD', 'mask_weight', self.mask_weight)} distils mask logits, but the {role} "

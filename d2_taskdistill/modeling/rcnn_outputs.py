@@ -20,6 +20,11 @@ def is_rcnn(detector):
     return isinstance(detector, GeneralizedRCNN)
 
 
+def trains_masks(detector):
+    """An R-CNN with a mask head on (detectron2's ROI heads' ``mask_on``)."""
+    return is_rcnn(detector) and getattr(detector.roi_heads, "mask_on", False)
+
+
 def rcnn_levels(detector):
     """The FPN levels the RPN reads (P2-P6 in detectron2's R-CNN FPN configs)."""
     return list(detector.proposal_generator.in_features)
@@ -75,7 +80,7 @@ def capturing_training_outputs(detector):
 
     hooks = [detector.proposal_generator.rpn_head.register_forward_hook(keep("rpn_head")),
              roi_heads.box_predictor.register_forward_hook(keep("roi_predictions"))]
-    mask_head = getattr(roi_heads, "mask_head", None) if getattr(roi_heads, "mask_on", False) else None
+    mask_head = roi_heads.mask_head if trains_masks(detector) else None
     if mask_head is not None and hasattr(mask_head, "predictor"):  # detectron2's MaskRCNNConvUpsampleHead
         hooks += [mask_head.register_forward_pre_hook(keep("mask_samples", position=1)),
                   mask_head.predictor.register_forward_hook(keep("mask_logits"))]
