@@ -228,6 +228,23 @@ def lazy_cfg(config_file, teacher_weights, output_dir, max_iter=2, overrides=())
     return cfg
 
 
+def detections(model, batch):
+    """``model``'s detections (eval mode) on the images of ``batch``: a dict of fields per image."""
+    model.eval()
+    with torch.no_grad():
+        return [x["instances"].get_fields() for x in model([{"image": b["image"]} for b in batch])]
+
+
+def assert_same_detections(before, after):
+    """Some detections, and every field (boxes, scores, classes, masks) equal, image by image."""
+    assert sum(len(d["scores"]) for d in before) > 0
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k].tensor if hasattr(a[k], "tensor") else a[k],
+                               b[k].tensor if hasattr(b[k], "tensor") else b[k]) for k in a)
+
+
 def without_checkpoints_or_evaluation(trainer):
     """``trainer`` (DistillTrainer or LazyDistillTrainer) with no checkpoint writer and no final
     evaluation, for a test that checks neither: each is a 100+ MB save or a COCO evaluation."""

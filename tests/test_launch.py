@@ -19,10 +19,14 @@ from d2_taskdistill.lazy_engine import check_lazy_datasets_registered, load_lazy
 from conftest import (ROOT, TINY_ROOT_ENV, distill_cfg, every_loss_cfg, lazy_config_for_tiny_cli, register_tiny_dataset,
                       subprocess_env)
 
-# One method per detector trains under DDP and resumes; that every method reaches all its
-# trainable tensors in a step (what DDP without find_unused_parameters needs) is tested per
-# method in tests/test_distill_detector.py.
-RESUMED = ["retinanet_tbd", "fcos_tid"]
+# One method per detector trains under DDP and resumes (Faster R-CNN: every two-stage head loss at
+# once); that every method reaches all its trainable tensors in a step (what DDP without
+# find_unused_parameters needs) is tested per method in tests/test_distill_detector.py.
+RESUMED = ["retinanet_tbd", "fcos_tid", "faster_rcnn_pkd_bckd_roi_kd"]
+
+
+def _detector(name):
+    return next(detector for detector in ("faster_rcnn", "retinanet", "fcos") if name.startswith(detector + "_"))
 
 
 def _digest(tensor):
@@ -46,7 +50,7 @@ def _train_each(cfgs, teachers, out_dir, resume, keep=()):
         trainer.train()  # DDP raises here if a parameter got no gradient in an iteration
         model = unwrap(trainer.model)
         # The teacher is compared here, not dumped: 24 dumps of it would take GBs of disk.
-        teacher_ckpt = torch.load(teachers[name.split("_")[0]], weights_only=False)["model"]
+        teacher_ckpt = torch.load(teachers[_detector(name)], weights_only=False)["model"]
         teacher_now = model.teacher.state_dict()
         torch.save(
             {
@@ -71,7 +75,8 @@ def _train_each(cfgs, teachers, out_dir, resume, keep=()):
 def _configs(teachers, root, max_iter):
     cfgs = {}
     for name in RESUMED:
-        detector, method = name.split("_", 1)
+        detector = _detector(name)
+        method = name[len(detector) + 1:]
         # 3 iterations: DDP reports a parameter left without gradient at the next forward.
         # Only model_final is written (resumed from); checkpoints are 140 MB each.
         cfgs[name] = distill_cfg(f"{detector}_R34-R18_{method}.yaml", teachers[detector], root / name,
@@ -79,7 +84,8 @@ def _configs(teachers, root, max_iter):
     return cfgs
 
 
-def test_two_workers_train_and_resume_each_detector(teachers, tiny_dataset, tmp_path):
+def test_two_workers_train_and_resume_each_detector(teachers, rcnn_teacher, tiny_dataset, tmp_path):
+    teachers = {**teachers, "faster_rcnn": rcnn_teacher}
     out = tmp_path / "dumps"
     out.mkdir()
     launch(_train_each, 2, dist_url="auto",
@@ -91,7 +97,7 @@ def test_two_workers_train_and_resume_each_detector(teachers, tiny_dataset, tmp_
     launch(_train_each, 2, dist_url="auto", args=(resume_cfgs, teachers, str(resumed), True))
 
     for name in _configs(teachers, tmp_path, 3):
-        teacher_keys = sorted(torch.load(teachers[name.split("_")[0]], weights_only=False)["model"])
+        teacher_keys = sorted(torch.load(teachers[_detector(name)], weights_only=False)["model"])
         phases = [(out, 0)] + ([(resumed, 3)] if name in RESUMED else [])
         for phase, start_iter in phases:
             r0, r1 = (torch.load(phase / f"{name}_rank{r}.pth", weights_only=False) for r in range(2))

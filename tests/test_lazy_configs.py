@@ -22,7 +22,8 @@ from d2_taskdistill.export import export_lazy_student
 from d2_taskdistill import lazy_engine
 from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only, load_lazy_config
 
-from conftest import TINY_TRAIN, config_path, distill_cfg, lazy_cfg, without_checkpoints_or_evaluation
+from conftest import (TINY_TRAIN, assert_same_detections, config_path, detections, distill_cfg, lazy_cfg,
+                      without_checkpoints_or_evaluation)
 
 # The configs here train and evaluate on the tiny dataset: registered for every test.
 pytestmark = pytest.mark.usefixtures("tiny_dataset")
@@ -102,11 +103,13 @@ def loss_histories(trainer):
 # The training wiring (loader order, optimizer, schedule, hooks) does not depend on the method,
 # and every twin builds the same model (the test above): one twin per detector trains, with the
 # methods that log the most (TBD's diagnostics; BCKD and TID together).
-@pytest.mark.parametrize("detector,method", [("retinanet", "tbd"), ("fcos", "bckd_tid")])
-def test_yaml_and_py_train_identically(detector, method, teachers, tmp_path):
+@pytest.mark.parametrize("detector,method", [("retinanet", "tbd"), ("fcos", "bckd_tid"), ("faster_rcnn", "pkd_bckd_roi_kd")])
+def test_yaml_and_py_train_identically(detector, method, teachers, request, tmp_path):
     """Same seed and initial weights: every loss and the lr bit-identical at the first step,
-    within RTOL after it (see RTOL)."""
+    within RTOL after it (see RTOL). Faster R-CNN: its ROI heads sample proposals from the same
+    seeded generator."""
     name = f"{detector}_R34-R18_{method}"
+    teachers = {**teachers, "faster_rcnn": request.getfixturevalue("rcnn_teacher")} if detector == "faster_rcnn" else teachers
     init = str(tmp_path / "init.pth")
     cfg = distill_cfg(name + ".yaml", teachers[detector], tmp_path / "yaml", max_iter=ITERATIONS)
     cfg.SEED = 0
@@ -159,12 +162,6 @@ def test_a_plain_detector_py_trains_with_the_projects_entry(tmp_path, monkeypatc
     assert len(losses["loss_cls"]) == 2 and not any(k.startswith("loss_distill") for k in losses)
 
 
-def detections(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return [x["instances"].get_fields() for x in model([{"image": b["image"]} for b in batch])]
-
-
 def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(teachers, tiny_batch, tmp_path):
     # Two iterations leave every score below the default threshold: keep them all (-1: even a
     # probability that underflows to 0).
@@ -198,12 +195,7 @@ def test_lazy_export_loads_in_plain_detectron2_and_eval_only_needs_no_teacher(te
     assert type(instantiate(plain.dataloader.evaluator)).__name__ == "COCOEvaluator"
     assert type(student).__name__ == "RetinaNet"
     DetectionCheckpointer(student).load(plain.train.init_checkpoint)
-    after = detections(student, tiny_batch)
-    assert sum(len(d["scores"]) for d in before) > 0
-    for a, b in zip(before, after):
-        assert set(a) == set(b)
-        assert all(torch.equal(a[k].tensor if hasattr(a[k], "tensor") else a[k],
-                               b[k].tensor if hasattr(b[k], "tensor") else b[k]) for k in a)
+    assert_same_detections(before, detections(student, tiny_batch))
 
     # --eval-only of the run, with the teacher's checkpoint gone.
     os.rename(teachers["retinanet"], teachers["retinanet"] + ".moved")

@@ -2,12 +2,13 @@
 and between a RetinaNet and a Faster R-CNN, on the levels of equal stride."""
 import json
 import logging
+import os
 import re
 
 import pytest
 import torch
 
-from conftest import distill_cfg, lazy_cfg
+from conftest import assert_same_detections, detections, distill_cfg, lazy_cfg
 
 FEATURE_LOSSES = ["FITNET", "FGFI", "FGD", "PKD", "CWD"]
 RCNN_OWN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
@@ -175,7 +176,7 @@ def test_bckd_distils_the_rpn_of_two_faster_rcnns(rcnn_teacher, tiny_batch, tmp_
     assert losses["loss_distill_bckd_loc"].item() == pytest.approx(expected_loc.item(), rel=1e-4)
 
 
-def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teacher, tiny_dataset, tmp_path):
+def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teacher, tiny_dataset, tiny_batch, tmp_path):
     """train_net.py's trainer on a Mask R-CNN student with a Faster R-CNN teacher: the teacher
     evaluated at the start, the student trained on the digits' masks (the teacher untouched),
     saved without the teacher and evaluated at the end, boxes and masks."""
@@ -220,6 +221,7 @@ def test_mask_rcnn_distillation_trains_and_evaluates_boxes_and_masks(rcnn_teache
     student = {k.removeprefix("student."): v for k, v in saved.items() if k.startswith("student.")}
     assert exported.state_dict().keys() == student.keys()
     assert all(torch.equal(v, student[k]) for k, v in exported.state_dict().items())
+    assert_same_detections(detections(trainer.model.student, tiny_batch), detections(exported, tiny_batch))
 
 
 def test_the_mixed_pair_py_twin_builds_the_yaml_model(teachers, tmp_path):
@@ -466,3 +468,44 @@ def test_a_py_mask_rcnn_whose_loader_drops_the_masks(mask_rcnn_teacher, tiny_dat
             "model.student.roi_heads.mask_head trains a mask head, but dataloader.train.mapper.use_instance_mask is "
             "not True: the loader drops the masks")):
         LazyDistillTrainer(lazy)
+
+
+def test_a_py_mask_rcnn_run_exports_and_evaluates_without_its_teacher(mask_rcnn_teacher, tiny_dataset, tiny_batch,
+                                                                       tmp_path):
+    """The .py twin of the Mask R-CNN FGD + ROI_KD run: trained 2 steps and evaluated (boxes and
+    masks); its export loads into detectron2's own GeneralizedRCNN and gives the same boxes,
+    scores, classes and masks; --eval-only of the run needs no teacher checkpoint and gives the
+    run's AP."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+
+    from d2_taskdistill.export import export_lazy_student
+    from d2_taskdistill.lazy_engine import LazyDistillTrainer, evaluate_only
+
+    # Untrained, no score reaches 0.05: keep every detection, so that masks are evaluated.
+    lazy = lazy_cfg("mask_rcnn_R34-R18_fgd_roi_kd.py", mask_rcnn_teacher, tmp_path / "run",
+                    overrides=["model.student.roi_heads.box_predictor.test_score_thresh=0.0"])
+    trainer = LazyDistillTrainer(lazy)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer.storage.latest()["loss_distill_roi_mask"][0] > 0
+    trained = trainer.last_eval_results[tiny_dataset]
+    assert {"bbox", "segm"} <= set(trained)
+    weights = str(tmp_path / "run" / "model_final.pth")
+    before = detections(trainer.unwrapped_model, tiny_batch)
+    assert all("pred_masks" in d for d in before)
+
+    _, config_file, _ = export_lazy_student(lazy, weights, str(tmp_path / "exported"))
+    plain = LazyConfig.load(config_file)
+    student = instantiate(plain.model)
+    assert type(student).__name__ == "GeneralizedRCNN" and student.roi_heads.mask_on
+    DetectionCheckpointer(student).load(plain.train.init_checkpoint)
+    assert_same_detections(before, detections(student, tiny_batch))
+
+    os.rename(mask_rcnn_teacher, mask_rcnn_teacher + ".moved")
+    try:
+        lazy.train.init_checkpoint = weights
+        results = evaluate_only(lazy)[tiny_dataset]
+        assert (results["bbox"]["AP"], results["segm"]["AP"]) == (trained["bbox"]["AP"], trained["segm"]["AP"])
+    finally:
+        os.rename(mask_rcnn_teacher + ".moved", mask_rcnn_teacher)
