@@ -77,7 +77,7 @@ bench-accuracy: setup
 	$(PY) tools/bench_accuracy.py --jobs $(BENCH_JOBS)
 
 bench-speed: setup
-	$(PY) tools/bench_speed.py
+	$(PY) tools/bench_speed.py --detectors retinanet faster_rcnn
 
 gpu-bundle: setup
 	@test -n "$(D2_TASKDISTILL_DETECTRON2_SOURCE)" || { echo "make gpu-bundle: set D2_TASKDISTILL_DETECTRON2_SOURCE to upstream detectron2 (a source dir or archive)"; exit 2; }

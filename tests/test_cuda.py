@@ -79,7 +79,7 @@ def test_speed_benchmark_cuda_path(tmp_path):
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["device"] == torch.cuda.get_device_name(0)
     for precision in ("fp32", "amp"):
-        res = report["precision"][precision]
+        res = report["detectors"]["retinanet"]["precision"][precision]
         # Peak memory from torch.cuda.max_memory_allocated: at least the weights of the models.
         assert all(p["peak_mb"] > 1 for p in res["profiles"].values())
         assert res["methods"]["TID"]["ratio"]["median"] > 0

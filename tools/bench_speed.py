@@ -3,7 +3,7 @@
 training step + teacher inference), peak memory, the step's breakdown, and scaling.
 Writes benchmarks/speed.md and benchmarks/speed.json.
 
-    python tools/bench_speed.py                                   # make bench-speed
+    python tools/bench_speed.py --detectors retinanet faster_rcnn # make bench-speed
     python tools/bench_speed.py --device cuda --precision fp32 amp
     python tools/bench_speed.py --rounds 40 --no-scaling
     python tools/bench_speed.py --methods TBD --no-scaling --opts DISTILL.TBD.LOG_PERIOD 1
@@ -44,7 +44,10 @@ METHODS = {
     "FGD": ["FGD"],
     "PKD": ["PKD"],
     "CWD": ["CWD"],
+    "ROI_KD": ["ROI_KD"],
+    "PKD+BCKD+ROI_KD": ["PKD", "BCKD", "ROI_KD"],
 }
+DETECTORS = ["retinanet", "fcos", "faster_rcnn"]
 FLOOR = ("student", "teacher")
 
 
@@ -105,7 +108,7 @@ class Bench:
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.modeling import build_model
 
-        detector = self.args.detector
+        detector = self.args.detectors[0]
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_speed_{detector}_teacher")
         if not os.path.exists(path + ".pth"):
             teacher = build_model(self.config(f"{detector}_R34_FPN_teacher.yaml"))
@@ -117,21 +120,25 @@ class Bench:
         from detectron2.modeling import build_model
 
         from d2_taskdistill.modeling.dense_outputs import run_dense_detector
+        from d2_taskdistill.modeling.rcnn_outputs import is_rcnn, run_rcnn_detector
 
-        torch, detector = self.torch, self.args.detector
+        torch, detector = self.torch, self.args.detectors[0]
         if kind == "teacher":
             model = build_model(self.config(f"{detector}_R34_FPN_teacher.yaml")).eval()
+            # What a distillation runs of its teacher: the backbone and the (RPN) head, no proposals.
+            run = (lambda: run_rcnn_detector(model, self.batch, self.gt, with_losses=False)) if is_rcnn(model) else (
+                lambda: run_dense_detector(model, self.batch, self.gt))
 
             @torch.no_grad()
             def step(timed):
                 with self.autocast():
-                    run_dense_detector(model, self.batch, self.gt)
+                    run()
             return step
         if kind == "student":
             model = build_model(self.config(f"{detector}_R18_FPN_student.yaml"))
         else:
             model = build_model(self.config(
-                f"{detector}_R34-R18_tid.yaml",
+                f"{detector}_R34-R18_fitnet.yaml",
                 ["DISTILL.LOSSES", METHODS[kind], "DISTILL.TEACHER.WEIGHTS", self.teacher_weights(),
                  "DISTILL.TEACHER.OPTS", self.opts(), "DISTILL.TEACHER.AMP", self.amp, *self.args.opts]))
         model.train()
@@ -142,15 +149,17 @@ class Bench:
         def forward(timed):
             if timed is None or kind == "student":
                 return model(self.batch)
-            # The distillation forward in its parts (TaskDistillDetector.forward, timed).
-            teacher = timed("teacher forward", lambda: model.run_teacher(self.batch, self.gt))
-            student = timed("student forward",
-                            lambda: run_dense_detector(model.student, self.batch, self.gt, model.fcos_thresholds))
+            # The distillation forward in its parts (TaskDistillDetector.forward, timed); an
+            # R-CNN student's own losses are computed in its forward.
+            sizes = model.image_sizes_on_device(self.batch)
+            teacher = timed("teacher forward", lambda: model.run_teacher(self.batch, self.gt, sizes))
+            student = timed("student forward", lambda: model.run_detector(model.student, self.batch, self.gt, sizes))
             with torch.autocast(self.device.type, enabled=False):
                 student.to_float32()
                 losses = timed("student losses", lambda: dict(student.detector_losses()))
+                student_levels, teacher_levels = model.paired_levels(student, teacher)
                 for name, module in model.distill_losses.items():
-                    losses.update(timed(f"masks + loss {name}", lambda: module(student, teacher)))
+                    losses.update(timed(f"masks + loss {name}", lambda: module(student_levels, teacher_levels)))
             return losses
 
         def step(timed):
@@ -263,7 +272,7 @@ def run_child(args, mode, kind="-", size=None, batch=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--kind", kind,
            "--size", str(size or args.size), "--batch", str(batch or args.batch),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-           "--detector", args.detector, "--device", args.device, "--precision", args.precision,
+           "--detectors", args.detectors[0], "--device", args.device, "--precision", args.precision,
            *(["--threads", str(args.threads)] if args.threads else []),
            "--methods", *args.methods, "--opts", *args.opts]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -315,9 +324,18 @@ def measure_precision(args, precision, log):
     return result
 
 
+def methods_for(detector, asked=None):
+    """``asked`` (default: every METHODS label) that run between two of ``detector``'s kind."""
+    from d2_taskdistill.modeling.meta_arch import losses_between
+
+    allowed = set(losses_between(two_stage=detector == "faster_rcnn"))
+    return [label for label in asked or METHODS if set(METHODS[label]) <= allowed]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detector", default="retinanet", choices=["retinanet", "fcos"])
+    parser.add_argument("--detectors", nargs="+", default=["retinanet"], choices=DETECTORS,
+                        help="student R18 / teacher R34 pairs of configs/digits, measured one after the other")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "amp"])
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (one ratio per method each)")
@@ -328,8 +346,9 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="reference point: images per batch")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--no-scaling", action="store_true", help="skip the batch / size sweep")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="default: every method that runs between two detectors of each kind")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the batch / size sweep (first detector)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config options added to every distillation run, e.g. DISTILL.TBD.LOG_PERIOD 1")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "speed"))
@@ -350,29 +369,40 @@ def main():
             args.child, lambda a: child_profile(a, a.kind))(args)
         print(json.dumps(out))
         return 0
+    per_detector = {det: methods_for(det, args.methods) for det in args.detectors}
+    for det, methods in per_detector.items():
+        refused = sorted(set(args.methods or ()) - set(methods))
+        if refused:
+            parser.error(f"--methods {' '.join(refused)}: they do not run between two {det} detectors; "
+                         f"its methods are {' '.join(methods_for(det))}")
 
     start = time.perf_counter()
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else (
         f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-              "device": device_name, "torch": torch.__version__, "detector": args.detector,
+              "device": device_name, "torch": torch.__version__,
               "reference": {"size": args.size, "batch": args.batch}, "rounds": args.rounds,
-              "iters": args.iters, "precision": {}}
+              "iters": args.iters, "detectors": {}, "scaling": {}}
     log = lambda line: print(line, flush=True)
-    report["scaling"] = {}
-    for precision in args.precision:
-        report["precision"][precision] = measure_precision(args, precision, log)
-        # Written as each precision ends: a run cut short keeps the table it has.
-        report["wall_seconds"] = round(time.perf_counter() - start, 1)
-        write_report(args, report)
+    for det, methods in per_detector.items():
+        det_args = argparse.Namespace(**{**vars(args), "detectors": [det], "methods": methods})
+        report["detectors"][det] = {"precision": {}}
+        for precision in args.precision:
+            log(f"[speed] {det}")
+            report["detectors"][det]["precision"][precision] = measure_precision(det_args, precision, log)
+            # Written as each precision ends: a run cut short keeps the table it has.
+            report["wall_seconds"] = round(time.perf_counter() - start, 1)
+            write_report(args, report)
 
+    first = argparse.Namespace(**{**vars(args), "detectors": args.detectors[:1], "precision": "fp32",
+                                  "methods": per_detector[args.detectors[0]]})
+    scaled = "TID" if "TID" in first.methods else first.methods[-1]
     scaling = {}
-    for kind in () if args.no_scaling else ("student", "teacher", "TID"):
+    for kind in () if args.no_scaling else ("student", "teacher", scaled):
         pts = []
         for size in args.sizes:
             for batch in args.batches if size == args.size else [args.batch]:
-                fp32 = argparse.Namespace(**{**vars(args), "precision": "fp32"})
-                p = run_child(fp32, "profile", kind, size, batch)
+                p = run_child(first, "profile", kind, size, batch)
                 log(f"[speed] scaling {kind:8s} {size:4d}px x{batch}: {p['step']:.3f} s")
                 pts.append((batch * size * size, p["step"]))
         scaling[kind] = {"points": pts, "exponent": fitted_exponent(pts)}
@@ -389,35 +419,37 @@ def write_report(args, report):
     lines = ["# Distillation speed and memory", "", f"Command: `{report['command']}`  ",
              f"Device: {report['device']}, torch {report['torch']}  ",
              f"Wall time: {report['wall_seconds'] / 60:.1f} min  ",
-             f"Detector: {args.detector}, student R18-FPN, teacher R34-FPN (configs/digits), random weights, "
+             f"Each detector: student R18-FPN, teacher R34-FPN (configs/digits), random weights, "
              f"batch {args.batch} x {args.size} px. Ratio = method step / (student step + teacher inference), "
              f"the three steps timed one after the other; median over {args.rounds} interleaved rounds "
              f"[quartiles] (range). Step times: medians over the rounds. Peak memory and breakdown: "
              f"{'one process per precision' if args.device.startswith('cuda') else 'one process per kind'} "
-             f"({args.iters} steps), peak {unit}."
+             f"({args.iters} steps), peak {unit}. An R-CNN teacher's inference is its backbone and RPN head; "
+             f"its student's own losses are computed in its forward."
              + (f" Options on every distillation run: `{' '.join(args.opts)}`." if args.opts else ""), ""]
-    for precision, res in report["precision"].items():
-        steps, prof = res["steps"], res["profiles"]
-        floor_mem = prof["student"]["peak_mb"] + prof["teacher"]["peak_mb"]
-        lines += [f"## {precision}", "",
-                  f"Floor: student step {statistics.median(steps['student']):.4f} s "
-                  f"({prof['student']['peak_mb']:.0f} MB), teacher inference "
-                  f"{statistics.median(steps['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
-                  f"{floor_mem:.0f} MB together.", ""]
-        rows = []
-        for kind, m in res["methods"].items():
-            r = m["ratio"]
-            rows.append([kind, f"{m['step']:.4f}",
-                         f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}] ({r['min']:.3f}-{r['max']:.3f})",
-                         f"{m['peak_mb']:.0f}", f"{m['memory_ratio']:.2f}", f"{100 * m['masks_share']:.1f} %",
-                         ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())])
-        lines += [markdown_table(["losses", "step (s)", "/ floor: median [quartiles] (range)", "peak (MB)", "/ floor",
-                                  "masks + losses share", "breakdown (s)"], rows), ""]
+    for det, measured in report["detectors"].items():
+        for precision, res in measured["precision"].items():
+            steps, prof = res["steps"], res["profiles"]
+            floor_mem = prof["student"]["peak_mb"] + prof["teacher"]["peak_mb"]
+            lines += [f"## {det}, {precision}", "",
+                      f"Floor: student step {statistics.median(steps['student']):.4f} s "
+                      f"({prof['student']['peak_mb']:.0f} MB), teacher inference "
+                      f"{statistics.median(steps['teacher']):.4f} s ({prof['teacher']['peak_mb']:.0f} MB); "
+                      f"{floor_mem:.0f} MB together.", ""]
+            rows = []
+            for kind, m in res["methods"].items():
+                r = m["ratio"]
+                rows.append([kind, f"{m['step']:.4f}",
+                             f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}] ({r['min']:.3f}-{r['max']:.3f})",
+                             f"{m['peak_mb']:.0f}", f"{m['memory_ratio']:.2f}", f"{100 * m['masks_share']:.1f} %",
+                             ", ".join(f"{k} {v:.4f}" for k, v in m["breakdown"].items())])
+            lines += [markdown_table(["losses", "step (s)", "/ floor: median [quartiles] (range)", "peak (MB)",
+                                      "/ floor", "masks + losses share", "breakdown (s)"], rows), ""]
     if report["scaling"]:
         rows = [[kind, "; ".join(f"{px}: {t:.3f}" for px, t in s["points"]),
                  "-" if s["exponent"] is None else f"{s['exponent']:.2f}"] for kind, s in report["scaling"].items()]
-        lines += ["Scaling, fp32 (time against batch x pixels; fitted exponent of a power law):", "",
-                  markdown_table(["run", "points (pixels, s)", "exponent"], rows)]
+        lines += [f"Scaling, {args.detectors[0]}, fp32 (time against batch x pixels; fitted exponent of a power law):",
+                  "", markdown_table(["run", "points (pixels, s)", "exponent"], rows)]
     write_report_files(args.output, report, lines)
 
 

@@ -110,6 +110,15 @@ def layout_free_losses():
                   if not getattr(loss, "needs_same_layout", False) and not getattr(loss, "two_stage_only", False))
 
 
+def losses_between(two_stage):
+    """The registered losses that run between two detectors of one kind: two R-CNNs (``two_stage``:
+    feature, RPN and ROI head losses) or two dense detectors (all but the ROI heads')."""
+    if two_stage:
+        return sorted(name for name, loss in DISTILL_LOSS_REGISTRY
+                      if not getattr(loss, "needs_same_layout", False) or getattr(loss, "distils_rpn", False))
+    return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if not getattr(loss, "two_stage_only", False))
+
+
 def rpn_losses():
     """The registered head losses that distil an R-CNN's RPN (a one-class dense head)."""
     return sorted(name for name, loss in DISTILL_LOSS_REGISTRY if getattr(loss, "distils_rpn", False))
@@ -339,15 +348,18 @@ class TaskDistillDetector(nn.Module):
         with torch.autocast(device_type=self.device.type, enabled=False):
             student_out.to_float32()
             losses = dict(student_out.detector_losses())
-            student_levels, teacher_levels = student_out, teacher_out
-            if self.level_pairs is not None:
-                student_levels = LevelSubset(student_out, self.level_pairs[0])
-                teacher_levels = LevelSubset(teacher_out, self.level_pairs[1])
+            student_levels, teacher_levels = self.paired_levels(student_out, teacher_out)
             for loss in self.distill_losses.values():
                 losses.update(loss(student_levels, teacher_levels))
         # A non-finite term: detectron2's trainer reads every loss each step and raises
         # FloatingPointError naming them before the optimizer step (hooks.NonFiniteLossHint).
         return losses
+
+    def paired_levels(self, student_out, teacher_out):
+        """Both detectors' outputs on the levels the losses compare (a mixed pair: those of equal stride)."""
+        if self.level_pairs is None:
+            return student_out, teacher_out
+        return LevelSubset(student_out, self.level_pairs[0]), LevelSubset(teacher_out, self.level_pairs[1])
 
     def image_sizes_on_device(self, batched_inputs):
         """(N, 2) image heights and widths on the model's device: one copy per step for both
