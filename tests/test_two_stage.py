@@ -509,3 +509,11 @@ def test_a_py_mask_rcnn_run_exports_and_evaluates_without_its_teacher(mask_rcnn_
         assert (results["bbox"]["AP"], results["segm"]["AP"]) == (trained["bbox"]["AP"], trained["segm"]["AP"])
     finally:
         os.rename(mask_rcnn_teacher + ".moved", mask_rcnn_teacher)
+
+
+def test_a_meta_architecture_neither_dense_nor_an_rcnn_is_named(rcnn_teacher, tmp_path):
+    """detectron2's RPN-only ProposalNetwork as the student: refused by name, with what is supported."""
+    with pytest.raises(ValueError, match=re.escape("DISTILL.STUDENT_ARCHITECTURE='ProposalNetwork'; must be one of ")
+                       + r".*GeneralizedRCNN"):
+        build("faster_rcnn_R34-R18_fitnet.yaml", rcnn_teacher, tmp_path, ["FITNET"],
+              opts=["DISTILL.STUDENT_ARCHITECTURE", "ProposalNetwork"])

@@ -40,10 +40,10 @@ from harness.report import bar_chart, markdown_table, method_label, metrics_tabl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd",
-           "bckd_roi_kd", "pkd_bckd_roi_kd"]
+           "bckd_roi_kd", "pkd_bckd_roi_kd", "fgd_roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
-SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2}
+SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2, "mask_rcnn": 2}
 # Heterogeneous pairs, "<teacher>_to_<student>": the trained teacher of one detector into the
 # student of the other. Rows are the methods that compare features only (the others need the
 # same anchor layout and refuse the pair at build time); the baseline is the student's own.
@@ -197,11 +197,17 @@ class Teacher:
         if not record_matches(record, self.cfg) or not result["reused"]:
             record = {"detector": self.det, "config_file": rel(self.config_file), "opts": [str(o) for o in self.opts],
                       "config": self.cfg.dump(), "config_sha": self.sha, "metrics": result["metrics"],
+                      **mask_metrics_of(result),
                       "ap_curve": result.get("ap_curve", []),
                       "iterations": result["iterations"], "seconds": result["seconds"],
                       "resumed_from": result.get("resumed_from"), "machine": machine()}
             write_record(self.record_path, record)
         return record
+
+
+def mask_metrics_of(result):
+    """A Mask R-CNN run's mask metrics, for its record ({} for a detector without masks)."""
+    return {"mask_metrics": result["mask_metrics"]} if result.get("mask_metrics") else {}
 
 
 def machine():
@@ -332,6 +338,7 @@ def main():
             write_record(run.record_path, {
                 "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
                 "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
+                **mask_metrics_of(result),
                 "ap_curve": result.get("ap_curve", []),
                 "iterations": result["iterations"], "seconds": result["seconds"],
                 "resumed_from": result.get("resumed_from"), "machine": machine(),
@@ -419,6 +426,8 @@ def build_report(args, runs, teachers, seconds):
                             "teacher_AP": sorted({round(r["teacher"]["AP"], 2) for r in records
                                                   if r["teacher"]["AP"] is not None}),
                             "hours": sum(r["seconds"] for r in records) / 3600}
+            if all("mask_metrics" in r for r in records):
+                summary[row]["mask_mean"], summary[row]["mask_std"] = summarize([r["mask_metrics"] for r in records])
             own_teacher = [r["teacher"]["AP"] for r in records if r["teacher"]["AP"] is not None]
             if row != "baseline" and teacher and own_teacher and \
                     abs(statistics.fmean(own_teacher) - teacher["metrics"]["AP"]) > 0.005:
@@ -480,6 +489,13 @@ def write_report(report, output):
         table_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mean"],
                         v["std"] if v["seeds"] > 1 else None) for r, v in rows_summary.items()]
         lines += [metrics_table(table_rows), ""]
+        masked = {r: v for r, v in rows_summary.items() if "mask_mean" in v}
+        if masked and "mask_metrics" in teacher:
+            lines += ["Masks (segm):", ""]
+            mask_rows = [(table_rows[0][0], teacher["mask_metrics"], None)]
+            mask_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mask_mean"],
+                           v["mask_std"] if v["seeds"] > 1 else None) for r, v in masked.items()]
+            lines += [metrics_table(mask_rows), ""]
         if rows_summary:
             chart = bar_chart(table_rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on {report['eval_dataset']}")
             lines += [f"![{det}]({os.path.basename(chart)})", ""]

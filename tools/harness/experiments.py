@@ -20,11 +20,14 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 RESULT_FILE = "final_eval.json"
 
 
-def bbox_metrics(results):
-    """The box metrics of DefaultTrainer.test results (one dataset)."""
+def coco_metrics(results, task="bbox"):
+    """The box (``task`` "segm": mask) metrics of DefaultTrainer.test results (one dataset); None
+    for a task that was not evaluated."""
     if "bbox" not in results:  # several datasets: take the first
         results = next(iter(results.values()))
-    return {k: float(v) for k, v in results["bbox"].items()}
+    if task not in results:
+        return None
+    return {k: float(v) for k, v in results[task].items()}
 
 
 def same_run_config(saved_text, cfg):
@@ -129,9 +132,10 @@ def run_and_record(make_trainer, output_dir, max_iter, resume_iter, about):
     result = {
         **about,
         "ap_curve": ap_curve(output_dir, max_iter),
-        "metrics": bbox_metrics(trainer.last_eval_results),
+        "metrics": coco_metrics(trainer.last_eval_results),
+        "mask_metrics": coco_metrics(trainer.last_eval_results, "segm"),  # Mask R-CNN
         "teacher_metrics": (
-            bbox_metrics(trainer.teacher_results) if getattr(trainer, "teacher_results", None) else None
+            coco_metrics(trainer.teacher_results) if getattr(trainer, "teacher_results", None) else None
         ),
         "seconds": round(time.perf_counter() - start, 1),
         "iterations": max_iter,
