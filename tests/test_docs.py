@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from conftest import ROOT
 
 PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -145,16 +147,22 @@ def heading_anchor(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_two_stage_page_table_is_the_committed_benchmark():
-    """docs/two_stage.md's first-look table, cell by cell against benchmarks/accuracy_short_faster_rcnn.json."""
-    with open(os.path.join(ROOT, "benchmarks", "accuracy_short_faster_rcnn.json")) as f:
+@pytest.mark.parametrize("bench_file, first_column", [("accuracy_short_faster_rcnn.json", "Faster R-CNN"),
+                                                     ("accuracy_medium.json", "Faster R-CNN, medium")])
+def test_two_stage_page_tables_are_the_committed_benchmarks(bench_file, first_column):
+    """docs/two_stage.md's tables, cell by cell against their benchmark: mean AP, and mean ± std
+    with the seeds where a row has several."""
+    with open(os.path.join(ROOT, "benchmarks", bench_file)) as f:
         bench = json.load(f)["detectors"]["faster_rcnn"]
     text = open(os.path.join(ROOT, "docs", "two_stage.md")).read()
-    (header, rows), = [t for t in markdown_tables(text) if t[0] == ["Faster R-CNN", "AP"]]
-    table = dict(rows)
-    assert table.pop("teacher R34") == one_decimal(bench["teacher"]["metrics"]["AP"])
+    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == first_column]
+    table = {row[0]: row[1:] for row in rows}
+    assert table.pop("teacher R34")[0] == one_decimal(bench["teacher"]["metrics"]["AP"])
     labels = {"student R18 alone": "baseline", "+ BCKD (RPN)": "bckd"}
     assert len(table) == len(bench["rows"])
-    for label, cell in table.items():
-        row = labels.get(label) or label.removeprefix("+ ").lower().replace("+", "_")
-        assert cell == one_decimal(bench["rows"][row]["mean"]["AP"]), label
+    for label, cells in table.items():
+        row = bench["rows"][labels.get(label) or label.removeprefix("+ ").lower().replace("+", "_")]
+        mean = one_decimal(row["mean"]["AP"])
+        expected = [mean] if len(header) == 2 else [
+            mean if row["seeds"] == 1 else f"{mean} ± {one_decimal(row['std']['AP'])}", str(row["seeds"])]
+        assert cells == expected, label
