@@ -104,6 +104,19 @@ def test_twin_verdict_fails_on_a_failed_check_or_any_network_attempt():
     assert gpu_twin.verdict(0, ["socket.connect '192.0.2.1' pid 7: x"]).startswith("1 network attempt(s)")
 
 
+def test_twin_runs_the_suite_only_on_the_detectron2s_asked():
+    import gpu_check
+
+    def parts(detectron2, check_args=()):
+        opts = gpu_check.build_parser().parse_args(["--out", "x", *gpu_twin.check_args_for(detectron2, ["upstream"],
+                                                                                      check_args)])
+        return opts.parts
+
+    assert parts("upstream") == list(gpu_check.PARTS)
+    assert parts("registry") == ["a", "b"]
+    assert parts("registry", ["--parts", "c", "--suite", "tests/test_launch.py"]) == ["c"]
+
+
 def test_processes_the_tests_start_keep_the_pythonpath_they_were_given(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/scratch/site")
     assert subprocess_env()["PYTHONPATH"] == os.pathsep.join([ROOT, "/scratch/site"])

@@ -308,7 +308,7 @@ class Check:
         shutil.copy(os.path.join(self.out, "summary.md"), os.path.join(self.args.pack, "summary.md"))
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=os.path.join(ROOT, "gpu_bundle"), help="the folder make gpu-bundle built")
     parser.add_argument("--out", required=True, help="output folder: logs, JSON, the speed tables")
@@ -324,6 +324,11 @@ def main():
                                        "(for the device tool, which brings back at most 8 files: --pack $OUT)")
     parser.add_argument("--workers", type=int, default=None,
                         help="pytest-xdist workers for part c (default: one per core)")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
     args.budget = LIMITS[args.device]["budget"] if args.budget is None else args.budget
     problem = check_budget(args.device, args.budget)

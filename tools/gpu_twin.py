@@ -126,6 +126,12 @@ def run_check(venv, bundle, out, detectron2, extra=()):
     return rc, attempts
 
 
+def check_args_for(detectron2, suite_on, check_args):
+    """gpu_check.py's options for one detectron2: parts a and b only where it is not in
+    ``suite_on``; an explicit --parts in ``check_args`` comes last, so it wins."""
+    return ([] if detectron2 in suite_on else ["--parts", "a", "b"]) + list(check_args)
+
+
 def verdict(rc, attempts):
     """What failed, or None: the check's own result, and any try at the network."""
     problems = []
@@ -186,7 +192,10 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "gpu_twin"))
     parser.add_argument("--venv", default=os.path.join(ROOT, ".venv-gpu-twin"))
     parser.add_argument("--detectron2", nargs="+", default=["upstream", "registry"],
-                        choices=["upstream", "registry"], help="one full check for each")
+                        choices=["upstream", "registry"], help="one check for each")
+    parser.add_argument("--suite-on", nargs="+", default=None, choices=["upstream", "registry"],
+                        help="the detectron2s whose check runs part c, the complete suite (default: every one); "
+                             "the others run parts a and b: their install from the bundle, the CUDA tests, speed")
     parser.add_argument("--no-probes", action="store_true", help="skip the two probes that must fail")
     parser.add_argument("--check-args", nargs=argparse.REMAINDER, default=[],
                         help="passed on to tools/gpu_check.py, e.g. --parts c --suite tests/test_launch.py")
@@ -203,11 +212,14 @@ def main():
     report = {"python": subprocess.run([venv_python(args.venv), "-c", "import sys; print(sys.version.split()[0])"],
                                        capture_output=True, text=True).stdout.strip(), "checks": {}}
     failed = []
+    suite_on = args.detectron2 if args.suite_on is None else args.suite_on
     for detectron2 in args.detectron2:
         started = time.monotonic()
-        rc, attempts = run_check(args.venv, bundle, os.path.join(out, detectron2), detectron2, args.check_args)
+        rc, attempts = run_check(args.venv, bundle, os.path.join(out, detectron2), detectron2,
+                                 check_args_for(detectron2, suite_on, args.check_args))
         problem = verdict(rc, attempts)
         report["checks"][detectron2] = {"rc": rc, "network_attempts": attempts, "problem": problem,
+                                        "suite": detectron2 in suite_on,
                                         "seconds": round(time.monotonic() - started)}
         log(f"check with detectron2 {detectron2}: " + (f"FAILED: {problem}" if problem else "passed")
             + f" in {report['checks'][detectron2]['seconds']} s")

@@ -24,7 +24,7 @@ from detectron2.config import configurable
 
 from .box_ops import giou_loss
 from .normalizers import global_mean
-from ..modeling.rcnn_outputs import trains_masks
+from ..modeling.rcnn_outputs import distillable_mask_head
 from ..settings import loss_setting
 from .registry import DISTILL_LOSS_REGISTRY, DistillLoss, check_positive
 
@@ -62,9 +62,7 @@ class ROI_KD(DistillLoss):
                 raise TypeError(
                     f"ROI_KD: the {role}'s ROI heads ({type(detector.roi_heads).__name__}) lack {missing}: it "
                     "distils detectron2's StandardROIHeads (one box head, as Faster and Mask R-CNN have).")
-            heads = detector.roi_heads
-            has_mask_head = trains_masks(detector) and hasattr(heads.mask_head, "predictor")
-            if self.mask_weight > 0 and not has_mask_head:
+            if self.mask_weight > 0 and distillable_mask_head(detector) is None:
                 raise ValueError(
                     f"{loss_setting('ROI_KD', 'mask_weight', self.mask_weight)} distils mask logits, but the {role} "
                     "has no mask head of detectron2's kind (MaskRCNNConvUpsampleHead): use Mask R-CNNs for both "

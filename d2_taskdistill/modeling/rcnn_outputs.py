@@ -25,6 +25,13 @@ def trains_masks(detector):
     return is_rcnn(detector) and getattr(detector.roi_heads, "mask_on", False)
 
 
+def distillable_mask_head(detector):
+    """The mask head whose logits distillation reads: detectron2's MaskRCNNConvUpsampleHead kind
+    (a ``predictor`` layer), else None."""
+    head = detector.roi_heads.mask_head if trains_masks(detector) else None
+    return head if hasattr(head, "predictor") else None
+
+
 def rcnn_levels(detector):
     """The FPN levels the RPN reads (P2-P6 in detectron2's R-CNN FPN configs)."""
     return list(detector.proposal_generator.in_features)
@@ -80,8 +87,8 @@ def capturing_training_outputs(detector):
 
     hooks = [detector.proposal_generator.rpn_head.register_forward_hook(keep("rpn_head")),
              roi_heads.box_predictor.register_forward_hook(keep("roi_predictions"))]
-    mask_head = roi_heads.mask_head if trains_masks(detector) else None
-    if mask_head is not None and hasattr(mask_head, "predictor"):  # detectron2's MaskRCNNConvUpsampleHead
+    mask_head = distillable_mask_head(detector)
+    if mask_head is not None:
         hooks += [mask_head.register_forward_pre_hook(keep("mask_samples", position=1)),
                   mask_head.predictor.register_forward_hook(keep("mask_logits"))]
     roi_heads.label_and_sample_proposals = sample_and_keep  # this instance, for this forward
