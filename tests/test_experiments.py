@@ -21,6 +21,8 @@ def test_same_run_config():
     assert same_run_config(saved, student_cfg("OUTPUT_DIR", "run", "SEED", 1))
     assert not same_run_config(saved, student_cfg("OUTPUT_DIR", "run", "SEED", 2))
     assert not same_run_config(saved, student_cfg("OUTPUT_DIR", "run", "SEED", 1, "SOLVER.MAX_ITER", 500))
+    # Saving more often (a teacher made resumable) trains the same run.
+    assert same_run_config(saved, student_cfg("SEED", 1, "SOLVER.CHECKPOINT_PERIOD", 300))
     # A default the code gained after the run was saved does not make it another run.
     without_key = saved.replace("    LOG_PERIOD: 20\n", "")
     assert without_key != saved

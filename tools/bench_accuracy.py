@@ -192,7 +192,10 @@ class Teacher:
 
     def train(self):
         """Train (or reuse the local weights of) this teacher; returns its record."""
-        result = train_and_evaluate(self.config_file, self.output_dir, self.opts)
+        # Three checkpoints on the way, so that a killed teacher resumes: how often a run saves is
+        # not part of what it trains (same_run_config), so the record and its identity stay the same.
+        save_every = ["SOLVER.CHECKPOINT_PERIOD", max(1, self.cfg.SOLVER.MAX_ITER // 3)]
+        result = train_and_evaluate(self.config_file, self.output_dir, [*self.opts, *save_every])
         record = read_record(self.record_path)
         if not record_matches(record, self.cfg) or not result["reused"]:
             record = {"detector": self.det, "config_file": rel(self.config_file), "opts": [str(o) for o in self.opts],

@@ -30,13 +30,18 @@ def coco_metrics(results, task="bbox"):
     return {k: float(v) for k, v in results[task].items()}
 
 
+# Config keys that do not change what a run trains (flattened as flatten_results_dict does).
+NOT_THE_RUN = {"OUTPUT_DIR", "SOLVER/CHECKPOINT_PERIOD"}
+
+
 def same_run_config(saved_text, cfg):
     """Whether a run saved with config ``saved_text`` is a run of ``cfg``: equal values on the
     keys both have. A key only one side has is a default added to the code since (the run did
-    not use it); OUTPUT_DIR may name the same run by a relative or an absolute path."""
+    not use it); OUTPUT_DIR may name the same run by a relative or an absolute path, and how
+    often a run saves does not change what it trains."""
     saved = flatten_results_dict(yaml.safe_load(saved_text))
     wanted = flatten_results_dict(yaml.safe_load(cfg.dump()))
-    return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() if k != "OUTPUT_DIR")
+    return all(saved[k] == wanted[k] for k in saved.keys() & wanted.keys() - NOT_THE_RUN)
 
 
 def ap_curve(output_dir, max_iter):
