@@ -1,6 +1,7 @@
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -284,3 +285,12 @@ train.device = "cpu"
 train.checkpointer.period = 2
 """)
     return str(path)
+
+
+def markdown_tables(text):
+    """[(header cells, [row cells])] of every markdown table in ``text``."""
+    tables = []
+    for block in re.findall(r"((?:^\|.*\|[ \t]*\n)+)", text + "\n", re.M):
+        header, _, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.strip().splitlines()]
+        tables.append((header, rows))
+    return tables

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, markdown_tables
 
 PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 # README row label -> the benchmark's row name.
@@ -33,15 +33,6 @@ def test_readme_results_are_the_committed_benchmark():
         for label, row in ROWS.items():
             summary = bench["rows"][row]
             assert table[label][column] == f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}", (detector, label)
-
-
-def markdown_tables(text):
-    """[(header cells, [row cells])] of every markdown table in ``text``."""
-    tables = []
-    for block in re.findall(r"((?:^\|.*\|[ \t]*\n)+)", text + "\n", re.M):
-        header, _, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.strip().splitlines()]
-        tables.append((header, rows))
-    return tables
 
 
 def benchmark_row(label):

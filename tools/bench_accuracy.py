@@ -37,12 +37,16 @@ from detectron2.utils.logger import setup_logger
 from d2_taskdistill import load_config
 from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
 from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
+from harness.tuning import (SCALES, TUNE_DATASET, TUNED_WEIGHTS_FILE, choose_scale, read_tuned_weights,
+                            scaled_weight_opts, tuned_scale)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd",
            "bckd_roi_kd", "pkd_bckd_roi_kd", "fgd_roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
+SCALE_SEP = "@"  # row "fgd@0.1": every loss weight of the method x 0.1 (the --tune sweep's rows)
+TUNED = "+tuned"  # row suffix: the loss weights x the factor chosen on the tune split (tuned_weights.json)
 SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2, "mask_rcnn": 2}
 # Heterogeneous pairs, "<teacher>_to_<student>": the trained teacher of one detector into the
 # student of the other. Rows are the methods that compare features only (the others need the
@@ -83,6 +87,17 @@ SCHEDULES = {
 
 def rel(path):
     return os.path.relpath(path, ROOT)
+
+
+def parse_row(row):
+    """A row's method, loss weights and inheritance: "fgd" -> ("fgd", None, False) (published
+    constants), "fgd@0.1" -> ("fgd", 0.1, False), "fgd+tuned+init" -> ("fgd", TUNED, True)."""
+    inherit = row.endswith(INIT)
+    name = row.removesuffix(INIT)
+    if name.endswith(TUNED):
+        return name.removesuffix(TUNED), TUNED, inherit
+    method, sep, scale = name.partition(SCALE_SEP)
+    return method, float(scale) if sep else None, inherit
 
 
 def student_and_teacher(track):
@@ -148,10 +163,10 @@ class Run:
     def __init__(self, args, det, row, seed, teacher):
         self.det, self.row, self.seed = det, row, seed
         student = student_and_teacher(det)[0]
-        method = row[: -len(INIT)] if row.endswith(INIT) else row
+        method, weights, inherit = parse_row(row)
         base_method, variant_opts = VARIANTS.get(method, (method, []))
         student_opts = SCHEDULES[args.schedule][1]
-        init_opts = INIT_OPTS if row.endswith(INIT) else []
+        init_opts = INIT_OPTS if inherit else []
         teacher_opts = ["DISTILL.TEACHER.WEIGHTS", teacher.weights, "DISTILL.TEACHER.EVAL_AT_START", False]
         if base_method == "baseline":
             self.config_file = digits_config(ROOT, f"{student}_R18_FPN_student.yaml")
@@ -163,8 +178,19 @@ class Run:
             teacher_opts += ["DISTILL.TEACHER.OPTS", teacher.opts]
         self.opts = ["SEED", seed, *student_opts, *teacher_opts, *init_opts, *variant_opts,
                      "DATASETS.TEST", (args.eval_dataset,)]
-        self.output_dir = os.path.join(args.work_dir, det, f"{row}_seed{seed}")
-        self.record_path = os.path.join(args.records, det, f"{row}_seed{seed}.json")
+        self.weight_scale = None  # the published constants
+        run_name = row
+        if weights is not None:
+            path = getattr(args, "tuned_weights", TUNED_WEIGHTS_FILE)
+            self.weight_scale = tuned_scale(det, method, path) if weights == TUNED else weights
+            self.weight_opts = scaled_weight_opts(load_config(self.config_file, self.opts), self.weight_scale)
+            self.opts += self.weight_opts
+            if self.weight_scale == 1.0:  # tuned to the published constants: the published row's runs
+                run_name = method + (INIT if inherit else "")
+        # A sweep's run that diverges is recorded as such (the factor is then never chosen).
+        self.record_divergence = weights not in (None, TUNED) and getattr(args, "tune", False)
+        self.output_dir = os.path.join(args.work_dir, det, f"{run_name}_seed{seed}")
+        self.record_path = os.path.join(args.records, det, f"{run_name}_seed{seed}.json")
         self.cfg = load_config(self.config_file, [*self.opts, "OUTPUT_DIR", self.output_dir])
         self.teacher = teacher
 
@@ -245,7 +271,14 @@ def train_teacher(teacher):
 
 
 def train_student(run):
-    return train_and_evaluate(run.config_file, run.output_dir, run.opts)
+    start = time.perf_counter()
+    try:
+        return train_and_evaluate(run.config_file, run.output_dir, run.opts)
+    except FloatingPointError as e:
+        if not run.record_divergence:
+            raise
+        return {"metrics": None, "diverged": str(e).splitlines()[0], "iterations": run.cfg.SOLVER.MAX_ITER,
+                "seconds": round(time.perf_counter() - start, 1)}
 
 
 def git_commit(paths, message):
@@ -287,8 +320,15 @@ def main():
     parser.add_argument("--schedule", default="trained", choices=list(SCHEDULES))
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per detector (default 3 RetinaNet, 2 FCOS, {PAIR_SEEDS} a pair)")
-    parser.add_argument("--eval-dataset", default=DEFAULT_EVAL_DATASET,
-                        help="registered dataset the students are evaluated on (choices: digits_det_tune)")
+    parser.add_argument("--eval-dataset", default=None,
+                        help=f"registered dataset the students are evaluated on (default {DEFAULT_EVAL_DATASET}; "
+                             f"{TUNE_DATASET} with --tune)")
+    parser.add_argument("--tune", action="store_true",
+                        help=f"the tuning sweep: each row's loss weights x {', '.join(f'{s:g}' for s in SCALES)}, one "
+                             f"seed, on {TUNE_DATASET}, beside the student alone; writes the factor of best AP per "
+                             "method and track to --tuned-weights, which the ROW+tuned rows read")
+    parser.add_argument("--tuned-weights", default=os.path.relpath(TUNED_WEIGHTS_FILE, ROOT),
+                        help="the chosen factors (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("--work-dir", default=None, help="default output/bench_accuracy_<schedule>[_<eval>]")
     parser.add_argument("--records", default=None, help="default benchmarks/accuracy_runs_<schedule>[_<eval>]")
@@ -298,10 +338,16 @@ def main():
     args = parser.parse_args()
     os.chdir(ROOT)  # paths in configs and records are relative to the project
     setup_logger(name="detectron2")
+    args.eval_dataset = args.eval_dataset or (TUNE_DATASET if args.tune else DEFAULT_EVAL_DATASET)
+    if args.tune:
+        if args.eval_dataset == DEFAULT_EVAL_DATASET:
+            parser.error(f"--tune --eval-dataset {DEFAULT_EVAL_DATASET}: the table reports that split, so the "
+                         f"weights are chosen on another one (default {TUNE_DATASET})")
+        args.seeds = args.seeds or 1
     suffix = args.schedule + ("" if args.eval_dataset == DEFAULT_EVAL_DATASET else f"_{args.eval_dataset}")
     args.work_dir = args.work_dir or os.path.join("output", f"bench_accuracy_{suffix}")
     args.records = args.records or os.path.join("benchmarks", f"accuracy_runs_{suffix}")
-    args.output = args.output or os.path.join("benchmarks", f"accuracy_{suffix}")
+    args.output = args.output or os.path.join("benchmarks", f"tuning_{args.schedule}" if args.tune else f"accuracy_{suffix}")
     start = time.perf_counter()
     for track in args.detectors:
         if any(det not in SEEDS for det in student_and_teacher(track)):
@@ -316,7 +362,8 @@ def main():
                 for seed in range(seeds_of(args, track)) for row in rows_of(args, track, rows)]
 
     def progress(run, result):
-        print(f"[bench] {run.det} {run.row} seed {run.seed}: AP {result['metrics']['AP']:.2f} "
+        outcome = f"diverged ({result['diverged']})" if result.get("diverged") else f"AP {result['metrics']['AP']:.2f}"
+        print(f"[bench] {run.det} {run.row} seed {run.seed}: {outcome} "
               f"({result['seconds']} s); {time.perf_counter() - start:.0f} s so far", flush=True)
 
     def train_missing(runs):
@@ -341,7 +388,7 @@ def main():
             write_record(run.record_path, {
                 "detector": run.det, "row": run.row, "seed": run.seed, "config_file": rel(run.config_file),
                 "opts": [str(o) for o in run.opts], "config": run.cfg.dump(), "metrics": result["metrics"],
-                **mask_metrics_of(result),
+                **mask_metrics_of(result), **({"diverged": result["diverged"]} if result.get("diverged") else {}),
                 "ap_curve": result.get("ap_curve", []),
                 "iterations": result["iterations"], "seconds": result["seconds"],
                 "resumed_from": result.get("resumed_from"), "machine": machine(),
@@ -352,6 +399,12 @@ def main():
 
         run_in_pool(args.jobs, [(train_student, (r,)) for r in missing], done)
 
+    if args.tune:
+        runs = sweep_runs(args, teachers)
+        if not args.report_only:
+            train_missing(runs)
+        write_sweep(args, runs, time.perf_counter() - start)
+        return 0
     runs = runs_for(fixed_rows)
     # A pair's baseline is its student's own: trained here when that track is not.
     pair_students = {student_and_teacher(t)[0] for t in args.detectors if is_pair(t)} - set(args.detectors)
@@ -379,6 +432,82 @@ def main():
     return 0
 
 
+def sweep_runs(args, teachers):
+    """The --tune runs: per track, its student alone and each method x every factor of SCALES."""
+    runs = {}
+    for track in args.detectors:
+        student, teacher = student_and_teacher(track)
+        methods = [r for r in rows_of(args, track, args.rows or METHODS) if not r.startswith("baseline")]
+        odd = [m for m in methods if parse_row(m) != (m, None, False)]
+        if odd:
+            raise ValueError(f"--tune --rows {' '.join(odd)}: the sweep takes method names (e.g. fgd pkd); it "
+                             "scales their weights itself")
+        for seed in range(seeds_of(args, track)):
+            runs.setdefault((student, "baseline", seed), Run(args, student, "baseline", seed, teachers[student]))
+            for row in [f"{m}{SCALE_SEP}{s:g}" for m in methods for s in SCALES]:
+                runs[track, row, seed] = Run(args, track, row, seed, teachers[teacher])
+    return list(runs.values())
+
+
+def write_sweep(args, runs, seconds):
+    """The sweep's table (--output .md / .json), and the factor of best AP of every method whose
+    sweep is complete, written to --tuned-weights (the entries of other tracks and methods kept)."""
+    tuned = read_tuned_weights(args.tuned_weights)
+    scale_names = [f"x{s:g}" for s in SCALES]
+    report = {"command": "python " + " ".join([rel(sys.argv[0]), *sys.argv[1:]]), "schedule": args.schedule,
+              "eval_dataset": args.eval_dataset, "scales": list(SCALES), "records": args.records,
+              "wall_seconds": round(seconds, 1), "tracks": {}}
+    lines = ["# Loss-weight sweep on the tune split", "", f"Command: `{report['command']}`  ",
+             f"Schedule `{args.schedule}`, students evaluated on `{args.eval_dataset}`, one record per run in "
+             f"`{args.records}`. Each method's loss weights (every DISTILL.<LOSS>.*WEIGHT of its losses) are "
+             f"multiplied by one factor of the same grid for every method; the factor of best AP is chosen (a tie: "
+             f"the one nearer x1, the published constants) and written to `{args.tuned_weights}`. A run whose "
+             "loss became non-finite is recorded as diverged and never chosen.", ""]
+    for track in args.detectors:
+        student = student_and_teacher(track)[0]
+        baseline = [r.committed() for r in runs if r.det == student and r.row == "baseline"]
+        baseline_ap = statistics.fmean(r["metrics"]["AP"] for r in baseline) if baseline and all(baseline) else None
+        sweeps = {}  # {method: {scale: [record or None per seed]}}
+        for run in runs:
+            if run.det == track and run.row != "baseline":
+                method, scale, _ = parse_row(run.row)
+                sweeps.setdefault(method, {}).setdefault(scale, []).append((run, run.committed()))
+        table, methods = [], {}
+        for method, by_scale in sweeps.items():
+            ap = {s: sweep_outcome([rec for _, rec in pairs]) for s, pairs in by_scale.items()}
+            entry = {"AP": {f"{s:g}": v for s, v in ap.items()}}
+            complete = all(v != "missing" for v in ap.values())
+            if complete:
+                chosen = choose_scale({s: v if isinstance(v, float) else None for s, v in ap.items()})
+                chosen_run = by_scale[chosen][0][0]
+                entry.update(scale=chosen, opts=[str(o) for o in chosen_run.weight_opts])
+                tuned["tracks"].setdefault(track, {})[method] = {
+                    **entry, "schedule": args.schedule, "eval_dataset": args.eval_dataset,
+                    "seeds": len(by_scale[chosen]), "records": args.records}
+            methods[method] = entry
+            cells = [f"{v:.1f}" if isinstance(v, float) else ("-" if v == "missing" else v) for v in ap.values()]
+            published = ap.get(1.0)
+            gain = (f"{ap[entry['scale']] - published:+.1f}" if complete and isinstance(published, float) else "-")
+            table.append([method_label(method), *cells, f"x{entry['scale']:g}" if complete else "-", gain])
+        report["tracks"][track] = {"baseline_AP": baseline_ap, "methods": methods}
+        lines += [f"## {track}", "", "Student alone: " + (f"{baseline_ap:.1f} AP." if baseline_ap is not None
+                                                           else "not trained yet."), ""]
+        lines += [markdown_table(["method", *scale_names, "chosen", "AP over x1"], table), ""]
+    write_report_files(args.output, report, lines)
+    with open(args.tuned_weights, "w") as f:
+        json.dump(tuned, f, indent=1)
+        f.write("\n")
+
+
+def sweep_outcome(records):
+    """Mean AP over the seeds' records, "diverged" when one diverged, "missing" when one is not trained."""
+    if any(r is None for r in records):
+        return "missing"
+    if any(r.get("diverged") for r in records):
+        return "diverged"
+    return statistics.fmean(r["metrics"]["AP"] for r in records)
+
+
 def seeds_of(args, track):
     return args.seeds or (PAIR_SEEDS if is_pair(track) else SEEDS[track])
 
@@ -389,7 +518,7 @@ def rows_of(args, track, rows):
     if not is_pair(track):
         available = methods_of(track)
         return [r for r in rows if r.startswith("baseline")
-                or VARIANTS.get(r.removesuffix(INIT), (r.removesuffix(INIT),))[0] in available]
+                or VARIANTS.get(parse_row(r)[0], (parse_row(r)[0],))[0] in available]
     if args.rows is None:
         return layout_free_methods(student_and_teacher(track)[0])
     return [r for r in rows if not r.startswith("baseline")]
@@ -429,6 +558,9 @@ def build_report(args, runs, teachers, seconds):
                             "teacher_AP": sorted({round(r["teacher"]["AP"], 2) for r in records
                                                   if r["teacher"]["AP"] is not None}),
                             "hours": sum(r["seconds"] for r in records) / 3600}
+            scales = {r.weight_scale for r in runs if r.det == det and r.row == row} - {None}
+            if scales:  # the loss weights x a factor (a sweep's, or the tuned one)
+                summary[row]["weight_scale"] = scales.pop()
             if all("mask_metrics" in r for r in records):
                 summary[row]["mask_mean"], summary[row]["mask_std"] = summarize([r["mask_metrics"] for r in records])
             own_teacher = [r["teacher"]["AP"] for r in records if r["teacher"]["AP"] is not None]
@@ -453,10 +585,13 @@ def build_report(args, runs, teachers, seconds):
 
 
 def row_label(row):
-    if row.startswith("baseline"):
-        return "student R18" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
-    name = row[: -len(INIT)] if row.endswith(INIT) else row
-    return f"R18 + {method_label(name)}" + (" (FPN, head from teacher)" if row.endswith(INIT) else "")
+    method, weights, inherit = parse_row(row)
+    init = " (FPN, head from teacher)" if inherit else ""
+    if method == "baseline":
+        return "student R18" + init
+    if weights is None:
+        return f"R18 + {method_label(method)}{init}"
+    return f"R18 + {method_label(method)}, " + ("tuned weights" if weights == TUNED else f"weights x{weights:g}") + init
 
 
 def write_report(report, output):
@@ -492,6 +627,12 @@ def write_report(report, output):
         table_rows += [(f"{row_label(r)} ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", v["mean"],
                         v["std"] if v["seeds"] > 1 else None) for r, v in rows_summary.items()]
         lines += [metrics_table(table_rows), ""]
+        tuned = [f"{method_label(parse_row(r)[0])} x{v['weight_scale']:g}" for r, v in rows_summary.items()
+                 if parse_row(r)[1] == TUNED]
+        if tuned:
+            lines += ["Rows without \"tuned\" use the published constants (d2_taskdistill/config.py). Tuned rows: "
+                      "every loss weight of the method x the factor chosen on the tune split "
+                      f"(benchmarks/tuned_weights.json): {', '.join(tuned)}.", ""]
         masked = {r: v for r, v in rows_summary.items() if "mask_mean" in v}
         if masked and "mask_metrics" in teacher:
             lines += ["Masks (segm):", ""]

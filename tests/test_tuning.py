@@ -1,0 +1,127 @@
+"""The equal tuning budget: the sweep's runs, the factor chosen on the tune split, the tuned rows."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from d2_taskdistill import load_config
+from harness.tuning import SCALES, choose_scale, scaled_weight_opts
+
+from conftest import ROOT, config_path, markdown_tables
+
+
+def test_every_loss_weight_of_the_method_is_scaled():
+    fcos_fgd = load_config(config_path("digits", "fcos_R34-R18_fgd.yaml"))
+    assert scaled_weight_opts(fcos_fgd, 0.1) == [  # the FCOS config's constants x 0.1
+        "DISTILL.FGD.FG_WEIGHT", 0.00016, "DISTILL.FGD.BG_WEIGHT", 8e-05,
+        "DISTILL.FGD.ATTENTION_WEIGHT", 8e-05, "DISTILL.FGD.GLOBAL_WEIGHT", 8e-07]
+    bckd_tid = load_config(config_path("digits", "retinanet_R34-R18_bckd_tid.yaml"))
+    assert scaled_weight_opts(bckd_tid, 10.0) == [
+        "DISTILL.BCKD.CLS_WEIGHT", 10.0, "DISTILL.BCKD.LOC_WEIGHT", 40.0, "DISTILL.BCKD.CENTERNESS_WEIGHT", 10.0,
+        "DISTILL.TID.WEIGHT", 10.0]
+
+
+def test_the_best_factor_is_chosen_and_a_tie_goes_to_the_published_constants():
+    assert choose_scale({0.01: 30.0, 0.1: 29.0, 1.0: 20.0, 10.0: None, 100.0: None}) == 0.01
+    assert choose_scale({0.01: 20.0, 0.1: 25.0, 1.0: 25.0, 10.0: 25.0, 100.0: None}) == 1.0
+    assert choose_scale({0.1: 25.0, 10.0: 25.0}) in (0.1, 10.0)  # equally near x1: either
+    with pytest.raises(ValueError, match="every run of the sweep diverged"):
+        choose_scale({1.0: None, 10.0: float("nan")})
+
+
+def sweep_table(path):
+    (header, rows), = markdown_tables(path.read_text())
+    assert header == ["method", *(f"x{s:g}" for s in SCALES), "chosen", "AP over x1"]
+    return rows
+
+
+def fake_record(bench, run, ap=None, diverged=None):
+    metrics = None if diverged else {m: ap for m in bench.METRICS}
+    bench.write_record(run.record_path, {
+        "row": run.row, "seed": run.seed, "config_file": bench.rel(run.config_file), "opts": [],
+        "config": run.cfg.dump(), "metrics": metrics, **({"diverged": diverged} if diverged else {}),
+        "iterations": 10, "seconds": 1.0, "teacher": {"config_sha": run.teacher.sha, "AP": 40.0}})
+
+
+def test_sweep_writes_the_chosen_factor_that_tuned_rows_train_with(tmp_path):
+    """RetinaNet FGD over the grid on the tune split (records made here): x0.1 is best and is
+    written to the tuned-weights file; "fgd+tuned" then trains FGD's weights x 0.1, and a method
+    tuned to x1 reuses the published row's runs."""
+    import bench_accuracy as bench
+
+    tuned_file = tmp_path / "tuned_weights.json"
+    args = argparse.Namespace(schedule="smoke", tune=True, rows=["fgd"], seeds=1, eval_dataset="digits_det_tune",
+                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"),
+                              detectors=["retinanet"], tuned_weights=str(tuned_file), output=str(tmp_path / "tuning"))
+    teachers = {"retinanet": bench.Teacher(args, "retinanet")}
+    runs = bench.sweep_runs(args, teachers)
+    assert [r.row for r in runs] == ["baseline", *(f"fgd@{s:g}" for s in SCALES)]
+    for run in runs[1:]:
+        assert run.cfg.DISTILL.FGD.FG_WEIGHT == pytest.approx(0.001 * run.weight_scale, rel=1e-9)
+        assert run.cfg.DISTILL.FGD.GLOBAL_WEIGHT == pytest.approx(0.000005 * run.weight_scale, rel=1e-9)
+        assert run.cfg.DATASETS.TEST == ("digits_det_tune",) and run.record_divergence
+    outcomes = {"baseline": 10.0, "fgd@0.01": 15.0, "fgd@0.1": 18.0, "fgd@1": 12.0, "fgd@10": "diverged"}
+    for run in runs:
+        if run.row in outcomes:  # fgd@100 not trained yet
+            ap = outcomes[run.row]
+            fake_record(bench, run, **({"diverged": "Loss became infinite or NaN at iteration=7!"}
+                                       if ap == "diverged" else {"ap": ap}))
+    bench.write_sweep(args, runs, 0.0)
+    assert json.loads(tuned_file.read_text())["tracks"] == {}  # an incomplete sweep chooses nothing
+    assert sweep_table(tmp_path / "tuning.md") == [["FGD", "15.0", "18.0", "12.0", "diverged", "-", "-", "-"]]
+
+    fake_record(bench, runs[-1], diverged="Loss became infinite or NaN at iteration=2!")
+    bench.write_sweep(args, runs, 0.0)
+    chosen = json.loads(tuned_file.read_text())["tracks"]["retinanet"]["fgd"]
+    assert chosen["scale"] == 0.1 and chosen["eval_dataset"] == "digits_det_tune"
+    assert chosen["AP"] == {"0.01": 15.0, "0.1": 18.0, "1": 12.0, "10": "diverged", "100": "diverged"}
+    assert sweep_table(tmp_path / "tuning.md") == [["FGD", "15.0", "18.0", "12.0", "diverged", "diverged", "x0.1", "+6.0"]]
+
+    table_args = argparse.Namespace(**{**vars(args), "tune": False, "eval_dataset": bench.DEFAULT_EVAL_DATASET,
+                                       "seeds": None, "rows": ["fgd", "fgd+tuned"]})
+    published, tuned = (bench.Run(table_args, "retinanet", row, 0, teachers["retinanet"]) for row in ("fgd", "fgd+tuned"))
+    assert published.cfg.DISTILL.FGD.FG_WEIGHT == 0.001 and tuned.cfg.DISTILL.FGD.FG_WEIGHT == pytest.approx(0.0001)
+    assert tuned.record_path.endswith("fgd+tuned_seed0.json") and not tuned.record_divergence
+    for run, ap in ((published, 20.0), (tuned, 24.0)):
+        fake_record(bench, run, ap)
+    teacher = teachers["retinanet"]
+    bench.write_record(teacher.record_path, {"config_file": bench.rel(teacher.config_file), "config": teacher.cfg.dump(),
+                                             "config_sha": teacher.sha, "iterations": 20,
+                                             "metrics": {m: 40.0 for m in bench.METRICS}})
+    report = bench.build_report(table_args, [published, tuned], teachers, 0.0)
+    bench.write_report(report, str(tmp_path / "table"))
+    table = (tmp_path / "table.md").read_text()
+    (_, rows), *_ = markdown_tables(table)
+    assert [row[:2] for row in rows[1:]] == [["R18 + FGD (1 seed)", "20.0"], ["R18 + FGD, tuned weights (1 seed)", "24.0"]]
+    assert "(benchmarks/tuned_weights.json): FGD x0.1." in table
+
+    tuned_file.write_text(json.dumps({"tracks": {"retinanet": {"fgd": {"scale": 1.0}}}}))
+    at_published = bench.Run(table_args, "retinanet", "fgd+tuned", 0, teachers["retinanet"])
+    assert at_published.record_path == published.record_path and at_published.committed() is not None
+    with pytest.raises(KeyError, match="no tuned weights for pkd on retinanet.*--tune --detectors retinanet --rows pkd"):
+        bench.Run(table_args, "retinanet", "pkd+tuned", 0, teachers["retinanet"])
+
+
+def test_a_sweep_run_that_diverges_is_recorded_and_a_table_run_that_diverges_stops(tmp_path, monkeypatch):
+    import bench_accuracy as bench
+
+    def diverging(*args, **kwargs):
+        raise FloatingPointError("Loss became infinite or NaN at iteration=3!\nloss_dict = {'loss_fgd': nan}")
+
+    monkeypatch.setattr(bench, "train_and_evaluate", diverging)
+    args = argparse.Namespace(schedule="smoke", tune=True, rows=None, seeds=1, eval_dataset="digits_det_tune",
+                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"))
+    teacher = bench.Teacher(args, "retinanet")
+    result = bench.train_student(bench.Run(args, "retinanet", "fgd@100", 0, teacher))
+    assert result["metrics"] is None and result["diverged"] == "Loss became infinite or NaN at iteration=3!"
+    with pytest.raises(FloatingPointError):
+        bench.train_student(bench.Run(args, "retinanet", "fgd", 0, teacher))
+
+
+def test_tuning_on_the_split_the_table_reports_is_refused():
+    proc = subprocess.run([sys.executable, "tools/bench_accuracy.py", "--tune", "--eval-dataset", "digits_det_val"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--tune --eval-dataset digits_det_val: the table reports that split" in proc.stderr
