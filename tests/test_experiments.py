@@ -114,7 +114,8 @@ def test_heterogeneous_pair_runs_build_with_the_other_detectors_teacher(tmp_path
     import bench_accuracy as bench
 
     args = argparse.Namespace(schedule="smoke", rows=None, seeds=None, eval_dataset=bench.DEFAULT_EVAL_DATASET,
-                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"))
+                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"),
+                              tuned_weights=str(tmp_path / "no_tuned_weights.json"))
     teacher = bench.Teacher(args, "fcos")
     fcos_cfg = teacher.cfg.clone()
     fcos_cfg.MODEL.DEVICE = "cpu"

@@ -80,7 +80,11 @@ def test_sweep_writes_the_chosen_factor_that_tuned_rows_train_with(tmp_path):
     assert sweep_table(tmp_path / "tuning.md") == [["FGD", "15.0", "18.0", "12.0", "diverged", "diverged", "x0.1", "+6.0"]]
 
     table_args = argparse.Namespace(**{**vars(args), "tune": False, "eval_dataset": bench.DEFAULT_EVAL_DATASET,
-                                       "seeds": None, "rows": ["fgd", "fgd+tuned"]})
+                                       "seeds": None, "rows": None})
+    # The table's default rows: each tuned method beside its published row.
+    default_rows = bench.rows_of(table_args, "retinanet", ["baseline", "fitnet", "fgd", "pkd"])
+    assert default_rows == ["baseline", "fitnet", "fgd", "fgd+tuned", "pkd"]
+    assert bench.rows_of(table_args, "fcos", ["baseline", "fgd"]) == ["baseline", "fgd"]  # tuned on RetinaNet only
     published, tuned = (bench.Run(table_args, "retinanet", row, 0, teachers["retinanet"]) for row in ("fgd", "fgd+tuned"))
     assert published.cfg.DISTILL.FGD.FG_WEIGHT == 0.001 and tuned.cfg.DISTILL.FGD.FG_WEIGHT == pytest.approx(0.0001)
     assert tuned.record_path.endswith("fgd+tuned_seed0.json") and not tuned.record_divergence

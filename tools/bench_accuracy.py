@@ -514,14 +514,20 @@ def seeds_of(args, track):
 
 def rows_of(args, track, rows):
     """A pair's rows: the given ones but the baseline (the student's own track has it); by
-    default the methods that can run across the pair."""
+    default the methods that can run across the pair. By default, each method that the sweep
+    tuned for the track (tuned_weights.json) also at its tuned weights, beside the published ones."""
     if not is_pair(track):
         available = methods_of(track)
-        return [r for r in rows if r.startswith("baseline")
-                or VARIANTS.get(parse_row(r)[0], (parse_row(r)[0],))[0] in available]
-    if args.rows is None:
-        return layout_free_methods(student_and_teacher(track)[0])
-    return [r for r in rows if not r.startswith("baseline")]
+        chosen = [r for r in rows if r.startswith("baseline")
+                  or VARIANTS.get(parse_row(r)[0], (parse_row(r)[0],))[0] in available]
+    elif args.rows is None:
+        chosen = layout_free_methods(student_and_teacher(track)[0])
+    else:
+        chosen = [r for r in rows if not r.startswith("baseline")]
+    if args.rows is not None:
+        return chosen
+    tuned = read_tuned_weights(getattr(args, "tuned_weights", TUNED_WEIGHTS_FILE))["tracks"].get(track, {})
+    return [row for r in chosen for row in ([r, r + TUNED] if r in tuned else [r])]
 
 
 def collect(args, runs):
