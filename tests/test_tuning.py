@@ -27,6 +27,7 @@ def test_the_best_factor_is_chosen_and_a_tie_goes_to_the_published_constants():
     assert choose_scale({0.01: 30.0, 0.1: 29.0, 1.0: 20.0, 10.0: None, 100.0: None}) == 0.01
     assert choose_scale({0.01: 20.0, 0.1: 25.0, 1.0: 25.0, 10.0: 25.0, 100.0: None}) == 1.0
     assert choose_scale({0.1: 25.0, 10.0: 25.0}) in (0.1, 10.0)  # equally near x1: either
+    assert choose_scale({0.01: 0.0014, 0.1: 0.0004, 1.0: 0.0001}) == 1.0  # equal at 0.1 AP
     with pytest.raises(ValueError, match="every run of the sweep diverged"):
         choose_scale({1.0: None, 10.0: float("nan")})
 

@@ -36,9 +36,9 @@ def scaled_weight_opts(cfg, scale):
 
 
 def choose_scale(ap_by_scale):
-    """The factor of highest AP; a tie goes to the one nearer the published constants (x 1).
-    ``ap_by_scale``: {scale: AP, or None for a run that diverged}."""
-    finite = {s: ap for s, ap in ap_by_scale.items() if ap is not None and math.isfinite(ap)}
+    """The factor of highest AP at the table's precision (0.1 AP); a tie goes to the one nearer
+    the published constants (x 1). ``ap_by_scale``: {scale: AP, or None for a run that diverged}."""
+    finite = {s: round(ap, 1) for s, ap in ap_by_scale.items() if ap is not None and math.isfinite(ap)}
     if not finite:
         raise ValueError(f"every run of the sweep diverged: {sorted(ap_by_scale)}")
     return max(finite, key=lambda s: (finite[s], -abs(math.log10(s))))
