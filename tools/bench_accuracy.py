@@ -7,6 +7,8 @@ embedded digits dataset. Writes benchmarks/accuracy_<schedule>.md and .json.
     python tools/bench_accuracy.py --schedule short --eval-dataset digits_det_tune --detectors retinanet \
         --seeds 1 --rows baseline tbd tbd_learned tbd_gt_box tbd_hd tbd_tfd --output benchmarks/tbd_choices
     python tools/bench_accuracy.py --report-only         # the table from the committed runs
+    python tools/bench_accuracy.py --tune --jobs 2       # the loss-weight sweep on digits_det_tune; then
+    python tools/bench_accuracy.py --jobs 2              # adds each swept method's "+tuned" row
 
 The full table takes many hours on a CPU, so it is built run by run: each finished run writes
 a small record (metrics and the exact config, no weights) to --records, one JSON per run, meant
@@ -83,6 +85,12 @@ SCHEDULES = {
          "SOLVER.WARMUP_ITERS", 100, "TEST.EVAL_PERIOD", 500, "SOLVER.CHECKPOINT_PERIOD", 250],
     ),
 }
+# The tuning sweep's: the trained schedule's teacher and students, every student stopped at
+# iteration 500 of 1000 (before the lr steps), the probe whose ranking of the methods agreed
+# best with the full runs' (benchmarks/probe_rank_correlation.md).
+SCHEDULES["tune"] = (SCHEDULES["trained"][0],
+                     [*SCHEDULES["trained"][1], "SOLVER.MAX_ITER", 500, "TEST.EVAL_PERIOD", 0])
+TEACHER_OF = {"tune": "trained"}  # a schedule that trains no teacher of its own
 
 
 def rel(path):
@@ -207,7 +215,7 @@ class Teacher:
         self.config_file = digits_config(ROOT, f"{det}_R34_FPN_teacher.yaml")
         self.opts = SCHEDULES[args.schedule][0]
         base = load_config(self.config_file)
-        self.output_dir = os.path.join(rel(os.path.join(ROOT, base.OUTPUT_DIR)) + f"_{args.schedule}")
+        self.output_dir = os.path.join(rel(os.path.join(ROOT, base.OUTPUT_DIR)) + f"_{TEACHER_OF.get(args.schedule, args.schedule)}")
         self.weights = os.path.join(self.output_dir, "model_final.pth")
         self.cfg = load_config(self.config_file, [*self.opts, "OUTPUT_DIR", self.output_dir])
         self.record_path = os.path.join(args.records, det, "teacher.json")
@@ -317,7 +325,7 @@ def main():
                         help="baseline, methods, VARIANTS, any of them + '+init' (default: baseline, every "
                              "method, baseline+init and the best two methods +init; for a pair, the methods "
                              "that compare features only, beside the student's own baseline)")
-    parser.add_argument("--schedule", default="trained", choices=list(SCHEDULES))
+    parser.add_argument("--schedule", default=None, choices=list(SCHEDULES), help="default trained; tune with --tune")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per detector (default 3 RetinaNet, 2 FCOS, {PAIR_SEEDS} a pair)")
     parser.add_argument("--eval-dataset", default=None,
@@ -338,6 +346,7 @@ def main():
     args = parser.parse_args()
     os.chdir(ROOT)  # paths in configs and records are relative to the project
     setup_logger(name="detectron2")
+    args.schedule = args.schedule or ("tune" if args.tune else "trained")
     args.eval_dataset = args.eval_dataset or (TUNE_DATASET if args.tune else DEFAULT_EVAL_DATASET)
     if args.tune:
         if args.eval_dataset == DEFAULT_EVAL_DATASET:
