@@ -44,7 +44,7 @@ from harness.tuning import (SCALES, TUNE_DATASET, TUNED_WEIGHTS_FILE, choose_sca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd",
-           "bckd_roi_kd", "pkd_bckd_roi_kd", "fgd_roi_kd"]
+           "bckd_roi_kd", "pkd_bckd_roi_kd", "fgd_roi_kd", "fgfi_roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
 SCALE_SEP = "@"  # row "fgd@0.1": every loss weight of the method x 0.1 (the --tune sweep's rows)
@@ -590,7 +590,8 @@ def build_report(args, runs, teachers, seconds):
             s["gain_AP"] = s["mean"]["AP"] - base["mean"]["AP"]
             teacher_ap = s.get("own_teacher_AP", teacher["metrics"]["AP"] if teacher else None)
             gap = teacher_ap - base["mean"]["AP"] if teacher_ap is not None else None
-            s["gap_closed"] = s["gain_AP"] / gap if gap else None
+            # A teacher no better than the student alone leaves no gap to close.
+            s["gap_closed"] = s["gain_AP"] / gap if gap is not None and gap > 0 else None
         report["detectors"][det] = {"teacher": teacher, "rows": summary, "expected_seeds": seeds_of(args, det),
                                     "not_trained": [row for row, records in rows.items() if not records]}
         if is_pair(det):
@@ -670,6 +671,9 @@ def write_report(report, output):
                 gains.append([row_label(r), f"{v['gain_AP']:+.2f}", gap, beats, seeds])
             lines += [markdown_table(["row", "gain over baseline (AP)", "gap closed", "beats FITNET", "seeds' AP"], gains)]
             lines += ["", "Gap closed = (row AP - baseline AP) / (teacher AP - baseline AP).", ""]
+            if teacher["metrics"]["AP"] <= rows_summary["baseline"]["mean"]["AP"]:
+                lines += [f"The teacher ({teacher['metrics']['AP']:.1f} AP) is not above the student alone: there is no gap "
+                          "to close, and gap closed is not defined.", ""]
             other_teacher = [f"{row_label(r)} (teacher AP {v['own_teacher_AP']:.1f})" for r, v in rows_summary.items()
                              if "own_teacher_AP" in v]
             if other_teacher:
