@@ -141,6 +141,8 @@ def heading_anchor(heading):
 @pytest.mark.parametrize("bench_file, first_column, detector", [
     ("accuracy_short_faster_rcnn.json", "Faster R-CNN", "faster_rcnn"),
     ("accuracy_medium.json", "Faster R-CNN, medium", "faster_rcnn"),
+    ("accuracy_medium_mask_rcnn.json", "Mask R-CNN, medium", "mask_rcnn"),
+    ("accuracy_medium_pair.json", "RetinaNet -> Faster R-CNN, medium", "retinanet_to_faster_rcnn"),
 ])
 def test_two_stage_page_tables_are_the_committed_benchmarks(bench_file, first_column, detector):
     """docs/two_stage.md's tables, cell by cell against their benchmark: mean AP (box, and mask

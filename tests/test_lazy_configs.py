@@ -32,7 +32,7 @@ DIGITS = config_path("digits")
 ITERATIONS = 2
 
 
-@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 10), ("mask_rcnn", 3)])
+@pytest.mark.parametrize("detector, methods", [("retinanet", 10), ("fcos", 10), ("faster_rcnn", 11), ("mask_rcnn", 3)])
 def test_every_yaml_distillation_has_a_py_twin_building_the_same_model(detector, methods, teachers, request, tmp_path):
     rcnn_fixture = {"faster_rcnn": "rcnn_teacher", "mask_rcnn": "mask_rcnn_teacher"}.get(detector)
     teacher = request.getfixturevalue(rcnn_fixture) if rcnn_fixture else teachers[detector]
