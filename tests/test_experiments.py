@@ -1,6 +1,7 @@
 """Reuse of finished runs by the demo and the accuracy benchmark."""
 import json
 import os
+import re
 
 import pytest
 
@@ -175,3 +176,28 @@ def test_rows_trained_with_a_retrained_teacher_measure_the_gap_against_it(tmp_pa
     assert abs(rows["tid"]["gap_closed"] - (tid - base) / (table_teacher - base)) < 1e-12
     bench.write_report(report, str(tmp_path / "table"))
     assert "R18 + FGD (teacher AP 49.2)" in (tmp_path / "table.md").read_text()
+
+
+def test_a_teacher_below_the_student_leaves_no_gap_to_close(tmp_path):
+    """The committed RetinaNet -> Faster R-CNN medium rows: the teacher (16.4 AP) is below the
+    Faster R-CNN student alone (38.2), so no row has a gap closed, and the table says why."""
+    import argparse
+
+    import bench_accuracy as bench
+    from conftest import ROOT
+
+    args = argparse.Namespace(schedule="medium", rows=["fgfi", "fgd"], seeds=2, eval_dataset=bench.DEFAULT_EVAL_DATASET,
+                              work_dir=str(tmp_path / "work"), records=os.path.join(ROOT, "benchmarks", "accuracy_runs_medium"),
+                              detectors=["retinanet_to_faster_rcnn"], tuned_weights=str(tmp_path / "none.json"))
+    teachers = {det: bench.Teacher(args, det) for det in ("retinanet", "faster_rcnn")}
+    runs = [bench.Run(args, "retinanet_to_faster_rcnn", row, seed, teachers["retinanet"])
+            for row in args.rows for seed in range(2)]
+    report = bench.build_report(args, runs, teachers, 0.0)
+    rows = report["detectors"]["retinanet_to_faster_rcnn"]["rows"]
+    assert report["detectors"]["retinanet_to_faster_rcnn"]["teacher"]["metrics"]["AP"] < rows["baseline"]["mean"]["AP"]
+    assert rows["fgfi"]["gain_AP"] < 0 and rows["fgd"]["gain_AP"] < 0
+    assert [rows[r]["gap_closed"] for r in ("baseline", "fgfi", "fgd")] == [None, None, None]
+    bench.write_report(report, str(tmp_path / "table"))
+    text = (tmp_path / "table.md").read_text()
+    assert "The teacher (16.4 AP) is not above the student alone" in text
+    assert re.search(r"\| R18 \+ FGFI +\| -4\.82 +\| - +\|", text)
