@@ -503,6 +503,8 @@ def write_sweep(args, runs, seconds):
                                                            else "not trained yet."), ""]
         lines += [markdown_table(["method", *scale_names, "chosen", "AP over x1"], table), ""]
     write_report_files(args.output, report, lines)
+    if not tuned["tracks"] and not os.path.exists(args.tuned_weights):
+        return  # nothing chosen yet: no file, so the table adds no "+tuned" row
     with open(args.tuned_weights, "w") as f:
         json.dump(tuned, f, indent=1)
         f.write("\n")
