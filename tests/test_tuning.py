@@ -148,3 +148,20 @@ def test_the_tune_schedule_is_the_trained_one_stopped_at_500_iterations_under_th
     assert probe.cfg.MODEL.FPN.OUT_CHANNELS == full.cfg.MODEL.FPN.OUT_CHANNELS == 128
     assert probe.cfg.DISTILL.TEACHER.WEIGHTS == full.cfg.DISTILL.TEACHER.WEIGHTS
     assert (probe.cfg.DISTILL.PKD.WEIGHT, full.cfg.DISTILL.PKD.WEIGHT) == (1.0, 10.0)
+
+
+def test_sweep_trains_the_tables_question_first(tmp_path):
+    """Every track's student alone, then TBD, FGD, PKD and CWD on every track before the other
+    methods, whatever order --rows names them in: a sweep stopped part-way has answered
+    "does TBD beat the tuned public methods"."""
+    import bench_accuracy as bench
+
+    args = argparse.Namespace(schedule="tune", tune=True, rows=["fitnet", "cwd", "tbd"], seeds=1,
+                              eval_dataset="digits_det_tune", work_dir=str(tmp_path / "work"),
+                              records=str(tmp_path / "records"), detectors=["retinanet", "fcos"],
+                              tuned_weights=str(tmp_path / "none.json"))
+    teachers = {det: bench.Teacher(args, det) for det in ("retinanet", "fcos")}
+    order = [(r.det, r.row) for r in bench.sweep_runs(args, teachers)]
+    assert order == [("retinanet", "baseline"), ("fcos", "baseline"),
+                     *((det, f"{method}@{s:g}") for method in ("tbd", "cwd", "fitnet")
+                       for det in ("retinanet", "fcos") for s in SCALES)]

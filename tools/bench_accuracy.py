@@ -47,6 +47,9 @@ METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cw
            "bckd_roi_kd", "pkd_bckd_roi_kd", "fgd_roi_kd", "fgfi_roi_kd"]
 INIT = "+init"  # row suffix: the student's FPN and head start from the teacher's
 INIT_OPTS = ["DISTILL.STUDENT_INIT", "neck+head"]
+# The --tune sweep trains these first: a sweep stopped part-way has then answered the table's
+# question, TBD against the strongest public methods each at its best.
+SWEEP_FIRST = ("tbd", "fgd", "pkd", "cwd")
 SCALE_SEP = "@"  # row "fgd@0.1": every loss weight of the method x 0.1 (the --tune sweep's rows)
 TUNED = "+tuned"  # row suffix: the loss weights x the factor chosen on the tune split (tuned_weights.json)
 SEEDS = {"retinanet": 3, "fcos": 2, "faster_rcnn": 2, "mask_rcnn": 2}
@@ -442,19 +445,30 @@ def main():
 
 
 def sweep_runs(args, teachers):
-    """The --tune runs: per track, its student alone and each method x every factor of SCALES."""
-    runs = {}
+    """The --tune runs: each track's student alone, then each method x every factor of SCALES on
+    every track, the methods of SWEEP_FIRST first."""
+    runs, methods_of_track = {}, {}
     for track in args.detectors:
-        student, teacher = student_and_teacher(track)
+        student, _ = student_and_teacher(track)
         methods = [r for r in rows_of(args, track, args.rows or METHODS) if not r.startswith("baseline")]
         odd = [m for m in methods if parse_row(m) != (m, None, False)]
         if odd:
             raise ValueError(f"--tune --rows {' '.join(odd)}: the sweep takes method names (e.g. fgd pkd); it "
                              "scales their weights itself")
+        methods_of_track[track] = methods
         for seed in range(seeds_of(args, track)):
             runs.setdefault((student, "baseline", seed), Run(args, student, "baseline", seed, teachers[student]))
-            for row in [f"{m}{SCALE_SEP}{s:g}" for m in methods for s in SCALES]:
-                runs[track, row, seed] = Run(args, track, row, seed, teachers[teacher])
+    every_method = list(dict.fromkeys(m for methods in methods_of_track.values() for m in methods))
+    every_method.sort(key=lambda m: SWEEP_FIRST.index(m) if m in SWEEP_FIRST else len(SWEEP_FIRST))
+    for method in every_method:
+        for track, methods in methods_of_track.items():
+            if method not in methods:
+                continue
+            teacher = teachers[student_and_teacher(track)[1]]
+            for seed in range(seeds_of(args, track)):
+                for scale in SCALES:
+                    row = f"{method}{SCALE_SEP}{scale:g}"
+                    runs[track, row, seed] = Run(args, track, row, seed, teacher)
     return list(runs.values())
 
 
