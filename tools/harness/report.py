@@ -67,11 +67,13 @@ def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val
     # The legend beside the axes: inside, ten rows' labels hid the middle groups' bars.
     fig, ax = plt.subplots(figsize=(11, 3.6), dpi=100)
     width = 0.8 / max(len(rows), 1)
+    # tab10 repeats after ten rows (the eleventh bar took the teacher's colour): tab20 beyond.
+    colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
     for i, (name, values, stds) in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))]
         heights = [0.0 if math.isnan(values.get(m, math.nan)) else values[m] for m in metrics]
         errors = None if stds is None else [stds.get(m, 0.0) for m in metrics]
-        ax.bar(xs, heights, width, yerr=errors, label=name, capsize=2)
+        ax.bar(xs, heights, width, yerr=errors, label=name, capsize=2, color=colors[i % len(colors)])
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels(metrics)
     ax.set_ylabel("AP (%)")
