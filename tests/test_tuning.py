@@ -165,3 +165,19 @@ def test_sweep_trains_the_tables_question_first(tmp_path):
     assert order == [("retinanet", "baseline"), ("fcos", "baseline"),
                      *((det, f"{method}@{s:g}") for method in ("tbd", "cwd", "fitnet")
                        for det in ("retinanet", "fcos") for s in SCALES)]
+
+
+def test_a_sweep_resumed_after_a_complete_grid_scales_the_published_weights(tmp_path):
+    """Once a method's grid is complete, tuned_weights.json names it and the table's default rows
+    add "<method>+tuned"; the sweep's default rows must not (a resumed sweep refused to start)."""
+    import bench_accuracy as bench
+
+    tuned_file = tmp_path / "tuned_weights.json"
+    tuned_file.write_text(json.dumps({"tracks": {"retinanet": {"tbd": {"scale": 1.0}}}}))
+    args = argparse.Namespace(schedule="tune", tune=True, rows=None, seeds=1, eval_dataset="digits_det_tune",
+                              work_dir=str(tmp_path / "work"), records=str(tmp_path / "records"),
+                              detectors=["retinanet"], tuned_weights=str(tuned_file))
+    rows = [r.row for r in bench.sweep_runs(args, {"retinanet": bench.Teacher(args, "retinanet")})]
+    assert rows[:5] == ["baseline", *(f"tbd@{s:g}" for s in SCALES)]
+    assert not [r for r in rows if bench.TUNED in r]
+    assert len(rows) == 1 + len(SCALES) * len(bench.methods_of("retinanet"))

@@ -450,7 +450,9 @@ def sweep_runs(args, teachers):
     runs, methods_of_track = {}, {}
     for track in args.detectors:
         student, _ = student_and_teacher(track)
-        methods = [r for r in rows_of(args, track, args.rows or METHODS) if not r.startswith("baseline")]
+        # Never the +tuned rows: a sweep resumed after some method's grid is complete scales the published weights.
+        methods = [r for r in rows_of(args, track, args.rows or METHODS, with_tuned=False)
+                   if not r.startswith("baseline")]
         odd = [m for m in methods if parse_row(m) != (m, None, False)]
         if odd:
             raise ValueError(f"--tune --rows {' '.join(odd)}: the sweep takes method names (e.g. fgd pkd); it "
@@ -537,10 +539,11 @@ def seeds_of(args, track):
     return args.seeds or (PAIR_SEEDS if is_pair(track) else SEEDS[track])
 
 
-def rows_of(args, track, rows):
+def rows_of(args, track, rows, with_tuned=True):
     """A pair's rows: the given ones but the baseline (the student's own track has it); by
-    default the methods that can run across the pair. By default, each method that the sweep
-    tuned for the track (tuned_weights.json) also at its tuned weights, beside the published ones."""
+    default the methods that can run across the pair. By default (and ``with_tuned``), each method
+    that the sweep tuned for the track (tuned_weights.json) also at its tuned weights, beside the
+    published ones."""
     if not is_pair(track):
         available = methods_of(track)
         chosen = [r for r in rows if r.startswith("baseline")
@@ -549,7 +552,7 @@ def rows_of(args, track, rows):
         chosen = layout_free_methods(student_and_teacher(track)[0])
     else:
         chosen = [r for r in rows if not r.startswith("baseline")]
-    if args.rows is not None:
+    if args.rows is not None or not with_tuned:
         return chosen
     tuned = read_tuned_weights(getattr(args, "tuned_weights", TUNED_WEIGHTS_FILE))["tracks"].get(track, {})
     return [row for r in chosen for row in ([r, r + TUNED] if r in tuned else [r])]
