@@ -1,13 +1,14 @@
 """The equal tuning budget: the sweep's runs, the factor chosen on the tune split, the tuned rows."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from d2_taskdistill import load_config
-from harness.tuning import SCALES, choose_scale, scaled_weight_opts
+from harness.tuning import SCALES, choose_scale, next_scale, scaled_weight_opts
 
 from conftest import ROOT, config_path, markdown_tables
 
@@ -181,3 +182,73 @@ def test_a_sweep_resumed_after_a_complete_grid_scales_the_published_weights(tmp_
     assert rows[:5] == ["baseline", *(f"tbd@{s:g}" for s in SCALES)]
     assert not [r for r in rows if bench.TUNED in r]
     assert len(rows) == 1 + len(SCALES) * len(bench.methods_of("retinanet"))
+
+
+def test_a_best_factor_at_an_edge_of_the_grid_adds_the_next_decade():
+    assert next_scale({0.01: 30.0, 0.1: 29.0, 1.0: 20.0, 10.0: None}) == 0.001
+    assert next_scale({0.001: 29.0, 0.01: 30.0, 0.1: 29.0, 1.0: 20.0, 10.0: None}) is None  # inside
+    assert next_scale({0.01: 20.0, 0.1: 25.0, 1.0: 26.0, 10.0: 27.0}) == 100.0
+    assert next_scale({0.01: 20.0, 0.1: 25.0, 1.0: 27.0, 10.0: None}) is None  # x10 diverged: x1 is inside
+    assert next_scale({0.0001: 9.0, 0.001: 8.0, 0.01: 7.0}) is None  # the lower limit
+    assert next_scale({100.0: 7.0, 1000.0: 9.0}) is None  # the upper limit
+
+
+def test_the_sweep_extends_a_grid_whose_best_is_at_an_edge(tmp_path):
+    """FCOS FGD best at x0.01: no factor is chosen until x0.001 is trained; then the best of the
+    five is, and the table gets an x0.001 column (blank for a method that did not need it)."""
+    import bench_accuracy as bench
+
+    tuned_file = tmp_path / "tuned_weights.json"
+    args = argparse.Namespace(schedule="smoke", tune=True, rows=["fgd", "pkd"], seeds=1,
+                              eval_dataset="digits_det_tune", work_dir=str(tmp_path / "work"),
+                              records=str(tmp_path / "records"), detectors=["fcos"], tuned_weights=str(tuned_file),
+                              output=str(tmp_path / "tuning"))
+    teachers = {"fcos": bench.Teacher(args, "fcos")}
+    outcomes = {"baseline": 8.6, "fgd@0.01": 9.4, "fgd@0.1": 8.4, "fgd@1": 9.2, "fgd@10": 9.0,
+                "pkd@0.01": 12.0, "pkd@0.1": 20.0, "pkd@1": 18.0, "pkd@10": 11.0}
+    for run in bench.sweep_runs(args, teachers):
+        fake_record(bench, run, outcomes[run.row])
+    runs = bench.sweep_runs(args, teachers)
+    new, = [r for r in runs if r.committed() is None]
+    assert new.row == "fgd@0.001" and new.cfg.DISTILL.FGD.FG_WEIGHT == pytest.approx(0.0016 * 0.001, rel=1e-6)
+    bench.write_sweep(args, runs, 0.0)
+    assert list(json.loads(tuned_file.read_text())["tracks"]["fcos"]) == ["pkd"]  # FGD is not tuned yet
+
+    fake_record(bench, new, 12.5)
+    new, = [r for r in bench.sweep_runs(args, teachers) if r.committed() is None]
+    assert new.row == "fgd@0.0001"  # x0.001 is best: still at the edge
+    fake_record(bench, new, 11.0)
+    runs = bench.sweep_runs(args, teachers)
+    assert all(r.committed() is not None for r in runs)
+    bench.write_sweep(args, runs, 0.0)
+    assert json.loads(tuned_file.read_text())["tracks"]["fcos"]["fgd"]["scale"] == 0.001
+    (header, rows), = markdown_tables((tmp_path / "tuning.md").read_text())
+    assert header == ["method", "x0.0001", "x0.001", "x0.01", "x0.1", "x1", "x10", "chosen", "AP over x1"]
+    assert rows == [["FGD", "11.0", "12.5", "9.4", "8.4", "9.2", "9.0", "x0.001", "+3.3"],
+                    ["PKD", "", "", "12.0", "20.0", "18.0", "11.0", "x0.1", "+2.0"]]
+
+
+def test_the_sweep_command_trains_the_added_decade_in_the_same_call(tmp_path, monkeypatch):
+    """`bench_accuracy.py --tune` (training replaced by outcomes per row): after the grid, the
+    run at x0.001 is trained before the command ends, and its factor is the one written."""
+    import bench_accuracy as bench
+
+    outcomes = {"baseline": 8.6, "fgd@0.01": 9.4, "fgd@0.1": 8.4, "fgd": 9.2, "fgd@10": 9.0, "fgd@0.001": 12.5,
+                "fgd@0.0001": 11.0}
+    trained = []
+
+    def train_and_evaluate(config_file, output_dir, opts):
+        row = os.path.basename(output_dir).removesuffix("_seed0")
+        trained.append(row)
+        return {"metrics": {m: outcomes[row] for m in bench.METRICS}, "iterations": 10, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "train_and_evaluate", train_and_evaluate)
+    monkeypatch.setattr(bench, "train_teacher", lambda teacher: {"detector": teacher.det, "metrics": {"AP": 40.0}})
+    tuned_file = tmp_path / "tuned.json"
+    monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--tune", "--schedule", "smoke", "--detectors", "fcos",
+                                      "--rows", "fgd", "--records", str(tmp_path / "records"), "--work-dir",
+                                      str(tmp_path / "work"), "--output", str(tmp_path / "tuning"),
+                                      "--tuned-weights", str(tuned_file)])
+    assert bench.main() == 0
+    assert trained == ["baseline", "fgd@0.01", "fgd@0.1", "fgd", "fgd@10", "fgd@0.001", "fgd@0.0001"]
+    assert json.loads(tuned_file.read_text())["tracks"]["fcos"]["fgd"]["scale"] == 0.001

@@ -39,8 +39,8 @@ from detectron2.utils.logger import setup_logger
 from d2_taskdistill import load_config
 from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
 from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
-from harness.tuning import (SCALES, TUNE_DATASET, TUNED_WEIGHTS_FILE, choose_scale, read_tuned_weights,
-                            scaled_weight_opts, tuned_scale)
+from harness.tuning import (MAX_SCALE, MIN_SCALE, SCALES, TUNE_DATASET, TUNED_WEIGHTS_FILE, choose_scale, next_scale,
+                            read_tuned_weights, scaled_weight_opts, tuned_scale)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fitnet", "fgfi", "tid", "tbd", "bckd", "bckd_tid", "fgd", "pkd", "cwd", "pkd_bckd", "roi_kd",
@@ -335,7 +335,8 @@ def main():
                         help=f"registered dataset the students are evaluated on (default {DEFAULT_EVAL_DATASET}; "
                              f"{TUNE_DATASET} with --tune)")
     parser.add_argument("--tune", action="store_true",
-                        help=f"the tuning sweep: each row's loss weights x {', '.join(f'{s:g}' for s in SCALES)}, one "
+                        help=f"the tuning sweep: each row's loss weights x {', '.join(f'{s:g}' for s in SCALES)} (and "
+                             "the next decade while the best is at an edge), one "
                              f"seed, on {TUNE_DATASET}, beside the student alone; writes the factor of best AP per "
                              "method and track to --tuned-weights, which the ROW+tuned rows read")
     parser.add_argument("--tuned-weights", default=os.path.relpath(TUNED_WEIGHTS_FILE, ROOT),
@@ -412,9 +413,14 @@ def main():
         run_in_pool(args.jobs, [(train_student, (r,)) for r in missing], done)
 
     if args.tune:
-        runs = sweep_runs(args, teachers)
-        if not args.report_only:
+        runs, tried = sweep_runs(args, teachers), set()
+        while not args.report_only:  # a best factor at an edge of the grid adds the next decade: sweep again
+            missing = {(r.det, r.row, r.seed) for r in runs if r.committed() is None} - tried
+            if not missing:
+                break
+            tried |= missing
             train_missing(runs)
+            runs = sweep_runs(args, teachers)
         write_sweep(args, runs, time.perf_counter() - start)
         return 0
     runs = runs_for(fixed_rows)
@@ -467,18 +473,28 @@ def sweep_runs(args, teachers):
             if method not in methods:
                 continue
             teacher = teachers[student_and_teacher(track)[1]]
-            for seed in range(seeds_of(args, track)):
-                for scale in SCALES:
+            scales = list(SCALES)
+            while scales:  # the grid, then one decade more while the best recorded factor is at an edge
+                by_scale = {}
+                for scale in scales:
                     row = f"{method}{SCALE_SEP}{scale:g}"
-                    runs[track, row, seed] = Run(args, track, row, seed, teacher)
+                    by_scale[scale] = [runs.setdefault((track, row, seed), Run(args, track, row, seed, teacher))
+                                       for seed in range(seeds_of(args, track))]
+                ap = {s: sweep_outcome([r.committed() for r in rs]) for s, rs in by_scale.items()}
+                extra = None if "missing" in ap.values() else next_scale(finite_or_none(ap))
+                scales = [*scales, extra] if extra is not None else None
     return list(runs.values())
+
+
+def finite_or_none(outcomes):
+    """{scale: AP} of sweep outcomes, a diverged run as None (never chosen)."""
+    return {s: v if isinstance(v, float) else None for s, v in outcomes.items()}
 
 
 def write_sweep(args, runs, seconds):
     """The sweep's table (--output .md / .json), and the factor of best AP of every method whose
     sweep is complete, written to --tuned-weights (the entries of other tracks and methods kept)."""
     tuned = read_tuned_weights(args.tuned_weights)
-    scale_names = [f"x{s:g}" for s in SCALES]
     report = {"command": "python " + " ".join([rel(sys.argv[0]), *sys.argv[1:]]), "schedule": args.schedule,
               "eval_dataset": args.eval_dataset, "scales": list(SCALES), "records": args.records,
               "wall_seconds": round(seconds, 1), "tracks": {}}
@@ -486,8 +502,9 @@ def write_sweep(args, runs, seconds):
              f"Schedule `{args.schedule}`, students evaluated on `{args.eval_dataset}`, one record per run in "
              f"`{args.records}`. Each method's loss weights (every DISTILL.<LOSS>.*WEIGHT of its losses) are "
              f"multiplied by one factor of the same grid for every method; the factor of best AP is chosen (a tie: "
-             f"the one nearer x1, the published constants) and written to `{args.tuned_weights}`. A run whose "
-             "loss became non-finite is recorded as diverged and never chosen.", ""]
+             f"the one nearer x1, the published constants) and written to `{args.tuned_weights}`. A best factor at "
+             f"an edge of the factors tried adds the next decade on that side (x{MIN_SCALE:g} to x{MAX_SCALE:g}). "
+             "A run whose loss became non-finite is recorded as diverged and never chosen.", ""]
     for track in args.detectors:
         student = student_and_teacher(track)[0]
         baseline = [r.committed() for r in runs if r.det == student and r.row == "baseline"]
@@ -498,26 +515,28 @@ def write_sweep(args, runs, seconds):
                 method, scale, _ = parse_row(run.row)
                 sweeps.setdefault(method, {}).setdefault(scale, []).append((run, run.committed()))
         table, methods = [], {}
+        track_scales = sorted({s for by_scale in sweeps.values() for s in by_scale})  # a blank cell: not needed
         for method, by_scale in sweeps.items():
             ap = {s: sweep_outcome([rec for _, rec in pairs]) for s, pairs in by_scale.items()}
             entry = {"AP": {f"{s:g}": v for s, v in ap.items()}}
-            complete = all(v != "missing" for v in ap.values())
+            complete = all(v != "missing" for v in ap.values()) and next_scale(finite_or_none(ap)) is None
             if complete:
-                chosen = choose_scale({s: v if isinstance(v, float) else None for s, v in ap.items()})
+                chosen = choose_scale(finite_or_none(ap))
                 chosen_run = by_scale[chosen][0][0]
                 entry.update(scale=chosen, opts=[str(o) for o in chosen_run.weight_opts])
                 tuned["tracks"].setdefault(track, {})[method] = {
                     **entry, "schedule": args.schedule, "eval_dataset": args.eval_dataset,
                     "seeds": len(by_scale[chosen]), "records": args.records}
             methods[method] = entry
-            cells = [f"{v:.1f}" if isinstance(v, float) else ("-" if v == "missing" else v) for v in ap.values()]
+            cells = [f"{v:.1f}" if isinstance(v, float) else ("-" if v == "missing" else v)
+                     for v in (ap.get(s, "") for s in track_scales)]
             published = ap.get(1.0)
             gain = (f"{ap[entry['scale']] - published:+.1f}" if complete and isinstance(published, float) else "-")
             table.append([method_label(method), *cells, f"x{entry['scale']:g}" if complete else "-", gain])
         report["tracks"][track] = {"baseline_AP": baseline_ap, "methods": methods}
         lines += [f"## {track}", "", "Student alone: " + (f"{baseline_ap:.1f} AP." if baseline_ap is not None
                                                            else "not trained yet."), ""]
-        lines += [markdown_table(["method", *scale_names, "chosen", "AP over x1"], table), ""]
+        lines += [markdown_table(["method", *(f"x{s:g}" for s in track_scales), "chosen", "AP over x1"], table), ""]
     write_report_files(args.output, report, lines)
     if not tuned["tracks"] and not os.path.exists(args.tuned_weights):
         return  # nothing chosen yet: no file, so the table adds no "+tuned" row

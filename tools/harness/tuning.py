@@ -11,6 +11,10 @@ TUNED_WEIGHTS_FILE = os.path.join(ROOT, "benchmarks", "tuned_weights.json")
 # above (FGD's terms are 20-300 x the detector's losses at x 1 here). A run that diverges (a
 # non-finite loss) is recorded as such and never chosen.
 SCALES = (0.01, 0.1, 1.0, 10.0)
+# A best factor at an edge of the grid is not a tuned one: the sweep adds the next decade on that
+# side, up to these. Under AdamW a method whose loss already dominates the shared parameters'
+# gradients at x0.01 (FGD here) is flat over the grid, and only a smaller factor is news.
+MIN_SCALE, MAX_SCALE = 0.0001, 1000.0
 TUNE_DATASET = "digits_det_tune"
 
 
@@ -43,6 +47,18 @@ def choose_scale(ap_by_scale):
     if not finite:
         raise ValueError(f"every run of the sweep diverged: {sorted(ap_by_scale)}")
     return max(finite, key=lambda s: (finite[s], -abs(math.log10(s))))
+
+
+def next_scale(ap_by_scale):
+    """The factor to add when the best of ``ap_by_scale`` (every run recorded: {scale: AP, or None
+    for a run that diverged}) lies at an edge of the factors tried, within MIN_SCALE..MAX_SCALE;
+    None when the best is inside the grid, or at a limit."""
+    best, low, high = choose_scale(ap_by_scale), min(ap_by_scale), max(ap_by_scale)
+    if best == low and low / 10 >= MIN_SCALE * 0.999:
+        return float(f"{low / 10:g}")
+    if best == high and high * 10 <= MAX_SCALE * 1.001:
+        return float(f"{high * 10:g}")
+    return None
 
 
 def read_tuned_weights(path=TUNED_WEIGHTS_FILE):
