@@ -180,6 +180,29 @@ def test_rows_trained_with_a_retrained_teacher_measure_the_gap_against_it(tmp_pa
     assert "R18 + FGD (teacher AP 49.2)" in (tmp_path / "table.md").read_text()
 
 
+def test_local_teacher_weights_of_another_ap_are_the_ones_the_runs_record(tmp_path, monkeypatch):
+    """Teacher weights retrained here from the committed config (a fresh machine) are reused as
+    they are; the committed teacher record stays, and the runs get the local teacher's AP."""
+    import argparse
+    import shutil
+
+    import bench_accuracy as bench
+    from conftest import ROOT
+
+    records = tmp_path / "records"
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "accuracy_runs_trained", "fcos"), records / "fcos")
+    args = argparse.Namespace(schedule="trained", work_dir=str(tmp_path / "work"), records=str(records))
+    teacher = bench.Teacher(args, "fcos")
+    committed = bench.read_record(teacher.record_path)
+    local = {"metrics": {m: 48.92 for m in bench.METRICS}, "reused": True, "iterations": 4000, "seconds": 1.0}
+    monkeypatch.setattr(bench, "train_and_evaluate", lambda *a: local)
+    record = teacher.train()
+    assert record["metrics"]["AP"] == 48.92 and record["retrained_here"]
+    assert bench.read_record(teacher.record_path) == committed and committed["metrics"]["AP"] != 48.92
+    local["metrics"] = committed["metrics"]  # the committed teacher's own weights
+    assert teacher.train() == committed
+
+
 def test_a_teacher_below_the_student_leaves_no_gap_to_close(tmp_path):
     """The committed RetinaNet -> Faster R-CNN medium rows: the teacher (16.4 AP) is below the
     Faster R-CNN student alone (38.2), so no row has a gap closed, and the table says why."""
