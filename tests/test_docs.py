@@ -168,3 +168,27 @@ def test_two_stage_page_tables_are_the_committed_benchmarks(bench_file, first_co
         expected = [cell(row["mean"], row["std"]), *([cell(row["mask_mean"], row["mask_std"])] if masks else []),
                     *([str(row["seeds"])] * seeds_column)]
         assert cells == expected, label
+
+
+def test_tuning_table_is_the_committed_sweep():
+    """docs/results.md's sweep table, cell by cell against benchmarks/tuning_tune.json: each
+    method's AP at the published weights (x1) and at the chosen factor, per detector."""
+    with open(os.path.join(ROOT, "benchmarks", "tuning_tune.json")) as f:
+        tracks = json.load(f)["tracks"]
+    text = open(os.path.join(ROOT, "docs", "results.md")).read()
+    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == "digits_det_tune, seed 0"]
+    detectors = {"RetinaNet": "retinanet", "FCOS": "fcos"}
+    assert header[1:] == [f"{name} {kind}" for name in detectors for kind in ("at x1", "tuned")]
+    table = {row[0]: row[1:] for row in rows}
+    expected_alone = []
+    for det in detectors.values():
+        expected_alone += [one_decimal(tracks[det]["baseline_AP"]), ""]
+    assert table.pop("student R18 alone") == expected_alone
+    for label, cells in table.items():
+        method = label.removeprefix("+ ").lower()
+        expected = []
+        for det in detectors.values():
+            swept = tracks[det]["methods"][method]
+            chosen = swept["scale"]
+            expected += [one_decimal(swept["AP"]["1"]), f"{one_decimal(swept['AP'][f'{chosen:g}'])} (x{chosen:g})"]
+        assert cells == expected, label
