@@ -54,10 +54,11 @@ def next_scale(ap_by_scale):
     for a run that diverged}) lies at an edge of the factors tried, within MIN_SCALE..MAX_SCALE;
     None when the best is inside the grid, or at a limit."""
     best, low, high = choose_scale(ap_by_scale), min(ap_by_scale), max(ap_by_scale)
-    if best == low and low / 10 >= MIN_SCALE * 0.999:
-        return float(f"{low / 10:g}")
-    if best == high and high * 10 <= MAX_SCALE * 1.001:
-        return float(f"{high * 10:g}")
+    lower, higher = float(f"{low / 10:g}"), float(f"{high * 10:g}")  # 0.001 / 10 = 0.0001, not 9.99e-05
+    if best == low and lower >= MIN_SCALE:
+        return lower
+    if best == high and higher <= MAX_SCALE:
+        return higher
     return None
 
 
