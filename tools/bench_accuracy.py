@@ -484,10 +484,18 @@ def sweep_runs(args, teachers):
                     row = f"{method}{SCALE_SEP}{scale:g}"
                     by_scale[scale] = [runs.setdefault((track, row, seed), Run(args, track, row, seed, teacher))
                                        for seed in range(seeds_of(args, track))]
-                ap = {s: sweep_outcome([r.committed() for r in rs]) for s, rs in by_scale.items()}
-                extra = None if "missing" in ap.values() else next_scale(finite_or_none(ap))
+                _, extra = grid_state({s: sweep_outcome([r.committed() for r in rs]) for s, rs in by_scale.items()})
                 scales = [*scales, extra] if extra is not None else None
     return list(runs.values())
+
+
+def grid_state(ap):
+    """(complete, factor to add) of one method's {scale: sweep outcome}: not complete while a run is
+    missing (nothing to add yet) or while the best factor is at an edge of the grid (add the next decade)."""
+    if "missing" in ap.values():
+        return False, None
+    extra = next_scale(finite_or_none(ap))
+    return extra is None, extra
 
 
 def finite_or_none(outcomes):
@@ -523,7 +531,7 @@ def write_sweep(args, runs, seconds):
         for method, by_scale in sweeps.items():
             ap = {s: sweep_outcome([rec for _, rec in pairs]) for s, pairs in by_scale.items()}
             entry = {"AP": {f"{s:g}": v for s, v in ap.items()}}
-            complete = all(v != "missing" for v in ap.values()) and next_scale(finite_or_none(ap)) is None
+            complete, _ = grid_state(ap)
             if complete:
                 chosen = choose_scale(finite_or_none(ap))
                 chosen_run = by_scale[chosen][0][0]
