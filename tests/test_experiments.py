@@ -92,15 +92,15 @@ def test_committed_records_still_make_the_committed_table(tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "accuracy_trained"  # the committed basename: the figure links match
-    # The published rows only: the sweep's tuned rows join the committed table when they are trained.
-    subprocess.run([sys.executable, "tools/bench_accuracy.py", "--report-only", "--output", str(out),
-                    "--tuned-weights", str(tmp_path / "no_tuned_weights.json")],
+    # With the committed benchmarks/tuned_weights.json: its +tuned rows are in the table.
+    subprocess.run([sys.executable, "tools/bench_accuracy.py", "--report-only", "--output", str(out)],
                    cwd=ROOT, check=True, capture_output=True)
     def table(path):
         with open(path) as f:
             return [line for line in f if not line.startswith(("Command:", "Wall time"))]
     committed = table(f"{ROOT}/benchmarks/accuracy_trained.md")
     assert sum(line.startswith("| R18 + ") for line in committed) >= 12  # both detectors' method rows
+    assert sum(", tuned weights (" in line for line in committed) >= 8
     assert table(f"{out}.md") == committed
 
 
@@ -226,3 +226,21 @@ def test_a_teacher_below_the_student_leaves_no_gap_to_close(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "The teacher (16.4 AP) is not above the student alone" in text
     assert re.search(r"\| R18 \+ FGFI +\| -4\.82 +\| - +\|", text)
+
+
+def test_bar_chart_legend_fits_in_the_figure_with_twenty_rows(tmp_path, monkeypatch):
+    """The benchmark charts put one legend label per row beside the axes: with the tuned rows a
+    detector has 19, and a fixed-height figure cut the last ones off."""
+    import matplotlib.pyplot as plt
+
+    from harness.report import bar_chart
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [(f"R18 + method {i}, tuned weights (2 seeds)", {"AP": 10.0 + i}, {"AP": 0.5}) for i in range(20)]
+    bar_chart(rows, str(tmp_path / "chart.png"), metrics=["AP"])
+    fig = figures[0]
+    legend = fig.axes[0].get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert len(fig.axes[0].get_legend().get_texts()) == 20
+    assert legend.y0 >= 0 and legend.y1 <= fig.bbox.height, (legend, fig.bbox)
+    plt.close(fig)

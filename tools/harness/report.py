@@ -64,8 +64,9 @@ def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # The legend beside the axes: inside, ten rows' labels hid the middle groups' bars.
-    fig, ax = plt.subplots(figsize=(11, 3.6), dpi=100)
+    # The legend beside the axes: inside, ten rows' labels hid the middle groups' bars. The figure
+    # grows with the rows so that the legend's last labels are not cut off (a label takes ~0.19 in).
+    fig, ax = plt.subplots(figsize=(11, max(3.6, 0.19 * len(rows) + 1.0)), dpi=100)
     width = 0.8 / max(len(rows), 1)
     # tab10 repeats after ten rows (the eleventh bar took the teacher's colour): tab20 beyond.
     colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
