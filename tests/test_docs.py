@@ -12,6 +12,8 @@ PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "
 # README row label -> the benchmark's row name.
 ROWS = {"student R18 alone": "baseline", **{f"+ {m}": m.lower().replace("+", "_")
                                             for m in ("FITNET", "FGFI", "FGD", "PKD", "CWD", "TID", "TBD", "BCKD", "BCKD+TID")}}
+# README row label -> the method whose +tuned row it is (its cells end with the chosen factor).
+TUNED_ROWS = {f"+ {m}, tuned": m.lower() for m in ("FGD", "PKD", "CWD", "TBD")}
 
 
 def readme_results_table():
@@ -25,14 +27,20 @@ def readme_results_table():
 def test_readme_results_are_the_committed_benchmark():
     with open(os.path.join(ROOT, "benchmarks", "accuracy_trained.json")) as f:
         detectors = json.load(f)["detectors"]
+    with open(os.path.join(ROOT, "benchmarks", "tuned_weights.json")) as f:
+        tuned = json.load(f)["tracks"]
     table = readme_results_table()
-    assert set(table) == {"teacher R34", *ROWS}
+    assert set(table) == {"teacher R34", *ROWS, *TUNED_ROWS}
     for column, detector in enumerate(("retinanet", "fcos")):
         bench = detectors[detector]
         assert table["teacher R34"][column] == f"{bench['teacher']['metrics']['AP']:.1f}", detector
         for label, row in ROWS.items():
             summary = bench["rows"][row]
             assert table[label][column] == f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}", (detector, label)
+        for label, method in TUNED_ROWS.items():
+            summary = bench["rows"][method + "+tuned"]
+            expected = f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f} (x{tuned[detector][method]['scale']:g})"
+            assert table[label][column] == expected, (detector, label)
 
 
 def benchmark_row(label):
@@ -191,4 +199,31 @@ def test_tuning_table_is_the_committed_sweep():
             swept = tracks[det]["methods"][method]
             chosen = swept["scale"]
             expected += [one_decimal(swept["AP"]["1"]), f"{one_decimal(swept['AP'][f'{chosen:g}'])} (x{chosen:g})"]
+        assert cells == expected, label
+
+
+def test_tuned_rows_table_is_the_committed_benchmark():
+    """docs/results.md's val table of the swept methods, cell by cell against
+    benchmarks/accuracy_trained.json (published and +tuned rows) and the factors of
+    benchmarks/tuned_weights.json."""
+    with open(os.path.join(ROOT, "benchmarks", "accuracy_trained.json")) as f:
+        detectors_rows = {det: bench["rows"] for det, bench in json.load(f)["detectors"].items()}
+    with open(os.path.join(ROOT, "benchmarks", "tuned_weights.json")) as f:
+        tuned = json.load(f)["tracks"]
+    text = open(os.path.join(ROOT, "docs", "results.md")).read()
+    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == "digits_det_val, mean ± std"]
+    detectors = {"RetinaNet": "retinanet", "FCOS": "fcos"}
+    assert header[1:] == [f"{name} {kind}" for name in detectors for kind in ("at x1", "tuned")]
+
+    def cell(det, row):
+        summary = detectors_rows[det][row]
+        return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
+
+    table = {row[0]: row[1:] for row in rows}
+    assert table.pop("student R18 alone") == [c for det in detectors.values() for c in (cell(det, "baseline"), "")]
+    assert len(table) == 4
+    for label, cells in table.items():
+        method = label.removeprefix("+ ").lower()
+        expected = [c for det in detectors.values()
+                    for c in (cell(det, method), f"{cell(det, method + '+tuned')} (x{tuned[det][method]['scale']:g})")]
         assert cells == expected, label
