@@ -178,24 +178,32 @@ def test_two_stage_page_tables_are_the_committed_benchmarks(bench_file, first_co
         assert cells == expected, label
 
 
+TUNED_DETECTORS = {"RetinaNet": "retinanet", "FCOS": "fcos"}
+
+
+def published_and_tuned_table(first_cell):
+    """{row label: cells} of the docs/results.md table whose header starts with ``first_cell``,
+    after checking its columns: each detector at the published weights (x1), then tuned."""
+    text = open(os.path.join(ROOT, "docs", "results.md")).read()
+    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == first_cell]
+    assert header[1:] == [f"{name} {kind}" for name in TUNED_DETECTORS for kind in ("at x1", "tuned")]
+    return {row[0]: row[1:] for row in rows}
+
+
 def test_tuning_table_is_the_committed_sweep():
     """docs/results.md's sweep table, cell by cell against benchmarks/tuning_tune.json: each
     method's AP at the published weights (x1) and at the chosen factor, per detector."""
     with open(os.path.join(ROOT, "benchmarks", "tuning_tune.json")) as f:
         tracks = json.load(f)["tracks"]
-    text = open(os.path.join(ROOT, "docs", "results.md")).read()
-    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == "digits_det_tune, seed 0"]
-    detectors = {"RetinaNet": "retinanet", "FCOS": "fcos"}
-    assert header[1:] == [f"{name} {kind}" for name in detectors for kind in ("at x1", "tuned")]
-    table = {row[0]: row[1:] for row in rows}
+    table = published_and_tuned_table("digits_det_tune, seed 0")
     expected_alone = []
-    for det in detectors.values():
+    for det in TUNED_DETECTORS.values():
         expected_alone += [one_decimal(tracks[det]["baseline_AP"]), ""]
     assert table.pop("student R18 alone") == expected_alone
     for label, cells in table.items():
         method = label.removeprefix("+ ").lower()
         expected = []
-        for det in detectors.values():
+        for det in TUNED_DETECTORS.values():
             swept = tracks[det]["methods"][method]
             chosen = swept["scale"]
             expected += [one_decimal(swept["AP"]["1"]), f"{one_decimal(swept['AP'][f'{chosen:g}'])} (x{chosen:g})"]
@@ -210,20 +218,16 @@ def test_tuned_rows_table_is_the_committed_benchmark():
         detectors_rows = {det: bench["rows"] for det, bench in json.load(f)["detectors"].items()}
     with open(os.path.join(ROOT, "benchmarks", "tuned_weights.json")) as f:
         tuned = json.load(f)["tracks"]
-    text = open(os.path.join(ROOT, "docs", "results.md")).read()
-    (header, rows), = [t for t in markdown_tables(text) if t[0][0] == "digits_det_val, mean ± std"]
-    detectors = {"RetinaNet": "retinanet", "FCOS": "fcos"}
-    assert header[1:] == [f"{name} {kind}" for name in detectors for kind in ("at x1", "tuned")]
+    table = published_and_tuned_table("digits_det_val, mean ± std")
 
     def cell(det, row):
         summary = detectors_rows[det][row]
         return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
 
-    table = {row[0]: row[1:] for row in rows}
-    assert table.pop("student R18 alone") == [c for det in detectors.values() for c in (cell(det, "baseline"), "")]
+    assert table.pop("student R18 alone") == [c for det in TUNED_DETECTORS.values() for c in (cell(det, "baseline"), "")]
     assert len(table) == 4
     for label, cells in table.items():
         method = label.removeprefix("+ ").lower()
-        expected = [c for det in detectors.values()
+        expected = [c for det in TUNED_DETECTORS.values()
                     for c in (cell(det, method), f"{cell(det, method + '+tuned')} (x{tuned[det][method]['scale']:g})")]
         assert cells == expected, label
