@@ -229,12 +229,13 @@ def test_the_sweep_extends_a_grid_whose_best_is_at_an_edge(tmp_path):
 
 
 def test_the_sweep_command_trains_the_added_decade_in_the_same_call(tmp_path, monkeypatch):
-    """`bench_accuracy.py --tune` (training replaced by outcomes per row): after the grid, the
-    run at x0.001 is trained before the command ends, and its factor is the one written."""
+    """`bench_accuracy.py --tune` (training replaced by outcomes per row): after FGD's grid, its
+    runs at x0.001 and x0.0001 are trained before PKD's grid (a sweep stopped there has tuned FGD),
+    all in the same call, and FGD's factor is the one written."""
     import bench_accuracy as bench
 
     outcomes = {"baseline": 8.6, "fgd@0.01": 9.4, "fgd@0.1": 8.4, "fgd": 9.2, "fgd@10": 9.0, "fgd@0.001": 12.5,
-                "fgd@0.0001": 11.0}
+                "fgd@0.0001": 11.0, "pkd@0.01": 12.0, "pkd@0.1": 20.0, "pkd": 18.0, "pkd@10": 11.0}
     trained = []
 
     def train_and_evaluate(config_file, output_dir, opts):
@@ -246,9 +247,11 @@ def test_the_sweep_command_trains_the_added_decade_in_the_same_call(tmp_path, mo
     monkeypatch.setattr(bench, "train_teacher", lambda teacher: {"detector": teacher.det, "metrics": {"AP": 40.0}})
     tuned_file = tmp_path / "tuned.json"
     monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--tune", "--schedule", "smoke", "--detectors", "fcos",
-                                      "--rows", "fgd", "--records", str(tmp_path / "records"), "--work-dir",
+                                      "--rows", "fgd", "pkd", "--records", str(tmp_path / "records"), "--work-dir",
                                       str(tmp_path / "work"), "--output", str(tmp_path / "tuning"),
                                       "--tuned-weights", str(tuned_file)])
     assert bench.main() == 0
-    assert trained == ["baseline", "fgd@0.01", "fgd@0.1", "fgd", "fgd@10", "fgd@0.001", "fgd@0.0001"]
-    assert json.loads(tuned_file.read_text())["tracks"]["fcos"]["fgd"]["scale"] == 0.001
+    assert trained == ["baseline", "fgd@0.01", "fgd@0.1", "fgd", "fgd@10", "fgd@0.001", "fgd@0.0001",
+                       "pkd@0.01", "pkd@0.1", "pkd", "pkd@10"]
+    chosen = json.loads(tuned_file.read_text())["tracks"]["fcos"]
+    assert (chosen["fgd"]["scale"], chosen["pkd"]["scale"]) == (0.001, 0.1)

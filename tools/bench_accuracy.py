@@ -418,12 +418,16 @@ def main():
 
     if args.tune:
         runs, tried = sweep_runs(args, teachers), set()
-        while not args.report_only:  # a best factor at an edge of the grid adds the next decade: sweep again
-            missing = {(r.det, r.row, r.seed) for r in runs if r.committed() is None} - tried
+        # One method at a time, in sweep order, its added decades included before the next method:
+        # a sweep stopped part-way has chosen the factors of the methods it reached.
+        while not args.report_only:
+            missing = [r for r in runs if r.committed() is None and (r.det, r.row, r.seed) not in tried]
             if not missing:
                 break
-            tried |= missing
-            train_missing(runs)
+            method = parse_row(missing[0].row)[0]
+            batch = [r for r in missing if parse_row(r.row)[0] == method]
+            tried |= {(r.det, r.row, r.seed) for r in batch}
+            train_missing(batch)
             runs = sweep_runs(args, teachers)
         write_sweep(args, runs, time.perf_counter() - start)
         return 0
