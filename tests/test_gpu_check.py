@@ -104,6 +104,26 @@ def test_twin_verdict_fails_on_a_failed_check_or_any_network_attempt():
     assert gpu_twin.verdict(0, ["socket.connect '192.0.2.1' pid 7: x"]).startswith("1 network attempt(s)")
 
 
+def test_a_twin_venv_pip_cannot_install_says_what_it_needs_on_disk(tmp_path, monkeypatch):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("d2td-no-such-package==1.0\n")
+    monkeypatch.setattr(gpu_twin, "REQUIREMENTS", str(requirements))
+    monkeypatch.setattr(gpu_twin, "find_python", lambda version: sys.executable)
+    # Offline: the package is found nowhere, as a full disk or a missing wheel would stop pip.
+    for name, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    venv = tmp_path / "twin"
+    try:
+        gpu_twin.build_venv(str(venv))
+    except SystemExit as exit:
+        message = str(exit.code)
+    else:
+        raise AssertionError("build_venv returned although pip failed")
+    assert f"pip could not install {requirements}" in message and "Free on its disk now: " in message
+    assert "about 5.3 GB" in message and "about 2 GB more while it installs" in message
+    assert not (venv / ".twin-complete").exists()
+
+
 def test_twin_runs_the_suite_only_on_the_detectron2s_asked():
     import gpu_check
 

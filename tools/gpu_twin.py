@@ -37,6 +37,8 @@ from gpu_check import BUNDLED_MODULES  # noqa: E402
 REQUIREMENTS = os.path.join(TOOLS, "gpu_twin_requirements.txt")
 GUARD = os.path.join(TOOLS, "twin_network_guard.py")
 PYTHON_VERSION = "3.12"  # the GPU machine's
+# Measured on a fresh twin venv: its size, and the disk its install used at its peak.
+TWIN_VENV_GB, TWIN_INSTALL_PEAK_GB = 5.3, 7.3
 NETWORK_LOG = "network_attempts.log"
 PROXY_VARS = ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"]
 
@@ -76,7 +78,14 @@ def build_venv(venv):
     shutil.rmtree(venv, ignore_errors=True)
     started = time.monotonic()
     subprocess.run([python, "-m", "venv", venv], check=True)
-    subprocess.run([venv_python(venv), "-m", "pip", "install", "-q", "-r", REQUIREMENTS], check=True)
+    # No pip cache: disk is what runs short on CI, and nothing installs from a cached copy again.
+    installed = subprocess.run([venv_python(venv), "-m", "pip", "install", "-q", "--no-cache-dir",
+                                "-r", REQUIREMENTS])
+    if installed.returncode != 0:
+        sys.exit(f"[gpu_twin] pip could not install {REQUIREMENTS} into {venv} (pip's message above). "
+                 f"{free_space(venv)} The venv takes about {TWIN_VENV_GB} GB (torch with its CUDA wheels) and "
+                 f"pip's downloads about {TWIN_INSTALL_PEAK_GB - TWIN_VENV_GB:.0f} GB more while it installs: on "
+                 f"'No space left on device', free that much and run it again")
     # Last, so that the installs above may use the registry: from here on no process may.
     site = site_packages(venv)
     shutil.copy(GUARD, os.path.join(site, "d2td_twin_network_guard.py"))
@@ -84,7 +93,12 @@ def build_venv(venv):
         f.write(f"import d2td_twin_network_guard; d2td_twin_network_guard.install({network_log(venv)!r})\n")
     with open(stamp, "w") as f:
         f.write(fingerprint())
-    log(f"{venv}: built in {time.monotonic() - started:.0f} s")
+    log(f"{venv}: built in {time.monotonic() - started:.0f} s. {free_space(venv)}")
+
+
+def free_space(path):
+    usage = shutil.disk_usage(os.path.dirname(os.path.abspath(path)))
+    return f"Free on its disk now: {usage.free / 2**30:.1f} GB."
 
 
 def network_log(venv):
