@@ -181,13 +181,17 @@ def test_two_stage_page_tables_are_the_committed_benchmarks(bench_file, first_co
 TUNED_DETECTORS = {"RetinaNet": "retinanet", "FCOS": "fcos"}
 
 
-def published_and_tuned_table(first_cell):
+def published_and_tuned_table(first_cell, columns=TUNED_DETECTORS, separator=" "):
     """{row label: cells} of the docs/results.md table whose header starts with ``first_cell``,
-    after checking its columns: each detector at the published weights (x1), then tuned."""
+    after checking its columns: each of ``columns`` at the published weights (x1), then tuned."""
     text = open(os.path.join(ROOT, "docs", "results.md")).read()
     (header, rows), = [t for t in markdown_tables(text) if t[0][0] == first_cell]
-    assert header[1:] == [f"{name} {kind}" for name in TUNED_DETECTORS for kind in ("at x1", "tuned")]
+    assert header[1:] == [f"{name}{separator}{kind}" for name in columns for kind in ("at x1", "tuned")]
     return {row[0]: row[1:] for row in rows}
+
+
+def mean_and_std(summary):
+    return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
 
 
 def test_tuning_table_is_the_committed_sweep():
@@ -221,8 +225,7 @@ def test_tuned_rows_table_is_the_committed_benchmark():
     table = published_and_tuned_table("digits_det_val, mean ± std")
 
     def cell(det, row):
-        summary = detectors_rows[det][row]
-        return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
+        return mean_and_std(detectors_rows[det][row])
 
     assert table.pop("student R18 alone") == [c for det in TUNED_DETECTORS.values() for c in (cell(det, "baseline"), "")]
     assert len(table) == 4
@@ -231,3 +234,23 @@ def test_tuned_rows_table_is_the_committed_benchmark():
         expected = [c for det in TUNED_DETECTORS.values()
                     for c in (cell(det, method), f"{cell(det, method + '+tuned')} (x{tuned[det][method]['scale']:g})")]
         assert cells == expected, label
+
+
+def test_pair_tuned_table_is_the_committed_sweep_and_benchmark():
+    """docs/results.md's table of the FCOS -> RetinaNet pair: each swept method on the tune split
+    (benchmarks/tuning_tune.json) and on val (benchmarks/accuracy_trained.json), at the published
+    weights and at the chosen factor."""
+    with open(os.path.join(ROOT, "benchmarks", "tuning_tune.json")) as f:
+        swept = json.load(f)["tracks"]["fcos_to_retinanet"]
+    with open(os.path.join(ROOT, "benchmarks", "accuracy_trained.json")) as f:
+        val = json.load(f)["detectors"]["fcos_to_retinanet"]["rows"]
+    table = published_and_tuned_table("FCOS R34 into RetinaNet R18, swept", columns=("tune", "val"), separator=", ")
+    assert table.pop("student R18 alone") == [one_decimal(swept["baseline_AP"]), "", mean_and_std(val["baseline"]), ""]
+    assert len(table) == 3
+    for label, cells in table.items():
+        method = label.removeprefix("+ ").lower()
+        scale = swept["methods"][method]["scale"]
+        assert val[method + "+tuned"]["weight_scale"] == scale, label
+        tune_ap = swept["methods"][method]["AP"]
+        assert cells == [one_decimal(tune_ap["1"]), f"{one_decimal(tune_ap[f'{scale:g}'])} (x{scale:g})",
+                         mean_and_std(val[method]), f"{mean_and_std(val[method + '+tuned'])} (x{scale:g})"], label
