@@ -255,3 +255,32 @@ def test_the_sweep_command_trains_the_added_decade_in_the_same_call(tmp_path, mo
                        "pkd@0.01", "pkd@0.1", "pkd", "pkd@10"]
     chosen = json.loads(tuned_file.read_text())["tracks"]["fcos"]
     assert (chosen["fgd"]["scale"], chosen["pkd"]["scale"]) == (0.001, 0.1)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_run_keeps_its_record_and_logs_and_its_weights_only_when_asked(tmp_path, monkeypatch, keep):
+    """bench_accuracy.py deletes a student run's checkpoints and saved predictions once its record is
+    written (the sweep left about 450 MB a run), unless --keep-weights."""
+    import bench_accuracy as bench
+
+    written = ["last_checkpoint", "metrics.json", "model_0000004.pth", "model_final.pth",
+               os.path.join("inference", "instances_predictions.pth")]
+
+    def train_and_evaluate(config_file, output_dir, opts):
+        os.makedirs(os.path.join(output_dir, "inference"))
+        for name in written:
+            open(os.path.join(output_dir, name), "w").close()
+        return {"metrics": {m: 10.0 for m in bench.METRICS}, "iterations": 10, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "train_and_evaluate", train_and_evaluate)
+    monkeypatch.setattr(bench, "train_teacher", lambda teacher: {"detector": teacher.det, "metrics": {"AP": 40.0}})
+    monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--schedule", "smoke", "--detectors", "fcos", "--rows",
+                                      "baseline", "fgd", "--seeds", "1", "--records", str(tmp_path / "records"), "--work-dir",
+                                      str(tmp_path / "work"), "--output", str(tmp_path / "table"),
+                                      *(["--keep-weights"] if keep else [])])
+    assert bench.main() == 0
+    for run in ("baseline_seed0", "fgd_seed0"):
+        run_dir = tmp_path / "work" / "fcos" / run
+        left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+        assert left == (sorted(written) if keep else ["last_checkpoint", "metrics.json"]), run
+        assert json.loads((tmp_path / "records" / "fcos" / f"{run}.json").read_text())["metrics"]["AP"] == 10.0

@@ -37,7 +37,7 @@ import d2_taskdistill  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from d2_taskdistill import load_config
-from harness.experiments import METRICS, digits_config, same_run_config, train_and_evaluate
+from harness.experiments import METRICS, digits_config, remove_weights, same_run_config, train_and_evaluate
 from harness.report import bar_chart, markdown_table, method_label, metrics_table, write_report_files
 from harness.tuning import (MAX_SCALE, MIN_SCALE, SCALES, TUNE_DATASET, TUNED_WEIGHTS_FILE, choose_scale, next_scale,
                             read_tuned_weights, scaled_weight_opts, tuned_scale)
@@ -351,6 +351,9 @@ def main():
     parser.add_argument("--output", default=None, help="default benchmarks/accuracy_<schedule>[_<eval>]")
     parser.add_argument("--report-only", action="store_true", help="write the table from the records; train nothing")
     parser.add_argument("--git-commit", action="store_true", help="commit each record as its run finishes")
+    parser.add_argument("--keep-weights", action="store_true",
+                        help="keep each student run's checkpoints (by default deleted once its record is written: "
+                             "the sweep alone would leave about 25 GB)")
     args = parser.parse_args()
     os.chdir(ROOT)  # paths in configs and records are relative to the project
     setup_logger(name="detectron2")
@@ -411,6 +414,8 @@ def main():
                 "resumed_from": result.get("resumed_from"), "machine": machine(),
                 "teacher": {"config_sha": run.teacher.sha,
                             "AP": teacher_rec["metrics"]["AP"] if teacher_rec else None}})
+            if not args.keep_weights:
+                remove_weights(run.output_dir)
             if args.git_commit:
                 git_commit([run.record_path], f"bench-accuracy: {run.det} {run.row} seed {run.seed} ({args.schedule})")
 

@@ -1,4 +1,5 @@
 """Train-and-evaluate runs shared by the demo and the accuracy benchmark."""
+import glob
 import json
 import logging
 import os
@@ -113,6 +114,14 @@ def train_and_evaluate(config_file, output_dir, opts=(), reuse=True):
         f.write(cfg.dump())
     return run_and_record(lambda: DistillTrainer(cfg), output_dir, cfg.SOLVER.MAX_ITER, resume_iter,
                           {"config_file": config_file, "opts": list(opts)})
+
+
+def remove_weights(output_dir):
+    """Delete a finished run's checkpoints and saved predictions (hundreds of MB a run, the
+    teacher's weights inside): a benchmark keeps its record. Logs and metrics stay."""
+    for path in glob.glob(os.path.join(output_dir, "model_*.pth")) + \
+            glob.glob(os.path.join(output_dir, "inference", "*.pth")):
+        os.remove(path)
 
 
 def prepare_output_dir(output_dir, resume_iter, seed):
