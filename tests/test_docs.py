@@ -36,10 +36,10 @@ def test_readme_results_are_the_committed_benchmark():
         assert table["teacher R34"][column] == f"{bench['teacher']['metrics']['AP']:.1f}", detector
         for label, row in ROWS.items():
             summary = bench["rows"][row]
-            assert table[label][column] == f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}", (detector, label)
+            assert table[label][column] == mean_and_std(summary), (detector, label)
         for label, method in TUNED_ROWS.items():
             summary = bench["rows"][method + "+tuned"]
-            expected = f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f} (x{tuned[detector][method]['scale']:g})"
+            expected = f"{mean_and_std(summary)} (x{tuned[detector][method]['scale']:g})"
             assert table[label][column] == expected, (detector, label)
 
 
@@ -52,6 +52,11 @@ def benchmark_row(label):
 
 def one_decimal(value):
     return f"{value:.1f}"
+
+
+def mean_and_std(summary):
+    """A benchmark row's AP as the tables print it: mean ± std over its seeds."""
+    return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
 
 
 def test_results_page_tables_are_the_committed_benchmarks():
@@ -75,7 +80,7 @@ def test_results_page_tables_are_the_committed_benchmarks():
                     continue
                 row = bench["rows"][benchmark_row(label)]
                 assert cell["seeds' AP"] == ", ".join(one_decimal(run["AP"]) for run in row["runs"]), (header[0], label)
-                assert cell["mean AP"].strip("*") == f"{row['mean']['AP']:.1f} ± {row['std']['AP']:.1f}", (header[0], label)
+                assert cell["mean AP"].strip("*") == mean_and_std(row), (header[0], label)
                 if cell.get("gain"):
                     assert cell["gain"] == f"{row['gain_AP']:+.1f}", (header[0], label)
                 if cell.get("gap closed"):
@@ -88,7 +93,7 @@ def test_results_page_tables_are_the_committed_benchmarks():
                         assert ap == one_decimal(short[detector]["teacher"]["AP"]), (detector, label)
                         continue
                     method = short[detector]["methods"][benchmark_row(label)]
-                    assert ap == f"{method['mean']['AP']:.1f} ± {method['std']['AP']:.1f}", (detector, label)
+                    assert ap == mean_and_std(method), (detector, label)
                     baseline = short[detector]["methods"]["baseline"]["mean"]["AP"]
                     assert gain == ("" if label.startswith("student") else f"{method['mean']['AP'] - baseline:+.1f}"), \
                         (detector, label)
@@ -188,10 +193,6 @@ def published_and_tuned_table(first_cell, columns=TUNED_DETECTORS, separator=" "
     (header, rows), = [t for t in markdown_tables(text) if t[0][0] == first_cell]
     assert header[1:] == [f"{name}{separator}{kind}" for name in columns for kind in ("at x1", "tuned")]
     return {row[0]: row[1:] for row in rows}
-
-
-def mean_and_std(summary):
-    return f"{summary['mean']['AP']:.1f} ± {summary['std']['AP']:.1f}"
 
 
 def test_tuning_table_is_the_committed_sweep():
