@@ -244,3 +244,20 @@ def test_bar_chart_legend_fits_in_the_figure_with_twenty_rows(tmp_path, monkeypa
     assert len(fig.axes[0].get_legend().get_texts()) == 20
     assert legend.y0 >= 0 and legend.y1 <= fig.bbox.height, (legend, fig.bbox)
     plt.close(fig)
+
+
+def test_bar_chart_rows_past_the_palette_still_differ(tmp_path, monkeypatch):
+    """tab20 has twenty colours and the RetinaNet chart has 21 rows: the 21st took the teacher's
+    colour. Past the palette a row's bars are hatched, so no two rows' bars look alike."""
+    import matplotlib.pyplot as plt
+
+    from harness.report import bar_chart
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [(f"row {i}", {"AP": 10.0 + i}, None) for i in range(21)]
+    bar_chart(rows, str(tmp_path / "chart.png"), metrics=["AP"])
+    fig = figures[0]
+    looks = [(bar.get_facecolor(), bar.get_hatch()) for bar in fig.axes[0].patches]
+    assert len(looks) == 21 and len(set(looks)) == 21
+    plt.close(fig)

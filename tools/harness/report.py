@@ -68,13 +68,16 @@ def bar_chart(rows, path, metrics=METRICS, title="COCO metrics on digits_det_val
     # grows with the rows so that the legend's last labels are not cut off (a label takes ~0.19 in).
     fig, ax = plt.subplots(figsize=(11, max(3.6, 0.19 * len(rows) + 1.0)), dpi=100)
     width = 0.8 / max(len(rows), 1)
-    # tab10 repeats after ten rows (the eleventh bar took the teacher's colour): tab20 beyond.
+    # tab10 repeats after ten rows (the eleventh bar took the teacher's colour): tab20 beyond, and
+    # past twenty rows a hatch on each further round of its colours.
     colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
+    hatches = [None, "//", "..", "xx"]
     for i, (name, values, stds) in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(metrics))]
         heights = [0.0 if math.isnan(values.get(m, math.nan)) else values[m] for m in metrics]
         errors = None if stds is None else [stds.get(m, 0.0) for m in metrics]
-        ax.bar(xs, heights, width, yerr=errors, label=name, capsize=2, color=colors[i % len(colors)])
+        ax.bar(xs, heights, width, yerr=errors, label=name, capsize=2, color=colors[i % len(colors)],
+               hatch=hatches[i // len(colors) % len(hatches)])
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels(metrics)
     ax.set_ylabel("AP (%)")
