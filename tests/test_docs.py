@@ -215,7 +215,7 @@ def test_tuning_table_is_the_committed_sweep():
         expected_alone += [one_decimal(tracks[det]["baseline_AP"]), ""]
     assert table.pop("student R18 alone") == expected_alone
     for label, cells in table.items():
-        method = label.removeprefix("+ ").lower()
+        method = benchmark_row(label)
         expected = []
         for det in TUNED_DETECTORS.values():
             swept = tracks[det]["methods"][method]
@@ -240,7 +240,7 @@ def test_tuned_rows_table_is_the_committed_benchmark():
     assert table.pop("student R18 alone") == [c for det in TUNED_DETECTORS.values() for c in (cell(det, "baseline"), "")]
     assert len(table) == 5
     for label, cells in table.items():
-        method = label.removeprefix("+ ").lower()
+        method = benchmark_row(label)
         expected = [c for det in TUNED_DETECTORS.values()
                     for c in (cell(det, method), f"{cell(det, method + '+tuned')} (x{tuned[det][method]['scale']:g})")]
         assert cells == expected, label
@@ -258,7 +258,7 @@ def test_pair_tuned_table_is_the_committed_sweep_and_benchmark():
     assert table.pop("student R18 alone") == [one_decimal(swept["baseline_AP"]), "", mean_and_std(val["baseline"]), ""]
     assert len(table) == 4
     for label, cells in table.items():
-        method = label.removeprefix("+ ").lower()
+        method = benchmark_row(label)
         scale = swept["methods"][method]["scale"]
         assert val[method + "+tuned"]["weight_scale"] == scale, label
         tune_ap = swept["methods"][method]["AP"]
