@@ -110,6 +110,14 @@ def test_sweep_writes_the_chosen_factor_that_tuned_rows_train_with(tmp_path):
         bench.Run(table_args, "retinanet", "pkd+tuned", 0, teachers["retinanet"])
 
 
+def test_the_chart_leaves_out_a_tuned_row_at_x1_which_repeats_its_published_row():
+    import bench_accuracy as bench
+
+    summary = {"baseline": {}, "fgd": {}, "fgd+tuned": {"weight_scale": 0.1}, "pkd": {}, "pkd+tuned": {"weight_scale": 1.0}}
+    table_rows = ["teacher", *summary]
+    assert bench.charted(table_rows, summary) == ["teacher", "baseline", "fgd", "fgd+tuned", "pkd"]
+
+
 def test_a_sweep_run_that_diverges_is_recorded_and_a_table_run_that_diverges_stops(tmp_path, monkeypatch):
     import bench_accuracy as bench
 

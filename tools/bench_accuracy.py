@@ -669,6 +669,13 @@ def row_label(row):
     return f"R18 + {method_label(method)}, " + ("tuned weights" if weights == TUNED else f"weights x{weights:g}") + init
 
 
+def charted(table_rows, rows_summary):
+    """The chart's bars: the teacher's and every row's but a tuned row's at x1, which are its
+    published row's runs (the same bars twice crowded a chart of 25 rows)."""
+    keep = [True] + [not (parse_row(r)[1] == TUNED and v.get("weight_scale") == 1) for r, v in rows_summary.items()]
+    return [row for row, kept in zip(table_rows, keep) if kept]
+
+
 def write_report(report, output):
     students_on_val = report["eval_dataset"] == DEFAULT_EVAL_DATASET
     lines = ["# Accuracy on the embedded digits dataset", "", f"Command: `{report['command']}`  ",
@@ -716,7 +723,8 @@ def write_report(report, output):
                            v["mask_std"] if v["seeds"] > 1 else None) for r, v in masked.items()]
             lines += [metrics_table(mask_rows), ""]
         if rows_summary:
-            chart = bar_chart(table_rows, f"{output}_{det}.png", title=f"{det}: COCO metrics on {report['eval_dataset']}")
+            chart = bar_chart(charted(table_rows, rows_summary), f"{output}_{det}.png",
+                              title=f"{det}: COCO metrics on {report['eval_dataset']}")
             lines += [f"![{det}]({os.path.basename(chart)})", ""]
         if "baseline" in rows_summary:
             fitnet = rows_summary.get("fitnet", {}).get("mean", {}).get("AP")
